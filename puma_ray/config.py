@@ -1,0 +1,153 @@
+"""Config dataclasses shared by the jobs, each validated in __post_init__, and strict YAML loading.
+
+Unknown keys are errors that name the key and the file: a typo must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .fs import StorageOptions
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    # hub id, local folder, or "tiny:<family>" (a tiny random model the package builds and caches locally)
+    name: str = "tiny:llama"
+    revision: str | None = None
+    dtype: str = "float32"  # CPU: float32; GPUs: bfloat16 (the LLM is frozen, so precision only costs accuracy)
+    seed: int = 0  # weights of tiny:<family> models
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "movielens100k"  # movielens100k | amazon | yelp | mind | synthetic | parquet
+    paths: dict = field(default_factory=dict)  # loader-specific files, e.g. {"reviews": ..., "meta": ...}
+    max_users: int | None = None  # keep the first N users (sorted id order): small runs on big data
+    valid_frac: float = 0.1  # each user's latest records after train: early stopping / model choice
+    test_frac: float = 0.1  # each user's latest records: reported metrics only
+    options: dict = field(default_factory=dict)  # loader keyword arguments (filters, synthetic sizes, ...)
+
+    def __post_init__(self):
+        if self.max_users is not None and self.max_users < 1:
+            raise ConfigError(f"data.max_users must be >= 1, got {self.max_users}")
+        if not (0 < self.test_frac < 1 and 0 <= self.valid_frac < 1 and self.valid_frac + self.test_frac < 1):
+            raise ConfigError(f"data.valid_frac={self.valid_frac}, test_frac={self.test_frac}: need fractions < 1")
+
+
+RATING_TEMPLATE = ("#Question: We have information about the user's preferences encoded in the feature <UserID>. "
+                   "Predict the user's rating (as an integer between 1 and 5) for the movie/TV <ItemTitle>.\n#Answer:")
+CTR_TEMPLATE = ("#Question: The user recently clicked the news: <History>. We have information about the user's "
+                "preferences encoded in the feature <UserID>. Will the user click the news <ItemTitle>? "
+                "Answer with \"Yes\" or \"No\".\n#Answer:")
+
+
+@dataclass
+class TemplateConfig:
+    text: str = RATING_TEMPLATE  # the paper's wording; placeholders below are filled per record
+    labels: list = field(default_factory=lambda: ["1", "2", "3", "4", "5"])  # read out at the answer position
+    user_placeholder: str = "<UserID>"  # becomes l positions holding the user's prompt vectors
+    item_placeholder: str = "<ItemTitle>"
+    history_placeholder: str = "<History>"
+    max_item_tokens: int = 32  # item text is cut, the answer cue never is
+    max_history_tokens: int = 96  # CTR history keeps the most recent titles that fit
+
+    def __post_init__(self):
+        if self.text.count(self.user_placeholder) != 1:
+            raise ConfigError(f"template.text must hold {self.user_placeholder} exactly once")
+        if self.text.count(self.item_placeholder) != 1:
+            raise ConfigError(f"template.text must hold {self.item_placeholder} exactly once")
+        if not self.labels:
+            raise ConfigError("template.labels must name at least one label token")
+
+    @classmethod
+    def for_task(cls, task: str) -> "TemplateConfig":
+        return cls() if task == "rating" else cls(text=CTR_TEMPLATE, labels=["Yes"])
+
+
+@dataclass
+class PromptTrainConfig:
+    prompt_length: int = 1  # l: the paper uses 1 vector per user
+    lr: float = 1e-2  # Adam on prompts in units of the model's token-embedding RMS (scale-free across families)
+    head_lr: float = 3e-3  # the 601-parameter head sees every batch, so it needs less
+    epochs: int = 15  # the paper's prompt pre-training length
+    patience: int = 4  # early stop on validation, as the paper
+    batch_size: int = 64
+    eval_batch_size: int = 256  # no backward: larger batches are free
+    init_scale: float = 1.0  # initial prompt RMS, relative to token embeddings (paper: uniform(-0.1, 0.1) raw)
+    clip: float = 8.0  # prompt values stay within +-clip token-embedding RMS, or one user can drown the template
+    seed: int = 0
+    max_train_records: int | None = None  # cap per epoch (sampled), for quick runs on large data
+
+    def __post_init__(self):
+        for name in ("prompt_length", "epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise ConfigError("train.lr and train.head_lr must be > 0")
+        if self.patience < 0:
+            raise ConfigError(f"train.patience must be >= 0, got {self.patience}")
+
+
+@dataclass
+class StoreConfig:
+    shard_rows: int = 65_536  # rows per prompt shard: ~150 MB at l*d = 576, small enough to stream
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.shard_rows < 1:
+            raise ConfigError(f"store.shard_rows must be >= 1, got {self.shard_rows}")
+
+
+def from_dict(cls, data: dict | None, where: str):
+    """Builds dataclass `cls` from a dict, recursing into dataclass fields; unknown keys raise."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{where}.{key}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "TemplateConfig", "PromptTrainConfig", "StoreConfig",
+           "StorageOptions", "from_dict", "load_yaml", "to_dict"]

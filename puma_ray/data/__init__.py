@@ -1,0 +1,85 @@
+"""Dataset loaders by name; each returns a `records.Dataset` that satisfies the records/items contract."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import DataConfig
+from ..fs import StorageOptions
+from .records import DataError, Dataset, validate
+
+LOADERS = ("movielens100k", "amazon", "yelp", "mind", "synthetic", "synthetic_dir", "parquet")
+
+
+def _need(cfg: DataConfig, *keys: str) -> list[str]:
+    missing = [k for k in keys if k not in cfg.paths]
+    if missing:
+        raise DataError(f"data '{cfg.name}' needs data.paths {list(keys)}; missing {missing}")
+    return [cfg.paths[k] for k in keys]
+
+
+def load_dataset(cfg: DataConfig, storage: StorageOptions | None = None) -> Dataset:
+    so = (storage or StorageOptions()).fsspec_kwargs()
+    split = {"valid_frac": cfg.valid_frac, "test_frac": cfg.test_frac}
+    if cfg.name == "movielens100k":
+        from .movielens import load_movielens100k
+        ds = load_movielens100k(cfg.paths.get("folder"), **split)
+    elif cfg.name == "amazon":
+        from .amazon import load_amazon
+        ds = load_amazon(*_need(cfg, "reviews", "meta"), storage_options=so, **split, **cfg.options)
+    elif cfg.name == "yelp":
+        from .yelp import load_yelp
+        ds = load_yelp(*_need(cfg, "reviews", "business"), storage_options=so, **split, **cfg.options)
+    elif cfg.name == "mind":
+        from .mind import load_mind
+        ds = load_mind(*_need(cfg, "behaviors", "news"), storage_options=so, **split, **cfg.options)
+    elif cfg.name == "synthetic":
+        from .synthetic import SyntheticConfig, generate_synthetic
+        ds = generate_synthetic(SyntheticConfig(**cfg.options), **split)
+    elif cfg.name == "synthetic_dir":
+        from .synthetic import read_synthetic
+        ds = read_synthetic(*_need(cfg, "folder"), storage_options=so)
+    elif cfg.name == "parquet":
+        ds = _load_parquet(cfg, so)
+    else:
+        raise DataError(f"unknown data.name {cfg.name!r}; known: {list(LOADERS)}")
+    return limit_users(ds, cfg.max_users)
+
+
+def _load_parquet(cfg: DataConfig, so: dict) -> Dataset:
+    """records + items already in the contract's Parquet form (e.g. written by `save_dataset`), local or s3://."""
+    import pandas as pd
+    records_path, items_path = _need(cfg, "records", "items")
+    try:
+        records = pd.read_parquet(records_path, storage_options=so or None)
+        items = pd.read_parquet(items_path, storage_options=so or None)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read parquet data {records_path} / {items_path}: {e}") from e
+    task = cfg.options.get("task", "rating")
+    return validate(Dataset(records, items, task, cfg.options.get("name", "parquet"),
+                            {"records": records_path, "items": items_path}), records_path)
+
+
+def save_dataset(ds: Dataset, folder: str, storage: StorageOptions | None = None) -> dict[str, str]:
+    """Writes records.parquet + items.parquet under folder (local or s3://); returns data.paths for the config."""
+    from ..fs import join
+    so = (storage or StorageOptions()).fsspec_kwargs() or None
+    paths = {"records": join(folder, "records.parquet"), "items": join(folder, "items.parquet")}
+    ds.records.to_parquet(paths["records"], index=False, storage_options=so)
+    ds.items.to_parquet(paths["items"], index=False, storage_options=so)
+    return paths
+
+
+def limit_users(ds: Dataset, max_users: int | None) -> Dataset:
+    """The first `max_users` users in sorted id order (deterministic), and only the items they touch."""
+    if not max_users or ds.records["user_id"].nunique() <= max_users:
+        return ds
+    keep = set(np.sort(ds.records["user_id"].unique())[:max_users])
+    records = ds.records[ds.records["user_id"].isin(keep)].reset_index(drop=True)
+    touched = set(records["item_id"])
+    if "history" in records.columns:  # CTR history titles are item texts too
+        touched.update(i for h in records["history"] for i in h)
+    items = ds.items[ds.items["item_id"].isin(touched)].reset_index(drop=True)
+    return Dataset(records, items, ds.task, ds.name, {**ds.provenance, "max_users": max_users})
+
+
+__all__ = ["Dataset", "DataError", "load_dataset", "save_dataset", "limit_users", "LOADERS"]
