@@ -59,16 +59,23 @@ def load_head(state: dict, config: dict) -> nn.Module:
     return head
 
 
-def task_loss(task: str, head: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, predictions): predictions are ratings (rating) or click probabilities (ctr)."""
+def record_losses(task: str, head: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-record loss, predictions): predictions are ratings (rating) or click probabilities (ctr)."""
     out = head(logits)
     labels = labels.float()
     if task == "rating":
         classes = (labels.round().clamp(1, 5) - 1).long()
-        loss = MSE_WEIGHT * F.mse_loss(out, labels) + CE_WEIGHT * F.cross_entropy(logits.float(), classes)
+        loss = (MSE_WEIGHT * F.mse_loss(out, labels, reduction="none")
+                + CE_WEIGHT * F.cross_entropy(logits.float(), classes, reduction="none"))
         return loss, out.detach()
-    loss = F.binary_cross_entropy_with_logits(out, labels)
+    loss = F.binary_cross_entropy_with_logits(out, labels, reduction="none")
     return loss, torch.sigmoid(out.detach())
+
+
+def task_loss(task: str, head: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, predictions)."""
+    loss, pred = record_losses(task, head, logits, labels)
+    return loss.mean(), pred
 
 
 def clamp_predictions(task: str, pred):

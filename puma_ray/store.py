@@ -93,7 +93,7 @@ def prompts_table(user_ids, prompts: np.ndarray) -> pa.Table:
 def check_finite(user_ids, prompts: np.ndarray, where: str) -> None:
     bad = ~np.isfinite(prompts.reshape(len(prompts), -1)).all(axis=1)
     if bad.any():
-        raise StoreError(f"{where}: non-finite prompt for user {np.asarray(user_ids)[bad][0]!r} "
+        raise StoreError(f"{where}: non-finite prompt for user {str(np.asarray(user_ids)[bad][0])!r} "
                          f"({int(bad.sum())} user(s) in all)")
 
 
@@ -138,7 +138,7 @@ class StoreWriter:
         values, counts = np.unique(user_ids, return_counts=True)
         dup = list(values[counts > 1]) or [u for u in values if u in self._seen]
         if dup:
-            raise StoreError(f"store {self.path}: user {dup[0]!r} written twice")
+            raise StoreError(f"store {self.path}: user {str(dup[0])!r} written twice")
         self._seen.update(user_ids.tolist())
         buf = io.BytesIO()
         pq.write_table(prompts_table(user_ids, prompts), buf)
@@ -188,7 +188,7 @@ class PromptStore:
         fs, root = filesystem(path, storage)
         mpath = join(root, MANIFEST)
         if not fs.exists(mpath):
-            hint = "an interrupted write, or not a store" if fs.exists(root) else "no such path"
+            hint = "incomplete: an interrupted write, or not a store" if fs.exists(root) else "no such path"
             raise StoreError(f"store {path} has no {MANIFEST} ({hint}); refusing to read it")
         try:
             with fs.open(mpath, "r") as f:
@@ -256,7 +256,7 @@ class PromptStore:
         ids, prompts = ids[order], prompts[order]
         dup = ids[1:][ids[1:] == ids[:-1]]
         if len(dup):
-            raise StoreError(f"store {self.path}: user {dup[0]!r} appears more than once")
+            raise StoreError(f"store {self.path}: user {str(dup[0])!r} appears more than once")
         if len(ids) != self.manifest.num_users:
             raise StoreError(f"store {self.path}: {len(ids)} users in shards, manifest says {self.manifest.num_users}")
         return ids, prompts

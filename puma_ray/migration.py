@@ -1,0 +1,299 @@
+"""The migration recipe, in one process: sources → select → fit → evaluate (PUMA + baselines) → convert → report.
+
+Lifecycle of `run` (fixed; the Ray layer swaps the fit for a Train run and the conversion for an actor pool):
+  1. data + source store(s) (trained first when missing and `prepare` is set: the demo builds its own source)
+  2. per-user statistics and selection of `budget` training users (+ held-out validation users)
+  3. fit the adapter through the frozen target; baselines: source, random init, linear, full retraining
+  4. evaluate every method on the test records of all users
+  5. save the adapter artifact, convert every user → the target store (manifest last), write report.json
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .adapter import AdapterConfig, PromptAdapter, num_parameters, save_adapter
+from .backbone import load_backbone
+from .config import (ConfigError, DataConfig, ModelConfig, PromptTrainConfig, StoreConfig, TemplateConfig, from_dict,
+                     to_dict)
+from .convert import MISSING_POLICIES, JoinedSources, convert_stores, join_sources
+from .data import Dataset, load_dataset
+from .fit import FitConfig, FitResult, FixedPrompts, fit_mapping, mapped_prompts
+from .fs import StorageOptions, filesystem, join
+from .heads import head_config, load_head, make_head
+from .metrics import PRIMARY
+from .prompted_lm import PromptedLM
+from .runs import provenance
+from .selection import NEEDS, SelectionInput, resolve_budget, select
+from .store import MANIFEST, PromptStore, StoreError
+from .train_store import TrainPromptsJobConfig, item_texts, train_store
+from .training import Cost, RecordSet, evaluate
+from .user_stats import ffn_features, label_variance, source_loss
+
+
+@dataclass
+class SourceConfig:
+    store: str  # source store path (local or s3://); "{output}" expands to the run folder
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prepare: PromptTrainConfig | None = None  # store missing: train it first with these settings (demo, benchmarks)
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = from_dict(ModelConfig, self.model, "sources[].model")
+        if isinstance(self.prepare, dict):
+            self.prepare = from_dict(PromptTrainConfig, self.prepare, "sources[].prepare")
+
+
+@dataclass
+class SelectionConfig:
+    strategy: str = "kmeans_variance"  # PUMA; any name in selection.STRATEGIES
+    k: int = 15  # the paper's K
+    budget: float = 0.1  # users to fit on: a count (>= 1) or a fraction of all users
+    valid_users: float = 0.1  # held-out users whose valid records drive early stopping (count or fraction)
+    seed: int = 0
+    kmeans_sample: int = 100_000  # above this many users, mini-batch K-means on a sample (1M x 2048 stays cheap)
+    pca_components: int = 32
+    loss_records_per_user: int = 16  # the per-user loss only ranks users: a sample of records suffices
+    global_bins: int = 8  # variance/loss bucketing: the original's 8 bins
+    cluster_bins: int = 5  # within-cluster bins: the original's 5
+
+    def __post_init__(self):
+        from .selection import STRATEGIES
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"selection.strategy {self.strategy!r} unknown; known: {sorted(STRATEGIES)}")
+        if self.k < 1:
+            raise ConfigError(f"selection.k must be >= 1, got {self.k}")
+
+
+@dataclass
+class BaselinesConfig:
+    source: bool = True  # the source store on the source model: what users have today
+    random_init: bool = True  # random target prompts, head trained on the same users: the floor
+    linear: bool = True  # one linear map d_s → d_t: what the non-linear adapter buys
+    full_retrain: bool = False  # every prompt retrained on the target: the (expensive) upper bound
+    full_retrain_train: PromptTrainConfig = field(default_factory=PromptTrainConfig)
+
+
+@dataclass
+class MigrateJobConfig:
+    sources: list = field(default_factory=list)  # SourceConfig per source model; several = aggregated migration
+    target: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    template: TemplateConfig | None = None  # None: the first source store's template
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    target_store: str = "{output}/target-store"
+    adapter_path: str = "{output}/adapter"
+    sources_missing_policy: str = "error"  # a user absent from one source: "error", or "drop" (counted)
+    threads: int | None = None
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ConfigError("sources: at least one source store is needed")
+        self.sources = [s if isinstance(s, SourceConfig) else from_dict(SourceConfig, s, f"sources[{i}]")
+                        for i, s in enumerate(self.sources)]
+        if isinstance(self.template, dict):
+            self.template = from_dict(TemplateConfig, self.template, "template")
+        if self.sources_missing_policy not in MISSING_POLICIES:
+            raise ConfigError(f"sources_missing_policy must be one of {MISSING_POLICIES}")
+
+
+def _exists(path: str, storage) -> bool:
+    fs, root = filesystem(path, storage)
+    return fs.exists(join(root, MANIFEST))
+
+
+def _prepare_source(cfg: MigrateJobConfig, src: SourceConfig, path: str, ds: Dataset, log) -> dict | None:
+    if _exists(path, cfg.storage):
+        return None
+    if src.prepare is None:
+        raise StoreError(f"source store {path} does not exist (no {MANIFEST}) and sources[].prepare is not set")
+    log(f"source store {path} missing: training it on {src.model.name} first")
+    job = TrainPromptsJobConfig(model=src.model, data=cfg.data, template=cfg.template, train=src.prepare,
+                                store=cfg.store, storage=cfg.storage)
+    report, _ = train_store(job, ds, path, log=lambda m: log("  " + m))
+    return report
+
+
+def _statistics(cfg: SelectionConfig, joined: JoinedSources, ds: Dataset, source_plm, source_head, task):
+    """The per-user features the chosen strategy needs (and only those), with what computing them cost."""
+    needs = NEEDS[cfg.strategy]
+    flat = np.concatenate([p.reshape(len(p), -1) for p in joined.prompts], axis=1)
+    inputs = SelectionInput(joined.users, flat, options={k: getattr(cfg, k) for k in (
+        "kmeans_sample", "pca_components", "global_bins", "cluster_bins")})
+    cost = Cost()
+    if "variance" in needs:
+        inputs.variance = label_variance(ds.split("train"), joined.users)
+    if "loss" in needs:
+        inputs.loss, c = source_loss(source_plm, source_head, task, joined.prompts[0], ds.split("train"),
+                                     joined.users, cfg.loss_records_per_user, seed=cfg.seed)
+        cost = cost.merge(c)
+    if "ffn" in needs:
+        inputs.ffn, c = ffn_features(source_plm, joined.prompts[0])
+        cost = cost.merge(c)
+    return inputs, cost
+
+
+def _prompt_rms(prompts: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(prompts, dtype=np.float64)))) or 1.0
+
+
+def run(cfg: MigrateJobConfig, output: str, log=print) -> dict:
+    t_start = time.perf_counter()
+    ds = load_dataset(cfg.data, cfg.storage)
+    task, metric = ds.task, PRIMARY[ds.task][0]
+    log(f"data {ds.summary()}")
+
+    # 1. sources
+    source_reports, stores, source_backbones = {}, [], []
+    for i, src in enumerate(cfg.sources):
+        path = src.store.format(output=output)
+        prepared = _prepare_source(cfg, src, path, ds, log)
+        if prepared:
+            source_reports[path] = prepared
+        store = PromptStore.open(path, cfg.storage)
+        backbone = load_backbone(src.model.name, src.model.revision, src.model.dtype, src.model.seed)
+        store.check_model(backbone.identity)
+        stores.append(store)
+        source_backbones.append(backbone)
+    joined = join_sources(stores, cfg.sources_missing_policy)
+    record_users = np.unique(ds.records["user_id"])
+    without_prompt = np.setdiff1d(record_users, joined.users)
+    if len(without_prompt):
+        if cfg.sources_missing_policy == "error":
+            raise StoreError(f"user {without_prompt[0]!r} has records but no prompt in the source store(s) "
+                             f"({len(without_prompt)} user(s) in all)")
+        ds = Dataset(ds.records[ds.records["user_id"].isin(joined.users)], ds.items, ds.task, ds.name, ds.provenance)
+    template = cfg.template or TemplateConfig(**stores[0].manifest.template)
+    l = stores[0].manifest.prompt_length
+    texts = item_texts(ds)
+    source_plm = PromptedLM(source_backbones[0], template, l, texts)
+    head_state, head_cfg = stores[0].read_head()
+    source_head = load_head(head_state, head_cfg)
+
+    # 2. selection
+    sel = cfg.selection
+    n_users = len(joined.users)
+    budget = resolve_budget(sel.budget, n_users)
+    inputs, stats_cost = _statistics(sel, joined, ds, source_plm, source_head, task)
+    t0 = time.perf_counter()
+    chosen = select(sel.strategy, inputs, budget, sel.k, sel.seed)
+    stats_cost.wall_s += time.perf_counter() - t0
+    rest = np.setdiff1d(np.arange(n_users), chosen)
+    n_valid = min(len(rest), resolve_budget(sel.valid_users, n_users)) if len(rest) else 0
+    valid_idx = np.sort(np.random.default_rng(sel.seed + 1).choice(rest, n_valid, replace=False)) if n_valid else chosen
+    log(f"selection {sel.strategy}: {budget} of {n_users} users (K={sel.k}), {len(valid_idx)} validation users, "
+        f"{stats_cost.wall_s:.1f}s")
+    fit_idx = np.union1d(chosen, valid_idx)
+    fit_users = joined.users[fit_idx]
+    fit_inputs = [p[fit_idx] for p in joined.prompts]
+    train_recs = ds.split("train")[ds.split("train")["user_id"].isin(joined.users[chosen])]
+    valid_recs = ds.split("valid")[ds.split("valid")["user_id"].isin(joined.users[valid_idx])]
+
+    # 3. target + fits
+    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed)
+    plm = PromptedLM(target, template, l, texts)
+    test = RecordSet.from_frame(ds.split("test"), joined.users)
+    source_dims = [b.hidden_size for b in source_backbones]
+    scales = [_prompt_rms(p) for p in joined.prompts]
+
+    def fresh_head():
+        if head_cfg["task"] == task:
+            return load_head(copy.deepcopy(head_state), head_cfg)  # the paper: target head starts from the source's
+        return make_head(task)
+
+    methods, costs, fits = {}, {}, {}
+
+    def fit_and_test(name: str, mapping, inputs_for_fit, inputs_all):
+        log(f"fit {name} ({num_parameters(mapping):,} parameters) on {len(train_recs)} records")
+        result = fit_mapping(plm, task, mapping, inputs_for_fit, fit_users, train_recs, valid_recs, fresh_head(),
+                             cfg.fit, log=log)
+        eval_cost = Cost(flops_per_token=result.cost.flops_per_token)
+        methods[name] = evaluate(plm, result.head, task, mapped_prompts(result.mapping, inputs_all), test,
+                                 cfg.fit.eval_batch_size, eval_cost)
+        fits[name] = result
+        return result
+
+    puma = fit_and_test("puma", PromptAdapter(source_dims, target.hidden_size, cfg.adapter, scales, plm.embed_rms),
+                        fit_inputs, joined.prompts)
+    costs["puma"] = stats_cost.merge(puma.cost).to_dict()
+    if cfg.baselines.linear:
+        lin = fit_and_test("linear", PromptAdapter(source_dims, target.hidden_size, AdapterConfig(kind="linear"),
+                                                   scales, plm.embed_rms), fit_inputs, joined.prompts)
+        costs["linear"] = stats_cost.merge(lin.cost).to_dict()
+    if cfg.baselines.random_init:
+        rng = np.random.default_rng(sel.seed)
+        random_prompts = (rng.uniform(-3 ** 0.5, 3 ** 0.5, (n_users, l, target.hidden_size)) * plm.embed_rms)
+        random_prompts = random_prompts.astype(np.float32)
+        ri = fit_and_test("random_init", FixedPrompts(), [random_prompts[fit_idx]], [random_prompts])
+        costs["random_init"] = ri.cost.to_dict()
+    if cfg.baselines.source:
+        for i, (store, backbone) in enumerate(zip(stores, source_backbones)):
+            name = "source" if i == 0 else f"source_{i}"
+            splm = source_plm if i == 0 else PromptedLM(backbone, template, l, texts)
+            shead = source_head if i == 0 else load_head(*store.read_head())
+            prompts = torch.from_numpy(joined.prompts[i])
+            methods[name] = evaluate(splm, shead, task, lambda idx, p=prompts: p[idx], test, cfg.fit.eval_batch_size)
+    if cfg.baselines.full_retrain:
+        log("full retraining on the target (every user's prompt from scratch)")
+        job = TrainPromptsJobConfig(model=cfg.target, data=cfg.data, template=template,
+                                    train=cfg.baselines.full_retrain_train, store=cfg.store, storage=cfg.storage)
+        full_report, _ = train_store(job, ds, join(output, "full-retrain-store"), log=lambda m: log("  " + m))
+        methods["full_retrain"] = full_report["methods"]["store"]
+        costs["full_retrain"] = full_report["cost"]["train_prompts"]
+
+    # 5. artifacts
+    adapter_path = cfg.adapter_path.format(output=output)
+    meta = {
+        "sources": [vars(b.identity) for b in source_backbones], "target": vars(target.identity),
+        "prompt_length": l, "task": task, "template": to_dict(template),
+        "selection": {**to_dict(sel), "budget": budget, "users_selected": int(budget), "users_total": n_users},
+        "fit": to_dict(cfg.fit), "history": puma.history, "best_epoch": puma.best_epoch, "metrics": methods["puma"],
+        "data": ds.summary(), "provenance": provenance(to_dict(cfg)),
+    }
+    save_adapter(adapter_path, puma.mapping, puma.head, head_config(task, puma.head), meta, cfg.storage)
+    target_path = cfg.target_store.format(output=output)
+    conversion = convert_stores(puma.mapping, meta, puma.head, head_config(task, puma.head), stores, target.identity,
+                                target_path, template=to_dict(template), task=task, adapter_path=adapter_path,
+                                shard_rows=cfg.store.shard_rows, storage=cfg.storage, overwrite=cfg.store.overwrite,
+                                policy=cfg.sources_missing_policy,
+                                provenance={**provenance(to_dict(cfg)), "test": methods["puma"]})
+    costs["puma"]["convert_wall_s"] = conversion["wall_s"]
+    log(f"converted {conversion['users']} users → {target_path} ({conversion['rows_per_s']} rows/s)")
+    report = {
+        "task": task, "source": meta["sources"][0], "sources": meta["sources"], "target": meta["target"],
+        "selection": {"strategy": sel.strategy, "k": sel.k, "budget": budget, "users_selected": int(len(chosen)),
+                      "users_total": n_users, "validation_users": int(len(valid_idx))},
+        "methods": methods, "cost": costs, "primary_metric": metric,
+        "store": target_path, "adapter": adapter_path, "conversion": conversion,
+        "source_training": {p: {"methods": r["methods"], "cost": r["cost"]} for p, r in source_reports.items()},
+        "fits": {k: {"history": v.history, "best_epoch": v.best_epoch} for k, v in fits.items()},
+        "data": ds.summary(), "wall_s": round(time.perf_counter() - t_start, 2),
+        "provenance": provenance(to_dict(cfg)),
+    }
+    if "full_retrain" in costs:
+        report["cost_ratio_full_retrain_over_puma"] = {
+            k: costs["full_retrain"][k] / costs["puma"][k] for k in ("wall_s", "llm_record_passes", "flops")
+            if costs["puma"][k]}
+    return report
+
+
+def format_report(report: dict) -> str:
+    keys = ("rmse", "mae") if report["task"] == "rating" else ("auc", "uauc")
+    lines = [f"{'method':<14}" + "".join(f"{k:>9}" for k in keys) + f"{'wall_s':>10}{'LLM passes':>12}{'FLOPs':>11}"]
+    for name, m in report["methods"].items():
+        c = report["cost"].get(name, {})
+        lines.append(f"{name:<14}" + "".join(f"{m.get(k, float('nan')):>9.4f}" for k in keys)
+                     + f"{c.get('wall_s', 0):>10.1f}{c.get('llm_record_passes', 0):>12,}{c.get('flops', 0):>11.2e}")
+    ratio = report.get("cost_ratio_full_retrain_over_puma")
+    if ratio:
+        lines.append("cost full retraining / PUMA: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratio.items()))
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""jobs/train_prompts.py end to end on the toy dataset: in-process (report, store, config errors) and as a CLI."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from puma_ray.data import save_dataset
+from puma_ray.store import PromptStore
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "train_prompts.py"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # main() sets torch threads; this restores them after
+
+
+@pytest.fixture(scope="module")
+def job():
+    spec = importlib.util.spec_from_file_location("train_prompts_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def toy_paths(toy_dataset, tmp_path_factory):
+    return save_dataset(toy_dataset, str(tmp_path_factory.mktemp("toy_data")))
+
+
+def _args(paths: dict, output: Path, *extra: str) -> list[str]:
+    return ["--output", str(output), "model.name=tiny:stablelm", "data.name=parquet",
+            f"data.paths.records={paths['records']}", f"data.paths.items={paths['items']}", "threads=1", *extra]
+
+
+def test_job_in_process(job, toy_paths, toy_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = job.main(_args(toy_paths, out, "train.epochs=2", "train.batch_size=32", "store.shard_rows=16"))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"report: {out / 'report.json'}" in captured.out
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "rating" and report["primary_metric"] == "rmse"
+    assert set(report["methods"]) == {"store", "global_mean", "user_mean", "bias"}
+    for name, m in report["methods"].items():
+        assert math.isfinite(m["rmse"]) and math.isfinite(m["mae"]), name
+        assert 0 < m["mae"] <= m["rmse"] < 4, name
+        assert m["records"] == toy_dataset.summary()["records"]["test"]
+    assert len(report["training"]["history"]) == 2
+    assert report["model"]["name"] == "tiny:stablelm" and report["model"]["family"] == "stablelm"
+    assert report["data"]["users"] == 40
+    assert report["provenance"]["config"]["train"]["epochs"] == 2
+
+    store_path = report["store"]
+    assert store_path == str(out / "store") and os.path.isdir(store_path)
+    store = PromptStore.open(store_path)
+    assert store.manifest.num_users == len(toy_dataset.users) == 40
+    assert len(store.manifest.shards) == 3  # 40 users at 16 rows a shard
+    assert store.identity.fingerprint == report["model"]["fingerprint"]
+    assert store.manifest.lineage["kind"] == "trained" and store.manifest.task == "rating"
+    ids, prompts = store.read_all()
+    assert ids.tolist() == toy_dataset.users.tolist()
+    assert prompts.shape == (40, 1, 32)
+    _, head_config = store.read_head()
+    assert head_config["task"] == "rating"
+
+    # a second run to the same store is refused (exit 2, names the store), unless overwrite is asked for
+    rc = job.main(_args(toy_paths, out, "train.epochs=1"))
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, key", [("train.epoch=2", "epoch"), ("nonsense_section.x=1", "nonsense_section")])
+def test_job_bad_config_key(job, toy_paths, tmp_path, capsys, override, key):
+    rc = job.main(_args(toy_paths, tmp_path / "run", override))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error:") and f"unknown key(s) ['{key}']" in err
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_job_cli_subprocess(toy_paths, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, str(JOB), *_args(toy_paths, out, "train.epochs=1", "data.max_users=8")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "report:" in proc.stdout and "store:" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["users"] == 8
+    assert PromptStore.open(report["store"]).manifest.num_users == 8
