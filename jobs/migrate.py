@@ -20,7 +20,8 @@ from puma_ray.selection import SelectionError
 from puma_ray.store import StoreError
 
 # The embedded default: every number sized so the whole pipeline ends within 5 minutes on 2 CPU cores.
-_PROMPTS = {"epochs": 3, "patience": 1, "batch_size": 128, "lr": 0.02}  # source system and full retraining alike
+# source system and full retraining alike: 3 epochs of 25k sampled records (a third of the train split each)
+_PROMPTS = {"epochs": 3, "patience": 1, "batch_size": 128, "lr": 0.02, "max_train_records": 25_000}
 DEFAULT_CONFIG = {
     "sources": [{"store": "{output}/source-store", "model": {"name": "tiny:llama"}, "prepare": _PROMPTS}],
     "target": {"name": "tiny:qwen2"},  # another family, another width (48 → 64)
@@ -29,7 +30,23 @@ DEFAULT_CONFIG = {
     "fit": {"epochs": 4, "batch_size": 64, "lr": 0.001, "patience": 1},
     "baselines": {"full_retrain": True, "full_retrain_train": _PROMPTS},
     "store": {"shard_rows": 256},
+    "engine": {"kind": "ray", "num_workers": 1, "zero_stage": 2},  # a local Ray, started in-process
 }
+
+
+def _fit_function(cfg: MigrateJobConfig, output: str):
+    """engine.kind "ray": Ray Train + DeepSpeed (a local Ray unless an address is known); "local": this process."""
+    if cfg.engine.kind == "local":
+        from puma_ray.fit import fit_mapping
+        return fit_mapping
+    import os
+
+    from puma_ray.fs import join
+    from puma_ray.ray_layer import ensure_ray, make_ray_fit
+    ensure_ray(cfg.engine.address, cfg.engine.local_cpus)
+    storage_path = cfg.engine.storage_path or join(output, "train")
+    name = cfg.engine.run_name or os.path.basename(output.rstrip("/"))
+    return make_ray_fit(cfg.engine, cfg.target, storage_path, cfg.storage, run_name=name)
 
 
 def main(argv=None) -> int:
@@ -42,7 +59,7 @@ def main(argv=None) -> int:
         cfg = load_job_config(MigrateJobConfig, args.config, args.overrides, default=DEFAULT_CONFIG)
         set_threads(cfg.threads)
         output = new_run_dir(args.output, "migrate")
-        report = run(cfg, output)
+        report = run(cfg, output, fit_fn=_fit_function(cfg, output))
         write_json(report_path(output), report, cfg.storage)
     except (ConfigError, DataError, StoreError, AdapterError, SelectionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

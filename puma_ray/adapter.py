@@ -86,7 +86,7 @@ class PromptAdapter(nn.Module):
         for i, (x, d) in enumerate(zip(sources, self.source_dims)):
             if x.shape[-1] != d:
                 raise AdapterError(f"source {i}: prompt width {x.shape[-1]}, adapter expects {d}")
-            parts.append(x.float() / self.source_scales[i])
+            parts.append(x.to(self.source_scales.dtype) / self.source_scales[i])  # follows bf16 engines
         return self.net(torch.cat(parts, dim=-1)) * self.target_scale
 
     def flops_per_vector(self) -> float:

@@ -110,6 +110,36 @@ class StoreConfig:
             raise ConfigError(f"store.shard_rows must be >= 1, got {self.shard_rows}")
 
 
+@dataclass
+class EngineConfig:
+    """Where fits run. The core never reads this beyond `kind`; the Ray layer reads the rest."""
+    kind: str = "ray"  # "ray": Ray Train workers with a DeepSpeed engine; "local": the same loop in this process
+    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS (ray job submit sets it) or a local Ray
+    num_workers: int = 1  # Train workers (data parallel); one per GPU on a GPU cluster
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # leave CPU for Ray Data's read tasks, or a 2-CPU machine deadlocks
+    threads_per_worker: int = 1  # torch threads per worker: oversubscribing cores slows tiny models 40x
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (0-3); 2 partitions optimizer state + gradients
+    precision: str = "fp32"  # "fp32" on CPU; "bf16" on A100s
+    optimizer: str = "torch_adamw"  # "fused_adam" on GPUs; "cpu_adam" compiles DeepSpeed's op (~60 s first time)
+    storage_path: str | None = None  # checkpoints (adapter + head + optimizer, never the LLM); None: <output>/train
+    run_name: str | None = None  # a rerun with the same name + storage resumes from the latest checkpoint
+    max_failures: int = 2  # worker failures retried from the last checkpoint
+    local_cpus: int | None = None  # CPUs of an in-process local Ray; None: all
+
+    def __post_init__(self):
+        if self.kind not in ("ray", "local"):
+            raise ConfigError(f"engine.kind must be 'ray' or 'local', got {self.kind!r}")
+        if self.num_workers < 1:
+            raise ConfigError(f"engine.num_workers must be >= 1, got {self.num_workers}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"engine.zero_stage must be 0..3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"engine.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.optimizer not in ("torch_adamw", "fused_adam", "cpu_adam"):
+            raise ConfigError(f"engine.optimizer must be torch_adamw, fused_adam or cpu_adam, got {self.optimizer!r}")
+
+
 def from_dict(cls, data: dict | None, where: str):
     """Builds dataclass `cls` from a dict, recursing into dataclass fields; unknown keys raise."""
     data = data or {}
@@ -149,5 +179,5 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["ConfigError", "ModelConfig", "DataConfig", "TemplateConfig", "PromptTrainConfig", "StoreConfig",
+__all__ = ["ConfigError", "EngineConfig", "ModelConfig", "DataConfig", "TemplateConfig", "PromptTrainConfig", "StoreConfig",
            "StorageOptions", "from_dict", "load_yaml", "to_dict"]

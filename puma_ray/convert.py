@@ -55,7 +55,7 @@ def join_sources(stores: list[PromptStore], policy: str = "error") -> JoinedSour
 @torch.no_grad()
 def map_prompts(adapter: PromptAdapter, sources: list[np.ndarray], batch_size: int = 8192) -> np.ndarray:
     adapter.eval()
-    out = [adapter(*[torch.from_numpy(s[i:i + batch_size]) for s in sources]).numpy()
+    out = [adapter(*[torch.from_numpy(np.require(s[i:i + batch_size], requirements="W")) for s in sources]).numpy()
            for i in range(0, len(sources[0]), batch_size)]
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0, adapter.target_dim), np.float32)
 

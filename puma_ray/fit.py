@@ -70,7 +70,7 @@ def mapped_prompts(mapping: nn.Module, inputs: list[np.ndarray]):
 
 def fit_mapping(plm: PromptedLM, task: str, mapping: nn.Module, inputs: list[np.ndarray], users: np.ndarray,
                 train: pd.DataFrame, valid: pd.DataFrame, head: nn.Module, cfg: FitConfig, log=print,
-                on_epoch=None) -> FitResult:
+                on_epoch=None, name: str = "fit") -> FitResult:
     """inputs: per source, (n_users, l, d_s) aligned with `users`; train/valid: records of the fit's users.
 
     on_epoch(epoch, state) is called after each epoch (checkpointing hook for the Ray layer)."""

@@ -49,3 +49,23 @@ def join(base: str, *parts: str) -> str:
 
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
+
+
+def pyarrow_filesystem(path: str, storage: StorageOptions | None = None):
+    """(pyarrow filesystem, path without scheme) for Ray Data / Ray Train storage; None fs for local paths."""
+    if not path.startswith(("s3://", "s3a://")):
+        return None, os.path.abspath(path.removeprefix("file://"))
+    from urllib.parse import urlparse
+
+    import pyarrow.fs as pafs
+    so = storage or StorageOptions()
+    endpoint = so.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {}
+    if endpoint:
+        url = urlparse(endpoint)
+        kwargs.update(endpoint_override=url.netloc or url.path, scheme=url.scheme or "https")
+    if so.key:
+        kwargs.update(access_key=so.key, secret_key=so.secret)
+    if so.region:
+        kwargs["region"] = so.region
+    return pafs.S3FileSystem(**kwargs), path.split("://", 1)[1]

@@ -27,7 +27,7 @@ class RatingHead(nn.Module):
             self.net[-1].bias.fill_(init_bias)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.net(logits.float()).squeeze(-1)
+        return self.net(logits.to(self.net[0].weight.dtype)).squeeze(-1).float()
 
 
 class CTRHead(nn.Module):
@@ -38,7 +38,7 @@ class CTRHead(nn.Module):
         self.sizes = [1, 1]
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float()[..., 0] * self.scale + self.bias  # a click logit
+        return (logits.float()[..., 0] * self.scale.float() + self.bias.float())  # a click logit
 
 
 def make_head(task: str, config: dict | None = None) -> nn.Module:

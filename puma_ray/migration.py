@@ -18,11 +18,11 @@ import torch
 
 from .adapter import AdapterConfig, PromptAdapter, num_parameters, save_adapter
 from .backbone import load_backbone
-from .config import (ConfigError, DataConfig, ModelConfig, PromptTrainConfig, StoreConfig, TemplateConfig, from_dict,
+from .config import (ConfigError, DataConfig, EngineConfig, ModelConfig, PromptTrainConfig, StoreConfig, TemplateConfig, from_dict,
                      to_dict)
 from .convert import MISSING_POLICIES, JoinedSources, convert_stores, join_sources
 from .data import Dataset, load_dataset
-from .fit import FitConfig, FitResult, FixedPrompts, fit_mapping, mapped_prompts
+from .fit import FitConfig, FixedPrompts, fit_mapping, mapped_prompts
 from .fs import StorageOptions, filesystem, join
 from .heads import head_config, load_head, make_head
 from .metrics import PRIMARY
@@ -93,6 +93,7 @@ class MigrateJobConfig:
     target_store: str = "{output}/target-store"
     adapter_path: str = "{output}/adapter"
     sources_missing_policy: str = "error"  # a user absent from one source: "error", or "drop" (counted)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     threads: int | None = None
 
     def __post_init__(self):
@@ -146,7 +147,8 @@ def _prompt_rms(prompts: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(prompts, dtype=np.float64)))) or 1.0
 
 
-def run(cfg: MigrateJobConfig, output: str, log=print) -> dict:
+def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping) -> dict:
+    """fit_fn: fit.fit_mapping (this process) or the Ray layer's Train + DeepSpeed fit (same signature)."""
     t_start = time.perf_counter()
     ds = load_dataset(cfg.data, cfg.storage)
     task, metric = ds.task, PRIMARY[ds.task][0]
@@ -214,8 +216,8 @@ def run(cfg: MigrateJobConfig, output: str, log=print) -> dict:
 
     def fit_and_test(name: str, mapping, inputs_for_fit, inputs_all):
         log(f"fit {name} ({num_parameters(mapping):,} parameters) on {len(train_recs)} records")
-        result = fit_mapping(plm, task, mapping, inputs_for_fit, fit_users, train_recs, valid_recs, fresh_head(),
-                             cfg.fit, log=log)
+        result = fit_fn(plm, task, mapping, inputs_for_fit, fit_users, train_recs, valid_recs, fresh_head(),
+                        cfg.fit, log=log, name=name)
         eval_cost = Cost(flops_per_token=result.cost.flops_per_token)
         methods[name] = evaluate(plm, result.head, task, mapped_prompts(result.mapping, inputs_all), test,
                                  cfg.fit.eval_batch_size, eval_cost)

@@ -99,15 +99,12 @@ def allocate(total: int, capacity: np.ndarray, weight: np.ndarray) -> np.ndarray
             w = open_.astype(np.float64)
         remaining = total - counts.sum()
         share = w / w.sum() * remaining
-        add = np.minimum(np.floor(share).astype(np.int64), capacity - counts)
-        if add.sum() == 0:  # hand out single units by largest remainder
-            order = np.lexsort((np.arange(len(share)), -(share - np.floor(share))))
-            for i in order:
-                if open_[i]:
-                    add[i] = 1
-                    if add.sum() == remaining:
-                        break
-        counts += add
+        add = np.floor(share).astype(np.int64)
+        # largest remainder of this round's shares, ties to the lower index; only groups with room qualify
+        order = np.lexsort((np.arange(len(share)), -(share - np.floor(share))))
+        for i in [i for i in order if open_[i]][: remaining - add.sum()]:
+            add[i] += 1
+        counts += np.minimum(add, capacity - counts)  # what a full group cannot take goes round again
     return counts
 
 
@@ -182,10 +179,12 @@ def _farthest_point_pick(x: np.ndarray):
         first = int(np.argmin(((pts - pts.mean(0)) ** 2).sum(1)))  # start at the medoid-ish point: deterministic
         chosen = [first]
         dist = ((pts - pts[first]) ** 2).sum(1)
+        dist[first] = -1.0  # chosen points stay at -1 (np.minimum keeps it): never re-picked, even among duplicates
         for _ in range(quota - 1):
             nxt = int(np.argmax(dist))
             chosen.append(nxt)
             dist = np.minimum(dist, ((pts - pts[nxt]) ** 2).sum(1))
+            dist[nxt] = -1.0
         return members[np.array(chosen)]
     return pick
 

@@ -1,0 +1,34 @@
+"""Every Ray API difference between versions lives here (Ray 2.50 → 2.60 moved several)."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def ray_version() -> tuple[int, int]:
+    major, minor = ray.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def actor_pool(size: int):
+    """Ray 2.51+ wants compute=ActorPoolStrategy(size=n) (concurrency= is deprecated there)."""
+    from ray.data import ActorPoolStrategy
+    return {"compute": ActorPoolStrategy(size=size)}
+
+
+def train_v2_env() -> dict:
+    """Train V2 is the default from 2.5x; silence the migration warnings that V1-style code would trigger."""
+    return {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_V2_ENABLED": "1"}
+
+
+def job_auth_env() -> dict:
+    """Ray 2.60 turns token auth on for the job server; a plain local `ray start` + `ray job submit` then fails
+    with AuthenticationError unless both sides agree. Local test clusters disable it."""
+    return {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+
+
+def tune_report_callback():
+    """Ray Train → Tune reporting callback (its import path moved in the V2 API)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+    return TuneReportCallback()

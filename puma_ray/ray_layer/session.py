@@ -1,0 +1,24 @@
+"""Connecting to Ray: a running cluster (address, or RAY_ADDRESS as `ray job submit` sets it) or a local Ray
+started in-process, so `python jobs/migrate.py` works on a laptop and unchanged under `ray job submit`."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+from .compat import train_v2_env
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
+    for key, value in train_v2_env().items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("PUMA_", "HF_", "DS_", "TORCH_",
+                                                                              "TRANSFORMERS_", "AWS_", "RAY_TRAIN"))}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:  # no dashboard: starts in ~4 s and ~0.9 GB instead of ~8 s and ~1.9 GB
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+    return ray.cluster_resources()
