@@ -64,6 +64,8 @@ class PromptAdapter(nn.Module):
         super().__init__()
         self.source_dims, self.target_dim, self.cfg = list(source_dims), target_dim, cfg
         d_in = sum(source_dims)
+        if source_scales is not None and len(source_scales) != len(source_dims):
+            raise AdapterError(f"{len(source_scales)} source scale(s) for {len(source_dims)} source(s)")
         # scales are buffers: saved with the weights, never trained
         self.register_buffer("source_scales", torch.tensor(source_scales or [1.0] * len(source_dims)))
         self.register_buffer("target_scale", torch.tensor(float(target_scale)))

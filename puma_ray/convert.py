@@ -45,6 +45,9 @@ def join_sources(stores: list[PromptStore], policy: str = "error") -> JoinedSour
                                  f"({len(missing)} user(s) in all); set sources_missing_policy: drop to skip them")
             dropped[store.path] = int(len(missing))
             common = np.intersect1d(common, ids)
+    if len(common) == 0:
+        raise StoreError("the source stores share no user: nothing to convert ("
+                         + ", ".join(s.path for s in stores) + ")")
     aligned = []
     for ids, prompts in tables:
         pos = np.searchsorted(ids, common)

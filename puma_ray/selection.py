@@ -76,9 +76,12 @@ def select(name: str, inputs: SelectionInput, budget: int, k: int = 15, seed: in
 
 def resolve_budget(budget: float | int, n_users: int) -> int:
     """An int is a user count; a float in (0, 1) a fraction of the users."""
-    if isinstance(budget, float) and 0 < budget < 1:
+    import numbers
+    if not isinstance(budget, numbers.Real) or isinstance(budget, bool):
+        raise ConfigError(f"selection.budget {budget!r}: give a user count (>= 1) or a fraction in (0, 1)")
+    if 0 < budget < 1:
         return max(1, int(round(budget * n_users)))
-    if isinstance(budget, (int, float)) and budget >= 1 and float(budget).is_integer():
+    if budget >= 1 and float(budget).is_integer():
         return int(budget)
     raise ConfigError(f"selection.budget {budget!r}: give a user count (>= 1) or a fraction in (0, 1)")
 

@@ -1,7 +1,8 @@
 """User selection (Table 4): every registered strategy's contract, PUMA's strata, and the building blocks.
 
 Synthetic users with known structure: 6 well-separated Gaussian blobs of unequal sizes in 16-d (the "preference
-profiles" K-means must recover), per-user label variance from a gamma distribution, random loss, FFN features derived from the prompts.
+profiles" K-means must recover), per-user label variance from a gamma distribution, random loss, and FFN features
+derived from the prompts.
 """
 from __future__ import annotations
 
@@ -188,6 +189,8 @@ def test_puma_strata_follow_clusters_and_normal_weights(users, seed):
 
 
 def test_allocate_is_largest_remainder(users):
+    """Leftover units by largest remainder of the exact shares (Hamilton), not by re-sharing the remainder, which
+    gave the heaviest group extra every round (36 over the normal bins was [1, 9, 17, 8, 1])."""
     w = normal_weights(5, 2.0)
     assert allocate(36, np.full(5, 1000), w).tolist() == [2, 9, 14, 9, 2]
     rng = np.random.default_rng(0)
@@ -313,7 +316,8 @@ def test_puma_selection_at_scale():
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"\nkmeans_variance {n:,} x {d} (kmeans_sample 50,000, K=15, budget {budget}): {wall:.1f}s; "
           f"allocations during selection peak {traced_peak / 2**20:.0f} MiB; process peak RSS {rss_peak / 1024:.0f} "
-          f"MiB (before selection {rss_before / 1024:.0f} MiB; the prompts themselves {prompts.nbytes / 2**20:.0f} MiB)")
+          f"MiB (before selection {rss_before / 1024:.0f} MiB; the prompts themselves "
+          f"{prompts.nbytes / 2**20:.0f} MiB)")
     assert len(chosen) == budget and len(np.unique(chosen)) == budget
     assert np.bincount(kmeans_labels(prompts, 15, 0, 50_000)[chosen], minlength=15).min() >= 1
     assert wall < 300

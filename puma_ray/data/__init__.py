@@ -61,8 +61,12 @@ def _load_parquet(cfg: DataConfig, so: dict) -> Dataset:
 
 def save_dataset(ds: Dataset, folder: str, storage: StorageOptions | None = None) -> dict[str, str]:
     """Writes records.parquet + items.parquet under folder (local or s3://); returns data.paths for the config."""
-    from ..fs import join
+    import os
+
+    from ..fs import is_remote, join
     so = (storage or StorageOptions()).fsspec_kwargs() or None
+    if not is_remote(folder):
+        os.makedirs(folder, exist_ok=True)
     paths = {"records": join(folder, "records.parquet"), "items": join(folder, "items.parquet")}
     ds.records.to_parquet(paths["records"], index=False, storage_options=so)
     ds.items.to_parquet(paths["items"], index=False, storage_options=so)

@@ -9,9 +9,21 @@ import ray
 from .compat import train_v2_env
 
 
+def quiet_data(progress_bars: bool = False) -> None:
+    """Ray Data's per-operator progress bars flood job logs of small datasets; conversion turns them back on."""
+    import logging
+
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
     for key, value in train_v2_env().items():
         os.environ.setdefault(key, value)
+    quiet_data()
     if ray.is_initialized():
         return ray.cluster_resources()
     address = address or os.environ.get("RAY_ADDRESS")
