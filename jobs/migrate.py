@@ -27,8 +27,8 @@ DEFAULT_CONFIG = {
     "target": {"name": "tiny:qwen2"},  # another family, another width (48 → 64)
     "data": {"name": "movielens100k"},
     "selection": {"strategy": "kmeans_variance", "k": 15, "budget": 0.1, "valid_users": 0.1},
-    "fit": {"epochs": 4, "batch_size": 64, "lr": 0.001, "patience": 1},
-    "baselines": {"full_retrain": True, "full_retrain_train": _PROMPTS},
+    "fit": {"epochs": 4, "batch_size": 64, "lr": 0.01, "patience": 1},
+    "baselines": {"full_retrain": True, "full_retrain_train": _PROMPTS, "fits_on": "local"},
     "store": {"shard_rows": 256},
     "engine": {"kind": "ray", "num_workers": 1, "zero_stage": 2},  # a local Ray, started in-process
 }

@@ -76,6 +76,13 @@ class BaselinesConfig:
     linear: bool = True  # one linear map d_s → d_t: what the non-linear adapter buys
     full_retrain: bool = False  # every prompt retrained on the target: the (expensive) upper bound
     full_retrain_train: PromptTrainConfig = field(default_factory=PromptTrainConfig)
+    # "engine": baseline fits run where PUMA's does; "local": in the driver process (a small demo skips three
+    # Ray Train start-ups; on a GPU cluster keep "engine", the driver has no GPU)
+    fits_on: str = "engine"
+
+    def __post_init__(self):
+        if self.fits_on not in ("engine", "local"):
+            raise ConfigError(f"baselines.fits_on must be 'engine' or 'local', got {self.fits_on!r}")
 
 
 @dataclass
@@ -216,7 +223,8 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping) -> di
 
     def fit_and_test(name: str, mapping, inputs_for_fit, inputs_all):
         log(f"fit {name} ({num_parameters(mapping):,} parameters) on {len(train_recs)} records")
-        result = fit_fn(plm, task, mapping, inputs_for_fit, fit_users, train_recs, valid_recs, fresh_head(),
+        fit = fit_fn if name == "puma" or cfg.baselines.fits_on == "engine" else fit_mapping
+        result = fit(plm, task, mapping, inputs_for_fit, fit_users, train_recs, valid_recs, fresh_head(),
                         cfg.fit, log=log, name=name)
         eval_cost = Cost(flops_per_token=result.cost.flops_per_token)
         methods[name] = evaluate(plm, result.head, task, mapped_prompts(result.mapping, inputs_all), test,

@@ -85,23 +85,23 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, fit_case, tmp_path):
     pid_dir.mkdir()
     killed = {}
 
-    def killer():  # kill rank 1 as soon as it has checkpointed its first epoch
+    def killer():  # kill rank 1 once it has finished its second epoch: the first one's checkpoint is registered
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
             pid_file = pid_dir / "rank1.pid"
-            if pid_file.exists() and pid_file.read_text():
-                pid = int(pid_file.read_text())
-                os.kill(pid, signal.SIGKILL)
-                killed["pid"] = pid
-            time.sleep(0.2)
+            text = pid_file.read_text().split() if pid_file.exists() else []
+            if len(text) == 2 and int(text[1]) >= 1:
+                os.kill(int(text[0]), signal.SIGKILL)
+                killed["pid"] = int(text[0])
+            time.sleep(0.1)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    result = _fit(fit_case, tmp_path, 2, "killed", epochs=4, pid_dir=str(pid_dir))
+    result = _fit(fit_case, tmp_path, 2, "killed", epochs=5, pid_dir=str(pid_dir))
     thread.join(timeout=5)
     assert killed, "the test never saw a worker to kill"
     assert result.valid["resumed_from"] is not None  # the retry restored a checkpoint instead of starting over
-    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]  # every epoch once, none repeated
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3, 4]  # every epoch once, none repeated
 
 
 def test_rerun_with_other_worker_count_resumes(local_ray, fit_case, tmp_path):

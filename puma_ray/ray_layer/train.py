@@ -167,11 +167,11 @@ def _worker_loop(cfg: dict) -> None:
                 save_file({k: v.contiguous() for k, v in best_weights.items()}, os.path.join(d, _BEST))
                 with open(os.path.join(d, _STATE), "w") as f:
                     json.dump(state, f)
-            if cfg.get("pid_dir"):  # lets a fault-injection test find and kill a worker
-                with open(os.path.join(cfg["pid_dir"], f"rank{rank}.pid"), "w") as f:
-                    f.write(str(os.getpid()))
             rt.report({"epoch": epoch, metric: score, "train_loss": state["history"][-1]["train_loss"]},
                       checkpoint=rt.Checkpoint.from_directory(d))
+        if cfg.get("pid_dir"):  # after the report: a fault-injection test kills a worker with a checkpoint to go to
+            with open(os.path.join(cfg["pid_dir"], f"rank{rank}.pid"), "w") as f:
+                f.write(f"{os.getpid()} {epoch}")
         if state["bad_epochs"] > fit.patience:
             break
 
