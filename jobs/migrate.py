@@ -34,19 +34,21 @@ DEFAULT_CONFIG = {
 }
 
 
-def _fit_function(cfg: MigrateJobConfig, output: str):
-    """engine.kind "ray": Ray Train + DeepSpeed (a local Ray unless an address is known); "local": this process."""
+def _engine_functions(cfg: MigrateJobConfig, output: str) -> dict:
+    """engine.kind "ray": fits on Ray Train + DeepSpeed, per-user statistics by Ray Data aggregation (a local Ray
+    unless an address is known); "local": the library's defaults, in this process."""
     if cfg.engine.kind == "local":
-        from puma_ray.fit import fit_mapping
-        return fit_mapping
+        return {}
     import os
 
     from puma_ray.fs import join
-    from puma_ray.ray_layer import ensure_ray, make_ray_fit
+    from puma_ray.ray_layer import ensure_ray, make_ray_fit, make_variance_fn
     ensure_ray(cfg.engine.address, cfg.engine.local_cpus)
     storage_path = cfg.engine.storage_path or join(output, "train")
     name = cfg.engine.run_name or os.path.basename(output.rstrip("/"))
-    return make_ray_fit(cfg.engine, cfg.target, storage_path, cfg.storage, run_name=name)
+    records = cfg.data.paths.get("records") if cfg.data.name == "parquet" else None
+    return {"fit_fn": make_ray_fit(cfg.engine, cfg.target, storage_path, cfg.storage, run_name=name),
+            "variance_fn": make_variance_fn(records, cfg.storage)}
 
 
 def main(argv=None) -> int:
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
         cfg = load_job_config(MigrateJobConfig, args.config, args.overrides, default=DEFAULT_CONFIG)
         set_threads(cfg.threads)
         output = new_run_dir(args.output, "migrate")
-        report = run(cfg, output, fit_fn=_fit_function(cfg, output))
+        report = run(cfg, output, **_engine_functions(cfg, output))
         write_json(report_path(output), report, cfg.storage)
     except (ConfigError, DataError, StoreError, AdapterError, SelectionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

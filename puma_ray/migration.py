@@ -131,7 +131,8 @@ def _prepare_source(cfg: MigrateJobConfig, src: SourceConfig, path: str, ds: Dat
     return report
 
 
-def _statistics(cfg: SelectionConfig, joined: JoinedSources, ds: Dataset, source_plm, source_head, task):
+def _statistics(cfg: SelectionConfig, joined: JoinedSources, ds: Dataset, source_plm, source_head, task,
+                variance_fn=label_variance):
     """The per-user features the chosen strategy needs (and only those), with what computing them cost."""
     needs = NEEDS[cfg.strategy]
     flat = np.concatenate([p.reshape(len(p), -1) for p in joined.prompts], axis=1)
@@ -139,7 +140,7 @@ def _statistics(cfg: SelectionConfig, joined: JoinedSources, ds: Dataset, source
         "kmeans_sample", "pca_components", "global_bins", "cluster_bins")})
     cost = Cost()
     if "variance" in needs:
-        inputs.variance = label_variance(ds.split("train"), joined.users)
+        inputs.variance = variance_fn(ds.split("train"), joined.users)
     if "loss" in needs:
         inputs.loss, c = source_loss(source_plm, source_head, task, joined.prompts[0], ds.split("train"),
                                      joined.users, cfg.loss_records_per_user, seed=cfg.seed)
@@ -154,8 +155,9 @@ def _prompt_rms(prompts: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(prompts, dtype=np.float64)))) or 1.0
 
 
-def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping) -> dict:
-    """fit_fn: fit.fit_mapping (this process) or the Ray layer's Train + DeepSpeed fit (same signature)."""
+def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, variance_fn=label_variance) -> dict:
+    """fit_fn: fit.fit_mapping (this process) or the Ray layer's Train + DeepSpeed fit (same signature);
+    variance_fn: user_stats.label_variance or the Ray layer's streaming aggregation."""
     t_start = time.perf_counter()
     ds = load_dataset(cfg.data, cfg.storage)
     task, metric = ds.task, PRIMARY[ds.task][0]
@@ -192,7 +194,7 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping) -> di
     sel = cfg.selection
     n_users = len(joined.users)
     budget = resolve_budget(sel.budget, n_users)
-    inputs, stats_cost = _statistics(sel, joined, ds, source_plm, source_head, task)
+    inputs, stats_cost = _statistics(sel, joined, ds, source_plm, source_head, task, variance_fn)
     t0 = time.perf_counter()
     chosen = select(sel.strategy, inputs, budget, sel.k, sel.seed)
     stats_cost.wall_s += time.perf_counter() - t0

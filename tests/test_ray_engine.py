@@ -111,3 +111,21 @@ def test_rerun_with_other_worker_count_resumes(local_ray, fit_case, tmp_path):
     assert second.valid["resumed_from"] == 1
     assert [h["epoch"] for h in second.history] == [0, 1, 2]
     assert [h["workers"] for h in second.history] == [1, 1, 2]
+
+
+def test_streaming_user_stats_match_pandas(local_ray, toy_dataset, tmp_path, s3_server):
+    """Per-user label variance by Ray Data aggregation (from Parquet on S3) equals the in-process computation."""
+    from puma_ray.data import save_dataset
+    from puma_ray.fs import StorageOptions
+    from puma_ray.ray_layer import make_variance_fn
+    from puma_ray.user_stats import label_variance
+
+    storage = StorageOptions(endpoint_url=s3_server["endpoint_url"])
+    paths = save_dataset(toy_dataset, f"s3://{s3_server['bucket']}/stats-data", storage)
+    users = toy_dataset.users
+    expected = label_variance(toy_dataset.split("train"), users)
+    from_s3 = make_variance_fn(paths["records"], storage)(None, users)
+    from_frame = make_variance_fn(None)(toy_dataset.split("train"), users)
+    np.testing.assert_allclose(from_s3, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(from_frame, expected, rtol=1e-5, atol=1e-6)
+    assert expected.std() > 0  # the toy users really differ

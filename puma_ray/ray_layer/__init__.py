@@ -2,9 +2,10 @@
 
     ensure_ray(address)            connect to a cluster, or start a local Ray in-process
     make_ray_fit(engine, model)    a fit function with fit.fit_mapping's signature that runs on Ray Train + DeepSpeed
-    user_statistics(...)           per-user counts / label variance by streaming aggregation over Ray Data
+    make_variance_fn(records)      per-user label variance by streaming aggregation over Ray Data
 """
+from .data import make_variance_fn, per_user_label_stats, read_records
 from .session import ensure_ray
 from .train import make_ray_fit
 
-__all__ = ["ensure_ray", "make_ray_fit"]
+__all__ = ["ensure_ray", "make_ray_fit", "make_variance_fn", "per_user_label_stats", "read_records"]
