@@ -132,7 +132,7 @@ def _worker_loop(cfg: dict) -> None:
         engine.train()
         losses = []
         for batch_df in shard.iter_batches(batch_size=fit.batch_size, batch_format="pandas",
-                                           local_shuffle_buffer_size=4 * fit.batch_size,
+                                           local_shuffle_buffer_size=16 * fit.batch_size,
                                            local_shuffle_seed=fit.seed + epoch):
             batch = RecordSet.from_frame(batch_df, users)
             enc = plm.encode(batch.item_ids, batch.histories)
@@ -189,7 +189,10 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
         from .session import ensure_ray
         ensure_ray(engine.address, engine.local_cpus)
         columns = [c for c in ("user_id", "item_id", "label", "history") if c in train.columns]
-        train_ds = ray.data.from_pandas(train[columns].reset_index(drop=True))
+        # records arrive grouped by user; shuffled once here (and locally per epoch in the workers), or batches
+        # hold one user each and the fit stalls (seen: train loss flat where the in-process fit learned)
+        order = np.random.default_rng(cfg.seed).permutation(len(train))
+        train_ds = ray.data.from_pandas(train[columns].iloc[order].reset_index(drop=True))
         loop_cfg = {
             "model": model, "fingerprint": plm.backbone.identity.fingerprint, "template": vars(plm.template),
             "l": plm.l, "item_texts": plm._item_text, "task": task, "users": users, "inputs": inputs,
