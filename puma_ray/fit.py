@@ -20,7 +20,7 @@ from .config import ConfigError
 from .heads import task_loss
 from .metrics import PRIMARY
 from .prompted_lm import PromptedLM
-from .training import Cost, EarlyStopper, RecordSet, evaluate, forward_batch
+from .training import Cost, EarlyStopper, RecordSet, describe_epoch, epoch_record, evaluate, forward_batch
 
 
 @dataclass
@@ -114,11 +114,8 @@ def fit_mapping(plm: PromptedLM, task: str, mapping: nn.Module, inputs: list[np.
         head.eval()
         cost.wall_s += time.perf_counter() - start
         valid_metrics = evaluate(plm, head, task, prompts_for, valid_set, cfg.eval_batch_size, cost)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                        **{f"valid_{k}": v for k, v in valid_metrics.items() if k != "records"},
-                        "wall_s": round(time.perf_counter() - start, 2)})
-        log(f"  epoch {epoch}: train loss {history[-1]['train_loss']:.4f}  valid {metric} "
-            f"{valid_metrics[metric]:.4f}  ({history[-1]['wall_s']:.1f}s)")
+        history.append(epoch_record(epoch, losses, valid_metrics, start))
+        log("  " + describe_epoch(history[-1], metric))
         stop = stopper.update(epoch, valid_metrics[metric], lambda: {
             "mapping": copy.deepcopy(mapping.state_dict()), "head": copy.deepcopy(head.state_dict())})
         if on_epoch is not None:

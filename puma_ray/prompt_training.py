@@ -18,7 +18,7 @@ from .config import PromptTrainConfig
 from .heads import make_head, task_loss
 from .metrics import PRIMARY
 from .prompted_lm import PromptedLM
-from .training import Cost, EarlyStopper, RecordSet, evaluate, forward_batch
+from .training import Cost, EarlyStopper, RecordSet, describe_epoch, epoch_record, evaluate, forward_batch
 
 
 @dataclass
@@ -76,10 +76,8 @@ def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.Dat
         head.eval()
         cost.wall_s += time.perf_counter() - start
         valid_metrics = evaluate(plm, head, task, prompts_for, valid_set, cfg.eval_batch_size, cost)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), **{f"valid_{k}": v for k, v in
-                        valid_metrics.items() if k != "records"}, "wall_s": round(time.perf_counter() - start, 2)})
-        log(f"epoch {epoch}: train loss {history[-1]['train_loss']:.4f}  valid {metric} "
-            f"{valid_metrics[metric]:.4f}  ({history[-1]['wall_s']:.1f}s)")
+        history.append(epoch_record(epoch, losses, valid_metrics, start))
+        log(describe_epoch(history[-1], metric))
         stop = stopper.update(epoch, valid_metrics[metric], lambda: {
             "table": table.weight.detach().clone(), "head": copy.deepcopy(head.state_dict())})
         if stop:

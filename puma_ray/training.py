@@ -30,8 +30,9 @@ class RecordSet:
     histories: np.ndarray | None
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, users: np.ndarray) -> "RecordSet":
-        index = pd.Index(users)
+    def from_frame(cls, df: pd.DataFrame, users: np.ndarray | pd.Index) -> "RecordSet":
+        """users: prompt-table rows in order; pass a pd.Index when calling per batch (built once, not per call)."""
+        index = users if isinstance(users, pd.Index) else pd.Index(users)
         pos = index.get_indexer(df["user_id"])
         if (pos < 0).any():
             raise ValueError(f"user {df['user_id'].to_numpy()[pos < 0][0]!r} has records but no prompt row")
@@ -118,6 +119,19 @@ def evaluate(plm: PromptedLM, head, task: str, prompts_for: PromptFn, records: R
     if cost is not None:
         cost.wall_s += time.perf_counter() - start
     return task_metrics(task, records.user_ids, records.labels, pred)
+
+
+def epoch_record(epoch: int, losses: list[float], valid_metrics: dict, start: float, **extra) -> dict:
+    """One history entry, the same for every fit (in-process, prompt training, Ray workers)."""
+    return {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            **{f"valid_{k}": v for k, v in valid_metrics.items() if k != "records"},
+            "wall_s": round(time.perf_counter() - start, 2), **extra}
+
+
+def describe_epoch(entry: dict, metric: str) -> str:
+    workers = f", {entry['workers']} worker(s)" if "workers" in entry else ""
+    return (f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}  valid {metric} "
+            f"{entry[f'valid_{metric}']:.4f}  ({entry['wall_s']:.1f}s{workers})")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -23,7 +24,8 @@ from torch import nn
 from ..config import EngineConfig, ModelConfig
 from ..fit import FitConfig, FitResult
 from ..fs import StorageOptions, pyarrow_filesystem
-from ..training import Cost
+from ..metrics import PRIMARY
+from ..training import Cost, describe_epoch
 
 _STATE, _BEST, _CURRENT, _DS_TAG = "fit_state.json", "best.safetensors", "current.safetensors", "ds"
 
@@ -72,7 +74,7 @@ def _worker_loop(cfg: dict) -> None:
     from ..config import TemplateConfig
     from ..metrics import PRIMARY, better
     from ..prompted_lm import PromptedLM
-    from ..training import RecordSet, evaluate
+    from ..training import RecordSet, epoch_record, evaluate
 
     torch.set_num_threads(cfg["threads"])
     ctx = rt.get_context()
@@ -86,7 +88,7 @@ def _worker_loop(cfg: dict) -> None:
     backbone.model.to(device)
     plm = PromptedLM(backbone, TemplateConfig(**cfg["template"]), cfg["l"], cfg["item_texts"])
     fit: FitConfig = cfg["fit"]
-    task, users = cfg["task"], cfg["users"]
+    task, users = cfg["task"], pd.Index(cfg["users"])  # indexed once: every batch maps its users through it
     module = _MappingWithHead(cfg["mapping"], cfg["head"])
     groups = [{"params": list(module.head.parameters()), "lr": fit.head_lr}]
     mapping_params = [p for p in module.mapping.parameters() if p.requires_grad]
@@ -157,9 +159,7 @@ def _worker_loop(cfg: dict) -> None:
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        state["history"].append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                                 **{f"valid_{k}": v for k, v in valid_metrics.items() if k != "records"},
-                                 "wall_s": round(time.perf_counter() - start, 2), "workers": world})
+        state["history"].append(epoch_record(epoch, losses, valid_metrics, start, workers=world))
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=_DS_TAG)  # every rank: ZeRO state is partitioned
             if rank == 0:
@@ -219,10 +219,9 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
         fitted = _MappingWithHead(copy.deepcopy(mapping), copy.deepcopy(head))
         fitted.load_state_dict(best)
         fitted.eval()
+        metric = PRIMARY[task][0]
         for h in state["history"]:
-            log(f"  epoch {h['epoch']}: train loss {h['train_loss']:.4f}  " + "  ".join(
-                f"{k} {v:.4f}" for k, v in h.items() if k.startswith("valid_")) + f"  ({h['wall_s']:.1f}s, "
-                f"{h['workers']} worker(s))")
+            log("  " + describe_epoch(h, metric))
         world = engine.num_workers
         cost = Cost(wall_s=wall, forward_records=(state["counts"][0] + state["counts"][2]) * world,
                     backward_records=state["counts"][0] * world,
