@@ -15,6 +15,7 @@ from puma_ray.adapter import AdapterError
 from puma_ray.config import ConfigError
 from puma_ray.data import DataError
 from puma_ray.migration import MigrateJobConfig, format_report, run
+from puma_ray.report_md import write_migration_report
 from puma_ray.runs import load_job_config, new_run_dir, report_path, set_threads, write_json
 from puma_ray.selection import SelectionError
 from puma_ray.store import StoreError
@@ -35,20 +36,20 @@ DEFAULT_CONFIG = {
 
 
 def _engine_functions(cfg: MigrateJobConfig, output: str) -> dict:
-    """engine.kind "ray": fits on Ray Train + DeepSpeed, per-user statistics by Ray Data aggregation (a local Ray
-    unless an address is known); "local": the library's defaults, in this process."""
+    """engine.kind "ray": fits on Ray Train + DeepSpeed, per-user statistics by Ray Data aggregation, conversion
+    on a Ray Data actor pool (a local Ray unless an address is known); "local": the library's defaults, here."""
     if cfg.engine.kind == "local":
         return {}
     import os
 
     from puma_ray.fs import join
-    from puma_ray.ray_layer import ensure_ray, make_ray_fit, make_variance_fn
+    from puma_ray.ray_layer import ensure_ray, make_ray_fit, make_variance_fn, run_on_ray
     ensure_ray(cfg.engine.address, cfg.engine.local_cpus)
     storage_path = cfg.engine.storage_path or join(output, "train")
     name = cfg.engine.run_name or os.path.basename(output.rstrip("/"))
     records = cfg.data.paths.get("records") if cfg.data.name == "parquet" else None
     return {"fit_fn": make_ray_fit(cfg.engine, cfg.target, storage_path, cfg.storage, run_name=name),
-            "variance_fn": make_variance_fn(records, cfg.storage)}
+            "variance_fn": make_variance_fn(records, cfg.storage), "convert_runner": run_on_ray}
 
 
 def main(argv=None) -> int:
@@ -63,11 +64,12 @@ def main(argv=None) -> int:
         output = new_run_dir(args.output, "migrate")
         report = run(cfg, output, **_engine_functions(cfg, output))
         write_json(report_path(output), report, cfg.storage)
+        report_md = write_migration_report(report, output, cfg.storage)
     except (ConfigError, DataError, StoreError, AdapterError, SelectionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
-    print(f"report: {report_path(output)}\ntarget store: {report['store']}\nadapter: {report['adapter']}")
+    print(f"report: {report_path(output)} ({report_md})\ntarget store: {report['store']}\nadapter: {report['adapter']}")
     return 0
 
 

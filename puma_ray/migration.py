@@ -10,6 +10,7 @@ Lifecycle of `run` (fixed; the Ray layer swaps the fit for a Train run and the c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from .adapter import AdapterConfig, PromptAdapter, num_parameters, save_adapter
 from .backbone import load_backbone
 from .config import (ConfigError, DataConfig, EngineConfig, ModelConfig, PromptTrainConfig, StoreConfig, TemplateConfig, from_dict,
                      to_dict)
-from .convert import MISSING_POLICIES, JoinedSources, convert_stores, join_sources
+from .convert import MISSING_POLICIES, ConvertConfig, JoinedSources, convert, join_sources, run_locally
 from .data import Dataset, load_dataset
 from .fit import FitConfig, FixedPrompts, fit_mapping, mapped_prompts
 from .fs import StorageOptions, filesystem, join
@@ -99,7 +100,8 @@ class MigrateJobConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
     target_store: str = "{output}/target-store"
     adapter_path: str = "{output}/adapter"
-    sources_missing_policy: str = "error"  # a user absent from one source: "error", or "drop" (counted)
+    sources_missing_policy: str = "error"  # a user absent from one source: "error", or "reject" (counted, listed)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)  # the last stage: every user → the target store
     engine: EngineConfig = field(default_factory=EngineConfig)
     threads: int | None = None
 
@@ -131,39 +133,64 @@ def _prepare_source(cfg: MigrateJobConfig, src: SourceConfig, path: str, ds: Dat
     return report
 
 
-def _statistics(cfg: SelectionConfig, joined: JoinedSources, ds: Dataset, source_plm, source_head, task,
-                variance_fn=label_variance):
-    """The per-user features the chosen strategy needs (and only those), with what computing them cost."""
-    needs = NEEDS[cfg.strategy]
+def user_statistics(cfg: SelectionConfig, needs, joined: JoinedSources, ds: Dataset, source_plm, source_head, task,
+                    variance_fn=label_variance) -> tuple[SelectionInput, dict]:
+    """The per-user features named in `needs` ("variance", "loss", "ffn"), and {feature: Cost} of computing each
+    (a sweep computes the union over its strategies once and charges each strategy what it reads)."""
     flat = np.concatenate([p.reshape(len(p), -1) for p in joined.prompts], axis=1)
     inputs = SelectionInput(joined.users, flat, options={k: getattr(cfg, k) for k in (
         "kmeans_sample", "pca_components", "global_bins", "cluster_bins")})
-    cost = Cost()
+    costs = {}
     if "variance" in needs:
         inputs.variance = variance_fn(ds.split("train"), joined.users)
     if "loss" in needs:
-        inputs.loss, c = source_loss(source_plm, source_head, task, joined.prompts[0], ds.split("train"),
-                                     joined.users, cfg.loss_records_per_user, seed=cfg.seed)
-        cost = cost.merge(c)
+        inputs.loss, costs["loss"] = source_loss(source_plm, source_head, task, joined.prompts[0], ds.split("train"),
+                                                 joined.users, cfg.loss_records_per_user, seed=cfg.seed)
     if "ffn" in needs:
-        inputs.ffn, c = ffn_features(source_plm, joined.prompts[0])
-        cost = cost.merge(c)
-    return inputs, cost
+        inputs.ffn, costs["ffn"] = ffn_features(source_plm, joined.prompts[0])
+    return inputs, costs
 
 
-def _prompt_rms(prompts: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(prompts, dtype=np.float64)))) or 1.0
+def statistics_cost(costs: dict, strategy: str) -> Cost:
+    """What the features `strategy` reads cost, out of user_statistics' {feature: Cost}."""
+    total = Cost()
+    for need in NEEDS[strategy]:
+        if need in costs:
+            total = total.merge(costs[need])
+    return total
 
 
-def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, variance_fn=label_variance) -> dict:
-    """fit_fn: fit.fit_mapping (this process) or the Ray layer's Train + DeepSpeed fit (same signature);
-    variance_fn: user_stats.label_variance or the Ray layer's streaming aggregation."""
-    t_start = time.perf_counter()
+def _statistics(cfg: SelectionConfig, joined: JoinedSources, ds: Dataset, source_plm, source_head, task,
+                variance_fn=label_variance):
+    """The per-user features the chosen strategy needs (and only those), with what computing them cost."""
+    inputs, costs = user_statistics(cfg, NEEDS[cfg.strategy], joined, ds, source_plm, source_head, task, variance_fn)
+    return inputs, statistics_cost(costs, cfg.strategy)
+
+
+@dataclass
+class Sources:
+    """Step 1's outcome: the data (less users without a prompt), the source store(s) joined on user_id, and what a
+    fit through the target needs from them (template, l, item texts, the source head)."""
+    ds: Dataset
+    task: str
+    metric: str
+    reports: dict  # source store path -> report of its training, for stores trained here (`prepare`)
+    stores: list
+    backbones: list
+    joined: JoinedSources
+    template: TemplateConfig
+    l: int
+    texts: dict
+    source_plm: PromptedLM
+    head_state: dict
+    head_cfg: dict
+
+
+def load_sources(cfg: MigrateJobConfig, output: str, log=print) -> Sources:
+    """Data + source store(s), each trained first when missing and `prepare` is set."""
     ds = load_dataset(cfg.data, cfg.storage)
     task, metric = ds.task, PRIMARY[ds.task][0]
     log(f"data {ds.summary()}")
-
-    # 1. sources
     source_reports, stores, source_backbones = {}, [], []
     for i, src in enumerate(cfg.sources):
         path = src.store.format(output=output)
@@ -186,8 +213,56 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     template = cfg.template or TemplateConfig(**stores[0].manifest.template)
     l = stores[0].manifest.prompt_length
     texts = item_texts(ds)
-    source_plm = PromptedLM(source_backbones[0], template, l, texts)
     head_state, head_cfg = stores[0].read_head()
+    return Sources(ds, task, metric, source_reports, stores, source_backbones, joined, template, l, texts,
+                   PromptedLM(source_backbones[0], template, l, texts), head_state, head_cfg)
+
+
+def new_head(head_state: dict, head_cfg: dict, task: str):
+    """A fit's starting head: the source's when the tasks agree (as the paper), else a fresh one."""
+    if head_cfg["task"] == task:
+        return load_head(copy.deepcopy(head_state), head_cfg)
+    return make_head(task)
+
+
+@dataclass
+class FitSplit:
+    """The users a fit sees: `chosen` (training records) + held-out validation users (early stopping)."""
+    chosen: np.ndarray  # indices into the joined users
+    valid_idx: np.ndarray
+    fit_idx: np.ndarray  # chosen ∪ valid_idx: the rows of the fit's prompt inputs
+    fit_users: np.ndarray
+    train: object  # pd.DataFrame: train records of the chosen users
+    valid: object  # pd.DataFrame: valid records of the validation users
+
+
+def split_users(sel: SelectionConfig, users: np.ndarray, ds: Dataset, chosen: np.ndarray) -> FitSplit:
+    """`sel.valid_users` validation users drawn (seeded) from those not chosen; all chosen if none is left."""
+    n_users = len(users)
+    rest = np.setdiff1d(np.arange(n_users), chosen)
+    n_valid = min(len(rest), resolve_budget(sel.valid_users, n_users)) if len(rest) else 0
+    valid_idx = np.sort(np.random.default_rng(sel.seed + 1).choice(rest, n_valid, replace=False)) if n_valid else chosen
+    fit_idx = np.union1d(chosen, valid_idx)
+    train_recs = ds.split("train")[ds.split("train")["user_id"].isin(users[chosen])]
+    valid_recs = ds.split("valid")[ds.split("valid")["user_id"].isin(users[valid_idx])]
+    return FitSplit(chosen, valid_idx, fit_idx, users[fit_idx], train_recs, valid_recs)
+
+
+def _prompt_rms(prompts: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(prompts, dtype=np.float64)))) or 1.0
+
+
+def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, variance_fn=label_variance,
+        convert_runner=run_locally) -> dict:
+    """fit_fn: fit.fit_mapping (this process) or the Ray layer's Train + DeepSpeed fit (same signature);
+    variance_fn: user_stats.label_variance or the Ray layer's streaming aggregation;
+    convert_runner: convert.run_locally or the Ray layer's actor pool."""
+    t_start = time.perf_counter()
+    # 1. data + sources
+    src = load_sources(cfg, output, log)
+    ds, task, metric, source_reports, joined = src.ds, src.task, src.metric, src.reports, src.joined
+    stores, source_backbones, template, l, texts = src.stores, src.backbones, src.template, src.l, src.texts
+    source_plm, head_state, head_cfg = src.source_plm, src.head_state, src.head_cfg
     source_head = load_head(head_state, head_cfg)
 
     # 2. selection
@@ -198,16 +273,12 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     t0 = time.perf_counter()
     chosen = select(sel.strategy, inputs, budget, sel.k, sel.seed)
     stats_cost.wall_s += time.perf_counter() - t0
-    rest = np.setdiff1d(np.arange(n_users), chosen)
-    n_valid = min(len(rest), resolve_budget(sel.valid_users, n_users)) if len(rest) else 0
-    valid_idx = np.sort(np.random.default_rng(sel.seed + 1).choice(rest, n_valid, replace=False)) if n_valid else chosen
+    split = split_users(sel, joined.users, ds, chosen)
+    valid_idx, fit_idx, fit_users = split.valid_idx, split.fit_idx, split.fit_users
+    train_recs, valid_recs = split.train, split.valid
     log(f"selection {sel.strategy}: {budget} of {n_users} users (K={sel.k}), {len(valid_idx)} validation users, "
         f"{stats_cost.wall_s:.1f}s")
-    fit_idx = np.union1d(chosen, valid_idx)
-    fit_users = joined.users[fit_idx]
     fit_inputs = [p[fit_idx] for p in joined.prompts]
-    train_recs = ds.split("train")[ds.split("train")["user_id"].isin(joined.users[chosen])]
-    valid_recs = ds.split("valid")[ds.split("valid")["user_id"].isin(joined.users[valid_idx])]
 
     # 3. target + fits
     target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed)
@@ -217,9 +288,7 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     scales = [_prompt_rms(p) for p in joined.prompts]
 
     def fresh_head():
-        if head_cfg["task"] == task:
-            return load_head(copy.deepcopy(head_state), head_cfg)  # the paper: target head starts from the source's
-        return make_head(task)
+        return new_head(head_state, head_cfg, task)  # the paper: target head starts from the source's
 
     methods, costs, fits = {}, {}, {}
 
@@ -273,11 +342,10 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     }
     save_adapter(adapter_path, puma.mapping, puma.head, head_config(task, puma.head), meta, cfg.storage)
     target_path = cfg.target_store.format(output=output)
-    conversion = convert_stores(puma.mapping, meta, puma.head, head_config(task, puma.head), stores, target.identity,
-                                target_path, template=to_dict(template), task=task, adapter_path=adapter_path,
-                                shard_rows=cfg.store.shard_rows, storage=cfg.storage, overwrite=cfg.store.overwrite,
-                                policy=cfg.sources_missing_policy,
-                                provenance={**provenance(to_dict(cfg)), "test": methods["puma"]})
+    convert_cfg = dataclasses.replace(cfg.convert, missing_policy=cfg.sources_missing_policy,
+                                      overwrite=cfg.convert.overwrite or cfg.store.overwrite)
+    conversion = convert(adapter_path, [s.path for s in stores], target_path, convert_cfg, cfg.storage,
+                         convert_runner, provenance={**provenance(to_dict(cfg)), "test": methods["puma"]}, log=log)
     costs["puma"]["convert_wall_s"] = conversion["wall_s"]
     log(f"converted {conversion['users']} users → {target_path} ({conversion['rows_per_s']} rows/s)")
     report = {

@@ -90,8 +90,32 @@ def prompts_table(user_ids, prompts: np.ndarray) -> pa.Table:
     })
 
 
+def encode_shard(user_ids, prompts: np.ndarray) -> tuple[bytes, str]:
+    """The parquet bytes of one shard and their sha256 (what the manifest records)."""
+    buf = io.BytesIO()
+    pq.write_table(prompts_table(user_ids, prompts), buf)
+    data = buf.getvalue()
+    return data, _sha256(data)
+
+
+def encode_head(state_dict: dict[str, torch.Tensor], head_config: dict, model: ModelIdentity) -> bytes:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    return st_save(tensors, metadata={"head_config": json.dumps(head_config), "model": model.fingerprint})
+
+
+def write_manifest(fs, root: str, manifest: Manifest) -> None:
+    """The last write of every store: before it exists, readers refuse the store as incomplete."""
+    manifest.created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    with fs.open(join(root, MANIFEST), "w") as f:
+        json.dump(asdict(manifest), f, indent=1, default=str)
+
+
+def finite_rows(prompts: np.ndarray) -> np.ndarray:
+    return np.isfinite(prompts.reshape(len(prompts), -1)).all(axis=1)
+
+
 def check_finite(user_ids, prompts: np.ndarray, where: str) -> None:
-    bad = ~np.isfinite(prompts.reshape(len(prompts), -1)).all(axis=1)
+    bad = ~finite_rows(prompts)
     if bad.any():
         raise StoreError(f"{where}: non-finite prompt for user {str(np.asarray(user_ids)[bad][0])!r} "
                          f"({int(bad.sum())} user(s) in all)")
@@ -140,20 +164,16 @@ class StoreWriter:
         if dup:
             raise StoreError(f"store {self.path}: user {str(dup[0])!r} written twice")
         self._seen.update(user_ids.tolist())
-        buf = io.BytesIO()
-        pq.write_table(prompts_table(user_ids, prompts), buf)
-        data = buf.getvalue()
+        data, sha = encode_shard(user_ids, prompts)
         with self.fs.open(join(self.root, SHARD_DIR, name), "wb") as f:
             f.write(data)
-        entry = {"name": name, "rows": len(user_ids), "sha256": _sha256(data)}
+        entry = {"name": name, "rows": len(user_ids), "sha256": sha}
         self.shards.append(entry)
         return entry
 
     def write_head(self, state_dict: dict[str, torch.Tensor], head_config: dict) -> None:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        data = st_save(tensors, metadata={"head_config": json.dumps(head_config), "model": self.model.fingerprint})
         with self.fs.open(join(self.root, HEAD), "wb") as f:
-            f.write(data)
+            f.write(encode_head(state_dict, head_config, self.model))
         self._head_written = True
 
     def close(self) -> Manifest:
@@ -161,10 +181,8 @@ class StoreWriter:
             raise StoreError(f"store {self.path}: the task head was not written; no manifest")
         manifest = Manifest(model=asdict(self.model), prompt_length=self.l, hidden_size=self.model.hidden_size,
                             template=self.template, task=self.task, num_users=len(self._seen),
-                            shards=self.shards, lineage=self.lineage, provenance=self.provenance,
-                            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        with self.fs.open(join(self.root, MANIFEST), "w") as f:
-            json.dump(asdict(manifest), f, indent=1, default=str)
+                            shards=self.shards, lineage=self.lineage, provenance=self.provenance)
+        write_manifest(self.fs, self.root, manifest)
         return manifest
 
 
@@ -216,8 +234,9 @@ class PromptStore:
             raise StoreError(f"store {self.path} belongs to model {mine.describe()}, not to {model.describe()}: "
                              "its prompts mean nothing to another model")
 
-    def read_shard(self, entry: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(user_ids, prompts (n, l, d)) of one shard, verified: checksum, rows, width, finite values."""
+    def read_shard(self, entry: dict, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(user_ids, prompts (n, l, d)) of one shard, verified: checksum, rows, width, and (unless `finite` is
+        False: conversion rejects such users one by one instead) finite values."""
         where = f"store {self.path} shard {entry['name']}"
         try:
             with self.fs.open(join(self.root, SHARD_DIR, entry["name"]), "rb") as f:
@@ -238,8 +257,14 @@ class PromptStore:
             raise StoreError(f"{where}: {table.num_rows} rows, manifest says {entry['rows']}")
         user_ids = np.asarray(table.column("user_id").to_pylist(), dtype=object)
         prompts = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, l, d)
-        check_finite(user_ids, prompts, where)
+        if finite:
+            check_finite(user_ids, prompts, where)
         return user_ids, prompts
+
+    def read_user_ids(self, entry: dict) -> np.ndarray:
+        """Only the user_id column of one shard (parquet reads that column alone): cheap planning and checks."""
+        with self.fs.open(join(self.root, SHARD_DIR, entry["name"]), "rb") as f:
+            return np.asarray(pq.read_table(f, columns=["user_id"]).column("user_id").to_pylist(), dtype=object)
 
     def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for entry in self.manifest.shards:

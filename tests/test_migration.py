@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from puma_ray import migration
 from puma_ray.adapter import AdapterError, load_adapter
 from puma_ray.backbone import load_backbone
 from puma_ray.config import ConfigError, from_dict
-from puma_ray.convert import convert_stores
+from puma_ray.convert import convert
 from puma_ray.data import save_dataset
 from puma_ray.store import PromptStore, StoreError, write_store
 
@@ -78,7 +79,7 @@ def test_single_source_report(run_a, toy_dataset):
     # the adapter adds its own FLOPs to the same LLM passes
     assert report["cost"]["puma"]["flops"] > report["cost"]["random_init"]["flops"]
     assert report["store"] == f"{out}/target-store" and report["adapter"] == f"{out}/adapter"
-    assert report["conversion"]["users"] == 40 and report["conversion"]["dropped"] == {}
+    assert report["conversion"]["users"] == 40 and report["conversion"]["rejected"] == 0
     assert f"{out}/source-store" in report["source_training"]
 
 
@@ -99,7 +100,7 @@ def test_single_source_target_store(run_a, toy_dataset):
     assert [s["store"] for s in lineage["sources"]] == [source.path]
     assert lineage["sources"][0]["model"]["fingerprint"] == source.identity.fingerprint
     assert lineage["sources"][0]["lineage"]["kind"] == "trained"
-    assert lineage["dropped_users"] == {}
+    assert lineage["rejects"]["users"] == 0
     assert target.manifest.provenance["test"] == report["methods"]["puma"]
 
     # the adapter artifact loads, names the models it maps between, and reproduces the store's prompts
@@ -174,7 +175,7 @@ def test_aggregated_migration(run_a, aggregated):
     lineage = target.manifest.lineage
     assert [s["store"] for s in lineage["sources"]] == [f"{run_a[1]}/source-store", phi3_store]
     assert [s["lineage"]["kind"] for s in lineage["sources"]] == ["trained", "trained"]
-    assert lineage["dropped_users"] == {}
+    assert lineage["rejects"]["users"] == 0
 
 
 def _store_without(path: str, copy_path: str, user: str) -> None:
@@ -200,15 +201,19 @@ def test_aggregated_missing_user(run_a, aggregated, toy_paths, tmp_path):
         migration.run(cfg, str(tmp_path / "error"), log=_quiet)
     assert not (tmp_path / "error" / "target-store").exists()
 
-    # "drop": completes without that user, and says so in the report and the lineage
-    cfg = _aggregated(toy_paths, run_a, lacking, baselines=NO_BASELINES, sources_missing_policy="drop")
-    report = migration.run(cfg, str(tmp_path / "drop"), log=_quiet)
-    assert report["conversion"]["dropped"] == {lacking: 1}
+    # "reject": completes without that user, and lists it in the rejects table with the reason
+    cfg = _aggregated(toy_paths, run_a, lacking, baselines=NO_BASELINES, sources_missing_policy="reject")
+    report = migration.run(cfg, str(tmp_path / "reject"), log=_quiet)
+    reason = f"missing from source {lacking}"
+    assert report["conversion"]["rejected"] == 1 and report["conversion"]["rejected_by_reason"] == {reason: 1}
     assert report["selection"]["users_total"] == 39 and report["data"]["users"] == 39
     target = PromptStore.open(report["store"])
     ids, _ = target.read_all()
     assert len(ids) == 39 and "u017" not in ids.tolist()
-    assert target.manifest.lineage["dropped_users"] == {lacking: 1}
+    rejects = target.manifest.lineage["rejects"]
+    assert rejects["users"] == 1 and rejects["by_reason"] == {reason: 1}
+    table = pq.read_table(f"{report['store']}/rejects/{rejects['files'][0]['name']}").to_pylist()
+    assert table == [{"user_id": "u017", "reason": reason}]
 
 
 def test_bad_missing_policy(toy_paths, tmp_path):
@@ -220,20 +225,13 @@ def test_bad_missing_policy(toy_paths, tmp_path):
 # ---------------------------------------------------------------------------------------------- d. foreign stores
 def test_adapter_refuses_store_of_another_model(run_a, tmp_path):
     report, out = run_a
-    adapter, head, config = load_adapter(report["adapter"])  # fitted on tiny:stablelm prompts
-    llama_store = PromptStore.open(report["store"])  # a store of tiny:llama
-    source_store = PromptStore.open(f"{out}/source-store")
-    target = load_backbone("tiny:llama").identity
-    kwargs = dict(template=llama_store.manifest.template, task="rating", adapter_path=report["adapter"])
+    llama_store = report["store"]  # a store of tiny:llama; the adapter was fitted on tiny:stablelm prompts
     with pytest.raises(AdapterError) as err:
-        convert_stores(adapter, config, head, config["head"], [llama_store], target, str(tmp_path / "x"), **kwargs)
+        convert(report["adapter"], [llama_store], str(tmp_path / "x"), log=_quiet)
     msg = str(err.value)
     assert "tiny:stablelm" in msg and "tiny:llama" in msg
     assert not (tmp_path / "x").exists()  # refused before writing anything
-    # the right source store, but a target model other than the one the adapter was fitted for
-    qwen = load_backbone("tiny:qwen2").identity
-    with pytest.raises(StoreError, match="adapter was fitted for tiny:llama, not tiny:qwen2"):
-        convert_stores(adapter, config, head, config["head"], [source_store], qwen, str(tmp_path / "y"), **kwargs)
+    source_store = PromptStore.open(f"{out}/source-store")
     # a source model with the right name but other weights is refused too: prompts are bound to weights
     with pytest.raises(StoreError, match="belongs to model tiny:stablelm"):
         source_store.check_model(load_backbone("tiny:stablelm", seed=1).identity)

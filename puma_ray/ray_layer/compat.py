@@ -17,6 +17,29 @@ def actor_pool(size: int):
     return {"compute": ActorPoolStrategy(size=size)}
 
 
+def actor_retries() -> dict:
+    """A dead pool actor must be restarted and its task retried. Ray Data defaults both to -1 (unlimited) since
+    2.5x; from 2.60 passing them as extra remote args is deprecated, so they are said explicitly only before."""
+    if ray_version() >= (2, 60):
+        return {}
+    return {"max_restarts": -1, "max_task_retries": -1}
+
+
+def user_error(error: BaseException, kind: type) -> BaseException | None:
+    """The user's exception of type `kind` inside the wrappers Ray Data puts around a task's error (RayTaskError
+    with the original as .cause, UserCodeException chaining it as __cause__), or None."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
 def train_v2_env() -> dict:
     """Train V2 is the default from 2.5x; silence the migration warnings that V1-style code would trigger."""
     return {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_V2_ENABLED": "1"}
