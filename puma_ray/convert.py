@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -257,7 +258,7 @@ class UnitConverter:
 
     def __call__(self, unit: dict) -> dict:
         self.hooks.on_unit()
-        name = unit["name"]
+        started, name = time.time(), unit["name"]
         ids, prompts, reasons = self._aligned(unit)
         ok = np.array([r == "" for r in reasons], dtype=bool)
         out = map_prompts(self.adapter, [p[ok] for p in prompts], self.batch_rows, self.device)
@@ -269,6 +270,7 @@ class UnitConverter:
         _write_bytes(self.fs, join(self.root, SHARD_DIR, name), data)
         rejected = np.flatnonzero(reasons != "")
         record = {"name": name, "rows": int(len(keep)), "bytes": len(data), "sha256": sha,
+                  "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   "source_rows": int(len(ids)), "rejects": int(len(rejected)), "rejects_sha256": None,
                   "reasons": {str(r): int(c) for r, c in zip(*np.unique(reasons[rejected], return_counts=True))}}
         if len(rejected):
@@ -278,6 +280,7 @@ class UnitConverter:
         if record["rows"] + record["rejects"] != record["source_rows"]:  # cannot happen; guards the invariant
             raise StoreError(f"unit {name}: {record['rows']} converted + {record['rejects']} rejected "
                              f"!= {record['source_rows']} source rows")
+        record.update(started_at=started, finished_at=time.time())  # wall clock: units run in other processes
         with self.fs.open(join(self.root, PROGRESS_DIR, name + ".json"), "w") as f:  # last: marks the unit done
             json.dump(record, f)
         return record
@@ -337,21 +340,31 @@ def prepare_output(plan: ConversionPlan, cfg: ConvertConfig, storage=None) -> tu
         _write_bytes(fs, join(root, REJECTS_DIR, "_extra.parquet"),
                      _rejects_table(plan.extra_users, [reason] * len(plan.extra_users)))
     done, todo = [], []
+    finished = _finished_units(fs, root)
     for unit in plan.units:
-        record = _progress_record(fs, root, unit["name"])
+        record = finished.get(unit["name"])
         (done if record is not None else todo).append(record if record is not None else unit)
     return done, todo
 
 
-def _progress_record(fs, root: str, name: str) -> dict | None:
-    """A unit's record when the unit finished: the record exists and its shard has the recorded size."""
-    path = join(root, PROGRESS_DIR, name + ".json")
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        record = json.load(f)
-    shard = join(root, SHARD_DIR, name)
-    return record if fs.exists(shard) and fs.size(shard) == record["bytes"] else None
+def _listing(fs, path: str, detail: bool) -> list:
+    try:  # an object store has no empty folders: nothing written yet lists as missing
+        return fs.ls(path, detail=detail, refresh=True)
+    except FileNotFoundError:
+        return []
+
+
+def _finished_units(fs, root: str) -> dict[str, dict]:
+    """Units whose progress record exists and whose shard has the recorded size; two listings, not a request per
+    unit (thousands of units on S3)."""
+    sizes = {os.path.basename(e["name"]): e["size"] for e in _listing(fs, join(root, SHARD_DIR), True)}
+    finished = {}
+    for entry in _listing(fs, join(root, PROGRESS_DIR), False):
+        with fs.open(entry, "r") as f:
+            record = json.load(f)
+        if sizes.get(record["name"]) == record["bytes"]:
+            finished[record["name"]] = record
+    return finished
 
 
 # ---------------------------------------------------------------------------------------------- finalize

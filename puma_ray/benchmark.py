@@ -1,0 +1,437 @@
+"""The paper's experiments, reproduced from one config: Tables 2-4 and Figures 3-6 (`jobs/benchmark.py`).
+
+Every experiment is a set of migrations (`migration.run`) that share what they can:
+- each model family's store is trained once (Eq. 1) under `{stores}/<family>`; it is the source system when the
+  family is a source, and "retrained from scratch on that model" when it is a target (the same training, the same
+  data, the same schedule as full retraining);
+- migrations are memoised by their full config: Table 4's PUMA row is Table 2's PUMA run, Figure 4's llama → qwen2
+  cell is that run again, and so on; each lies under `<output>/runs/<name>/` with its report.json and report.md,
+  and a rerun of the benchmark reuses every finished run whose config is unchanged (resume after a crash).
+
+Writes `benchmark.json` (every table and figure's numbers, the machine, the wall time) and `benchmark.md` (the tables
+and the PNGs) into the output folder. Core module: no Ray import; the job passes the Ray fit in when the config's
+engine asks for it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import ConfigError, ModelConfig, PromptTrainConfig, from_dict, to_dict
+from .data import load_dataset
+from .fs import filesystem, join
+from .migration import MigrateJobConfig, run as run_migration
+from .report_md import (METRIC_COLUMNS, ReportWriter, cost_table, fmt, md_table, method_label, metrics_table,
+                        plot_bars, plot_chain, plot_gain_heatmap, plot_metric_bars, plot_quality_vs_budget,
+                        write_migration_report)
+from .runs import provenance, write_json
+from .selection import STRATEGIES
+from .store import MANIFEST, PromptStore
+from .train_store import TrainPromptsJobConfig, train_store
+
+# The paper's names for the selection strategies (Table 4)
+STRATEGY_LABELS = {
+    "random": "Random", "variance_bucketing": "Variance Bucketing", "loss_bucketing": "Loss Bucketing",
+    "kmeans_stratified": "K-Means Stratified", "kmeans_pca": "K-Means with PCA", "kmeans_fps": "K-Means + FPS",
+    "kmeans_loss": "K-Means + Loss Stratification", "kmeans_variance": "K-Means + Variance Stratification (PUMA)",
+    "ffn_kmeans": "K-Means (on FFN Activ.)", "ffn_kmeans_loss": "K-Means (on FFN Activ.) + Loss Stratification",
+    "ffn_kmeans_variance": "K-Means (on FFN Activ.) + Variance Stratification",
+}
+# Runs besides Table 2's own evaluate PUMA only (plus the source, one cheap pass over the test records): the
+# other baselines would triple each run and no table reads them
+PUMA_ONLY = {"source": True, "random_init": False, "linear": False, "full_retrain": False}
+
+
+@dataclass
+class ExperimentsConfig:
+    """Which experiments run; a null/empty entry skips that experiment."""
+    main: bool = True  # Table 2 + 3: source → target with every baseline and full retraining
+    strategies: list | str | None = "all"  # Table 4: these strategies ("all": every registered one) at one budget
+    random_multiple: float | None = 3.0  # Table 4's extra row: random selection at this multiple of the budget
+    random_budgets: list | None = None  # Figure 3: random selection at these budgets (counts or fractions)
+    cross_family: list | None = None  # Figure 4: every ordered pair of these families (>= 3 in the paper's spirit)
+    chain: list | None = None  # Figure 5: families in chain order; each step's source = the previous target store
+    aggregation: dict | None = None  # Figure 6: {"sources": [a, b], "target": c}
+
+    def __post_init__(self):
+        if isinstance(self.strategies, str) and self.strategies != "all":
+            raise ConfigError("experiments.strategies must be a list of strategy names or 'all'")
+        for name in ([] if self.strategies in (None, "all") else self.strategies):
+            if name not in STRATEGIES:
+                raise ConfigError(f"experiments.strategies: unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+        if self.chain is not None and len(self.chain) < 2:
+            raise ConfigError("experiments.chain needs at least two families (one migration)")
+        if self.aggregation is not None:
+            if set(self.aggregation) != {"sources", "target"} or len(self.aggregation["sources"]) < 2:
+                raise ConfigError("experiments.aggregation must be {sources: [a, b, ...], target: c}")
+
+    def families_used(self, source: str, target: str) -> set[str]:
+        used = {source, target, *(self.cross_family or []), *(self.chain or [])}
+        if self.aggregation:
+            used |= {*self.aggregation["sources"], self.aggregation["target"]}
+        return used
+
+
+@dataclass
+class BenchmarkJobConfig:
+    families: dict = field(default_factory=dict)  # label → model (a ModelConfig mapping)
+    source: str = "llama"  # family label of the main migration's source (Tables 2-4, Figure 3)
+    target: str = "qwen2"
+    prepare: PromptTrainConfig = field(default_factory=PromptTrainConfig)  # every family's store; = full retraining
+    migrate: dict = field(default_factory=dict)  # a migrate config without sources/target: data, selection, fit, ...
+    experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
+    stores: str = "{output}/stores"  # family stores: {stores}/<family>; point at an earlier run's to reuse them
+
+    def __post_init__(self):
+        if not self.families:
+            raise ConfigError("families: name at least the source and the target model")
+        self.families = {k: v if isinstance(v, ModelConfig) else from_dict(ModelConfig, v, f"families.{k}")
+                         for k, v in self.families.items()}
+        if isinstance(self.prepare, dict):
+            self.prepare = from_dict(PromptTrainConfig, self.prepare, "prepare")
+        if isinstance(self.experiments, dict):
+            self.experiments = from_dict(ExperimentsConfig, self.experiments, "experiments")
+        unknown = self.experiments.families_used(self.source, self.target) - set(self.families)
+        if unknown:
+            raise ConfigError(f"families {sorted(unknown)} are used by the experiments but not defined under families")
+        for key in ("sources", "target"):
+            if key in self.migrate:
+                raise ConfigError(f"migrate.{key}: the benchmark sets it per experiment; name models under families")
+        self.migrate_config("check", [("check", self.source)], self.source)  # validates the migrate section now
+
+    def migrate_config(self, name: str, sources: list[tuple[str, str]], target: str, **sections) -> MigrateJobConfig:
+        """The migrate config of one run: the `migrate` section, these (store path, family) sources and target,
+        and per-run section overrides (selection, baselines)."""
+        body = copy.deepcopy(self.migrate)
+        body["sources"] = [{"store": store, "model": to_dict(self.families[fam])} for store, fam in sources]
+        body["target"] = to_dict(self.families[target])
+        for key, value in sections.items():
+            body[key] = {**body.get(key, {}), **value}
+        if body.get("baselines", {}).get("full_retrain"):
+            body["baselines"].setdefault("full_retrain_train", to_dict(self.prepare))
+        return from_dict(MigrateJobConfig, body, f"benchmark run {name}")
+
+
+def machine() -> dict:
+    """What the figures were measured on (the docs quote it)."""
+    import torch
+    return {"cpus": len(os.sched_getaffinity(0)), "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def _key(cfg: MigrateJobConfig) -> str:
+    return json.dumps(to_dict(cfg), sort_keys=True, default=str)
+
+
+def _budget_times(budget: float, factor: float) -> float:
+    return round(budget * factor, 6) if budget < 1 else int(round(budget * factor))  # 0.1 * 3 must be 0.3
+
+
+class Benchmark:
+    """Runs the experiments of one config into `output`; `engine(cfg, run_dir) -> dict` gives the fit functions
+    (`{}`: in this process)."""
+
+    def __init__(self, cfg: BenchmarkJobConfig, output: str, log=print, engine: Callable = lambda c, o: {}):
+        self.cfg, self.output, self.log, self.engine = cfg, output, log, engine
+        self.base = cfg.migrate_config("base", [("base", cfg.source)], cfg.source)
+        self.stores_dir = cfg.stores.format(output=output)
+        self.stores: dict[str, dict] = {}  # family → {"path", "methods", "cost"}
+        self.runs: dict[str, dict] = {}  # run name → report
+        self.keys: dict[str, str] = {}  # a run's config (as JSON) → its name: identical runs happen once
+        self._dataset = None
+
+    # ---- family stores ----------------------------------------------------------------------------------------
+    def store(self, family: str) -> dict:
+        """The family's trained store: trained now when missing, else read (its test metrics from the report
+        saved beside it, or from the store's own provenance)."""
+        if family in self.stores:
+            return self.stores[family]
+        path = join(self.stores_dir, family)
+        report_file = join(self.stores_dir, f"{family}.report.json")
+        fs, root = filesystem(path, self.base.storage)
+        if not fs.exists(join(root, MANIFEST)):
+            self.log(f"[store {family}] training every user's prompt on {self.cfg.families[family].name}")
+            job = TrainPromptsJobConfig(model=self.cfg.families[family], data=self.base.data,
+                                        template=self.base.template, train=self.cfg.prepare, store=self.base.store,
+                                        storage=self.base.storage)
+            report, _ = train_store(job, self.dataset(), path, log=lambda m: self.log("  " + m))
+            write_json(report_file, report, self.base.storage)
+        rfs, rroot = filesystem(report_file, self.base.storage)
+        if rfs.exists(rroot):
+            with rfs.open(rroot) as f:
+                report = json.load(f)
+            entry = {"methods": report["methods"]["store"], "cost": report["cost"]["train_prompts"]}
+        else:  # a store made elsewhere: its manifest still says how it tested
+            entry = {"methods": PromptStore.open(path, self.base.storage).manifest.provenance.get("test", {}),
+                     "cost": {}}
+        self.stores[family] = {"path": path, "model": self.cfg.families[family].name, **entry}
+        return self.stores[family]
+
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = load_dataset(self.base.data, self.base.storage)
+        return self._dataset
+
+    # ---- migrations -------------------------------------------------------------------------------------------
+    def migrate(self, name: str, sources: list[tuple[str, str]], target: str, **sections) -> dict:
+        """One migration, memoised by config: in this benchmark, and on disk across reruns of it."""
+        cfg = self.cfg.migrate_config(name, sources, target, **sections)
+        key = _key(cfg)
+        if key in self.keys:
+            return self.runs[self.keys[key]]
+        run_dir = join(self.output, "runs", name)
+        report = self._finished(run_dir, key)
+        if report is None:
+            self.log(f"[run {name}] {' + '.join(f for _, f in sources)} → {target}")
+            report = run_migration(cfg, run_dir, log=lambda m: self.log("  " + m), **self.engine(cfg, run_dir))
+            report.update(benchmark_key=key, benchmark_run=name)
+            write_json(join(run_dir, "report.json"), report, cfg.storage)
+            write_migration_report(report, run_dir, cfg.storage)
+            metric = report["primary_metric"]
+            self.log(f"[run {name}] PUMA {metric} {report['methods']['puma'][metric]:.4f} in {report['wall_s']:.0f}s")
+        self.runs[name], self.keys[key] = report, name
+        return report
+
+    def _finished(self, run_dir: str, key: str) -> dict | None:
+        fs, root = filesystem(join(run_dir, "report.json"), self.base.storage)
+        if not fs.exists(root):
+            return None
+        with fs.open(root) as f:
+            report = json.load(f)
+        return report if report.get("benchmark_key") == key else None
+
+    def puma(self, source: str, target: str, strategy: str | None = None, budget: float | None = None,
+             store: str | None = None, tag: str = "") -> dict:
+        """PUMA (or another selection) from one family's store (or `store`, made on that family) to a target."""
+        sel = self.base.selection
+        strategy, budget = strategy or sel.strategy, sel.budget if budget is None else budget
+        path = store or self.store(source)["path"]
+        name = f"{tag}{source}-to-{target}-{strategy}-b{budget:g}"
+        return self.migrate(name, [(path, source)], target, selection={"strategy": strategy, "budget": budget},
+                            baselines=PUMA_ONLY)
+
+    # ---- experiments ------------------------------------------------------------------------------------------
+    def table2(self) -> dict:
+        """Table 2 + 3: the main migration with every baseline and full retraining."""
+        c = self.cfg
+        self.store(c.target)  # trained first so the Figure 4/5 references never retrain it inside a run
+        baselines = {"source": True, "random_init": True, "linear": True, "full_retrain": True}
+        report = self.migrate(f"main-{c.source}-to-{c.target}", [(self.store(c.source)["path"], c.source)], c.target,
+                              baselines=baselines)
+        # Table 4 / Figures 3-6 ask for PUMA at the base budget without the other baselines: the same PUMA fit
+        # (it runs first, from the same seeds), so they read it from the main run instead of fitting it again
+        sel = self.base.selection
+        alias = self.cfg.migrate_config("alias", [(self.store(c.source)["path"], c.source)], c.target,
+                                        selection={"strategy": sel.strategy, "budget": sel.budget},
+                                        baselines=PUMA_ONLY)
+        self.keys[_key(alias)] = report["benchmark_run"]
+        return {"run": f"main-{c.source}-to-{c.target}", "task": report["task"], "methods": report["methods"],
+                "cost": report["cost"], "cost_ratio_full_retrain_over_puma": report.get("cost_ratio_full_retrain_over_puma"),
+                "selection": report["selection"]}
+
+    def table4(self) -> list[dict]:
+        c, ex, budget = self.cfg, self.cfg.experiments, self.base.selection.budget
+        names = list(STRATEGIES) if ex.strategies == "all" else ex.strategies
+        rows = [self._row(STRATEGY_LABELS.get(s, s), s, budget, self.puma(c.source, c.target, s, budget))
+                for s in names]
+        if ex.random_multiple:
+            big = _budget_times(budget, ex.random_multiple)
+            rows.insert(0, self._row(f"Random ({ex.random_multiple:g}x budget)", "random", big,
+                                     self.puma(c.source, c.target, "random", big)))
+        return rows
+
+    @staticmethod
+    def _row(label: str, strategy: str, budget: float, report: dict) -> dict:
+        return {"label": label, "strategy": strategy, "budget": budget,
+                "users": report["selection"]["users_selected"], "metrics": report["methods"]["puma"],
+                "llm_record_passes": report["cost"]["puma"]["llm_record_passes"],
+                "wall_s": report["cost"]["puma"]["wall_s"]}
+
+    def figure3(self) -> dict:
+        c = self.cfg
+        metric = self.metric()
+        points = []
+        for b in self.cfg.experiments.random_budgets:
+            r = self.puma(c.source, c.target, "random", b)
+            points.append({"budget": b, "users": r["selection"]["users_selected"], "value": r["methods"]["puma"][metric],
+                           "llm_record_passes": r["cost"]["puma"]["llm_record_passes"]})
+        main = self.puma(c.source, c.target)
+        return {"metric": metric, "random": points,
+                "puma": {"users": main["selection"]["users_selected"], "value": main["methods"]["puma"][metric]},
+                "retrained": self.store(c.target)["methods"].get(metric)}
+
+    def figure4(self) -> dict:
+        """gain = retrained / migrated for lower-is-better metrics (migrated / retrained otherwise): > 1 means the
+        migrated prompts beat retraining every prompt on the target, as the paper's Figure 4."""
+        metric, fams = self.metric(), self.cfg.experiments.cross_family
+        cells = []
+        for s in fams:
+            for t in fams:
+                if s == t:
+                    continue
+                migrated = self.puma(s, t)["methods"]["puma"][metric]
+                retrained = self.store(t)["methods"][metric]
+                gain = retrained / migrated if metric in ("rmse", "mae") else migrated / retrained
+                cells.append({"source": s, "target": t, "migrated": migrated, "retrained": retrained,
+                              "source_on_source": self.store(s)["methods"][metric], "gain": gain})
+        return {"metric": metric, "families": fams, "cells": cells}
+
+    def figure5(self) -> dict:
+        metric, chain = self.metric(), self.cfg.experiments.chain
+        first = self.store(chain[0])
+        steps = [{"model": chain[0], "migrated": first["methods"][metric], "retrained": first["methods"][metric],
+                  "store": first["path"], "run": None}]
+        for i, (s, t) in enumerate(zip(chain, chain[1:])):
+            store = None if i == 0 else steps[-1]["store"]  # step 1 starts from the trained store
+            r = self.puma(s, t, store=store, tag="" if i == 0 else f"chain{i + 1}-")
+            steps.append({"model": t, "migrated": r["methods"]["puma"][metric],
+                          "retrained": self.store(t)["methods"][metric], "store": r["store"],
+                          "run": r["benchmark_run"]})
+        return {"metric": metric, "steps": steps}
+
+    def figure6(self) -> dict:
+        metric, agg = self.metric(), self.cfg.experiments.aggregation
+        srcs, tgt = agg["sources"], agg["target"]
+        bars = {f"{s} alone": self.puma(s, tgt)["methods"]["puma"][metric] for s in srcs}
+        sel = self.base.selection
+        both = self.migrate(f"{'+'.join(srcs)}-to-{tgt}-{sel.strategy}-b{sel.budget:g}",
+                            [(self.store(s)["path"], s) for s in srcs], tgt, baselines=PUMA_ONLY)
+        bars[" + ".join(srcs)] = both["methods"]["puma"][metric]
+        return {"metric": metric, "target": tgt, "bars": bars, "retrained": self.store(tgt)["methods"][metric]}
+
+    def metric(self) -> str:
+        return METRIC_COLUMNS[self.dataset().task][0]
+
+    def run(self, on_progress: Callable[[dict], None] | None = None) -> dict:
+        """All the experiments the config asks for; `on_progress(result so far)` after each one (a long benchmark
+        shows its first tables while the rest runs)."""
+        t0 = time.perf_counter()
+        ex = self.cfg.experiments
+        result = {"task": self.dataset().task, "data": self.dataset().summary(), "machine": machine()}
+        plan = [("table2", ex.main, self.table2), ("table4", ex.strategies, self.table4),
+                ("figure3", ex.random_budgets, self.figure3), ("figure4", ex.cross_family, self.figure4),
+                ("figure5", ex.chain, self.figure5), ("figure6", ex.aggregation, self.figure6)]
+        for key, wanted, fn in plan:
+            if wanted:
+                self.log(f"== {key}")
+                result[key] = fn()
+                if on_progress:
+                    on_progress(self._summary(result, t0, done=False))
+        return self._summary(result, t0, done=True)
+
+    def _summary(self, result: dict, t0: float, done: bool) -> dict:
+        return {**result, "complete": done, "stores": self.stores,
+                "runs": {n: {"path": join(self.output, "runs", n), "puma": r["methods"]["puma"], "wall_s": r["wall_s"]}
+                         for n, r in self.runs.items()},
+                "wall_s": round(time.perf_counter() - t0, 1), "provenance": provenance(to_dict(self.cfg))}
+
+
+# ---------------------------------------------------------------------------------------------- benchmark.md
+def _ranked_marks(values: list[float], lower: bool) -> list[str]:
+    """Table 4's marks: best in bold, second best underlined."""
+    order = sorted(range(len(values)), key=lambda i: values[i] if lower else -values[i])
+    marks = [""] * len(values)
+    if order:
+        marks[order[0]] = "best"
+    if len(order) > 1:
+        marks[order[1]] = "second"
+    return marks
+
+
+def _mark(value: float, mark: str) -> str:
+    return {"best": f"**{fmt(value)}**", "second": f"<u>{fmt(value)}</u>"}.get(mark, fmt(value))
+
+
+def table4_markdown(rows: list[dict], task: str) -> str:
+    cols = METRIC_COLUMNS[task]
+    ranked = [r for r in rows if not r["label"].startswith("Random (")]  # baselines are not ranked (the paper's rule)
+    marks = {c: dict(zip(map(id, ranked), _ranked_marks([r["metrics"][c] for r in ranked], c in ("rmse", "mae"))))
+             for c in cols}
+    body = [[r["label"], r["users"], *[_mark(r["metrics"][c], marks[c].get(id(r), "")) for c in cols],
+             r["llm_record_passes"], fmt(float(r["wall_s"]), 1)] for r in rows]
+    return md_table(["strategy", "users", *[c.upper() for c in cols], "LLM record passes", "wall (s)"], body)
+
+
+def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str | None = None) -> str:
+    task = result["task"]
+    m = result["machine"]
+    parts = ["# PUMA benchmark", "\n".join([
+             f"- data: {result['data'].get('name')}: {fmt(result['data'].get('users'))} users, "
+             f"{fmt(result['data'].get('items'))} items",
+             f"- machine: {m['cpus']} CPU core(s) ({m['cpu']}), GPU: {m['gpu'] or 'none'}",
+             f"- wall time: {result['wall_s'] / 60:.1f} min" + ("" if result.get("complete", True) else
+                                                                " so far (**still running**: partial results)"),
+             *([f"- command: `{command}`"] if command else []),
+             "- every run's own report: `runs/<name>/report.md`; all numbers: [benchmark.json](benchmark.json)"])]
+    figure = (lambda name, png, caption: writer.figure(name, png, caption)) if writer else (lambda *a: "")
+    if "table2" in result:
+        t = result["table2"]
+        parts += ["## Table 2: quality (test split of all users)", metrics_table(t["methods"], task),
+                  figure("table2.png", plot_metric_bars(t["methods"], METRIC_COLUMNS[task], "Table 2: test metrics"),
+                         "Table 2 as bars"),
+                  "## Table 3: cost", cost_table(t["cost"], t.get("cost_ratio_full_retrain_over_puma"))]
+    if "table4" in result:
+        parts += ["## Table 4: selection strategies at one budget", table4_markdown(result["table4"], task)]
+    if "figure3" in result:
+        f = result["figure3"]
+        refs = {"retrained on the target": f["retrained"], f"PUMA at {f['puma']['users']} users": f["puma"]["value"]}
+        series = {"random selection": [(p["users"], p["value"]) for p in f["random"]]}
+        parts += ["## Figure 3: random selection, quality vs budget",
+                  md_table(["users", f["metric"].upper(), "LLM record passes"],
+                           [[p["users"], p["value"], p["llm_record_passes"]] for p in f["random"]]),
+                  figure("figure3.png", plot_quality_vs_budget(series, f["metric"], refs, "users fitted on (budget)",
+                                                               "Figure 3: random selection vs budget"),
+                         "Figure 3: test metric of random selection at each budget")]
+    if "figure4" in result:
+        f = result["figure4"]
+        gains: dict = {}
+        for c in f["cells"]:
+            gains.setdefault(c["source"], {})[c["target"]] = c["gain"]
+        parts += ["## Figure 4: migrations across model families",
+                  md_table(["source → target", f"migrated {f['metric'].upper()}", "retrained on target",
+                            "source on its own model", "gain"],
+                           [[f"{c['source']} → {c['target']}", c["migrated"], c["retrained"], c["source_on_source"],
+                             c["gain"]] for c in f["cells"]]),
+                  figure("figure4.png", plot_gain_heatmap(f["families"], gains),
+                         "Figure 4: gain = retrained / migrated (> 1: migration beats retraining)")]
+    if "figure5" in result:
+        f = result["figure5"]
+        parts += ["## Figure 5: chain migration",
+                  md_table(["step", "model", f"{f['metric'].upper()} (migrated along the chain)", "retrained on it"],
+                           [[i, s["model"], s["migrated"], s["retrained"]] for i, s in enumerate(f["steps"])]),
+                  figure("figure5.png", plot_chain([{"model": s["model"], "migrated": s["migrated"],
+                                                     "retrained": s["retrained"]} for s in f["steps"]], f["metric"],
+                                                   "Figure 5: chain migration (step 0: the trained source)"),
+                         "Figure 5: each step's prompts come from the previous step's migrated store")]
+    if "figure6" in result:
+        f = result["figure6"]
+        parts += [f"## Figure 6: aggregated migration to {f['target']}",
+                  md_table(["source prompts", f["metric"].upper()], [[k, v] for k, v in f["bars"].items()]),
+                  figure("figure6.png", plot_bars(f["bars"], f["metric"], f"Figure 6: aggregated migration to {f['target']}",
+                                                  "source prompts fed to the adapter",
+                                                  {f"retrained on {f['target']}": f["retrained"]}),
+                         "Figure 6: one source alone vs two sources aggregated")]
+    if result.get("stores"):
+        parts += ["## Family stores (each family's prompts trained from scratch)",
+                  md_table(["family", "model", *[c.upper() for c in METRIC_COLUMNS[task]], "wall (s)", "LLM record passes"],
+                           [[f, s["model"], *[s["methods"].get(c) for c in METRIC_COLUMNS[task]],
+                             fmt(float(s["cost"].get("wall_s", float("nan"))), 1), s["cost"].get("llm_record_passes")]
+                            for f, s in result["stores"].items()])]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def write_benchmark(result: dict, output: str, storage=None, command: str | None = None) -> str:
+    """benchmark.json + benchmark.md (+ PNGs) into output; returns benchmark.md's path."""
+    write_json(join(output, "benchmark.json"), result, storage)
+    writer = ReportWriter(output, storage)
+    return writer.write("benchmark.md", benchmark_markdown(result, writer, command))
+
+
+__all__ = ["BenchmarkJobConfig", "ExperimentsConfig", "Benchmark", "benchmark_markdown", "write_benchmark",
+           "method_label"]

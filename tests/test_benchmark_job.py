@@ -1,0 +1,128 @@
+"""jobs/benchmark.py end to end on the toy dataset (40 users, 1 epoch each): every experiment of the paper in one
+small run (~60 s on 2 cores), memoised runs, chain and aggregation wiring, benchmark.md with valid PNGs; config
+errors without running anything."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from puma_ray.benchmark import BenchmarkJobConfig
+from puma_ray.config import ConfigError
+from puma_ray.data import save_dataset
+from puma_ray.runs import load_job_config
+
+from test_report_md import check_links
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "benchmark.py"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # main() sets torch threads; this restores them after
+
+_PROMPTS = {"epochs": 1, "patience": 0, "batch_size": 64, "lr": 0.02}
+
+
+def tiny_config(paths: dict) -> dict:
+    return {
+        "families": {"llama": {"name": "tiny:llama"}, "qwen2": {"name": "tiny:qwen2"},
+                     "gemma3": {"name": "tiny:gemma3"}},
+        "source": "llama", "target": "qwen2", "prepare": _PROMPTS,
+        "migrate": {"data": {"name": "parquet", "paths": {"records": paths["records"], "items": paths["items"]}},
+                    "selection": {"strategy": "kmeans_variance", "k": 3, "budget": 8, "valid_users": 5},
+                    "fit": {"epochs": 1, "batch_size": 64, "lr": 0.01, "patience": 0},
+                    "store": {"shard_rows": 16}, "engine": {"kind": "local"}, "threads": 1},
+        "experiments": {"main": True, "strategies": ["random", "kmeans_variance"], "random_multiple": 2,
+                        "random_budgets": [4, 8], "cross_family": ["llama", "qwen2"],
+                        "chain": ["llama", "qwen2", "gemma3"],
+                        "aggregation": {"sources": ["llama", "gemma3"], "target": "qwen2"}},
+    }
+
+
+@pytest.fixture(scope="module")
+def job():
+    spec = importlib.util.spec_from_file_location("benchmark_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def config_file(toy_dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(save_dataset(toy_dataset, str(folder / "data")))))
+    return path
+
+
+def test_benchmark_job(job, config_file, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = job.main(["--config", str(config_file), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"benchmark: {out / 'benchmark.md'}" in captured.out
+
+    result = json.loads((out / "benchmark.json").read_text())
+    assert {"table2", "table4", "figure3", "figure4", "figure5", "figure6", "machine", "command"} <= set(result)
+    t2 = result["table2"]
+    assert set(t2["methods"]) == {"puma", "linear", "random_init", "source", "full_retrain"}
+    assert all(math.isfinite(m["rmse"]) for m in t2["methods"].values())
+    assert t2["cost_ratio_full_retrain_over_puma"]["llm_record_passes"] > 0
+    # full retraining on the target = the target family's store (same training): the same test RMSE
+    assert t2["methods"]["full_retrain"]["rmse"] == pytest.approx(result["stores"]["qwen2"]["methods"]["rmse"])
+
+    rows = {r["label"]: r for r in result["table4"]}
+    puma_row = rows["K-Means + Variance Stratification (PUMA)"]
+    assert puma_row["metrics"] == t2["methods"]["puma"], "Table 4's PUMA row must be Table 2's run"
+    assert rows["Random (2x budget)"]["users"] == 16 and rows["Random"]["users"] == 8
+    assert [p["users"] for p in result["figure3"]["random"]] == [4, 8]
+    assert result["figure3"]["random"][1]["value"] == rows["Random"]["metrics"]["rmse"]  # memoised, not rerun
+
+    cells = {(c["source"], c["target"]): c for c in result["figure4"]["cells"]}
+    assert set(cells) == {("llama", "qwen2"), ("qwen2", "llama")}
+    c = cells[("qwen2", "llama")]
+    assert c["gain"] == pytest.approx(c["retrained"] / c["migrated"])
+
+    steps = result["figure5"]["steps"]
+    assert [s["model"] for s in steps] == ["llama", "qwen2", "gemma3"]
+    assert steps[1]["run"] == "main-llama-to-qwen2"
+    step2 = json.loads((out / "runs" / steps[2]["run"] / "report.json").read_text())
+    assert step2["provenance"]["config"]["sources"][0]["store"] == steps[1]["store"], \
+        "a chain step must start from the previous step's migrated store"
+    assert step2["source"]["family"] == "qwen2" and step2["target"]["family"].startswith("gemma3")
+
+    bars = result["figure6"]["bars"]
+    assert list(bars) == ["llama alone", "gemma3 alone", "llama + gemma3"]
+    agg = json.loads((out / "runs" / "llama+gemma3-to-qwen2-kmeans_variance-b8" / "report.json").read_text())
+    assert [s["name"] for s in agg["sources"]] == ["tiny:llama", "tiny:gemma3"]
+
+    md = (out / "benchmark.md").read_text()
+    for title in ("Table 2", "Table 3", "Table 4", "Figure 3", "Figure 4", "Figure 5", "Figure 6"):
+        assert f"## {title}" in md
+    assert check_links(md, lambda n: (out / n).read_bytes()) == {
+        "table2.png", "figure3.png", "figure4.png", "figure5.png", "figure6.png"}
+    assert (out / "runs" / "main-llama-to-qwen2" / "report.md").is_file()
+    assert not (out / "runs" / "llama-to-qwen2-kmeans_variance-b8").exists()
+
+    # a rerun into the same folder reuses every store and finished run: nothing is trained again
+    runs_before = {p.name: p.stat().st_mtime for p in (out / "runs").glob("*/report.json")}
+    assert job.main(["--config", str(config_file), "--output", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "[run " not in log and "[store " not in log
+    assert {p.name: p.stat().st_mtime for p in (out / "runs").glob("*/report.json")} == runs_before
+
+
+def test_benchmark_config_errors(toy_dataset, tmp_path):
+    base = tiny_config({"records": "r", "items": "i"})
+    with pytest.raises(ConfigError, match="phi3"):
+        BenchmarkJobConfig(**{**base, "experiments": {"chain": ["llama", "phi3"]}})
+    with pytest.raises(ConfigError, match="migrate.target"):
+        BenchmarkJobConfig(**{**base, "migrate": {**base["migrate"], "target": {"name": "tiny:qwen2"}}})
+    with pytest.raises(ConfigError, match="unknown strategy"):
+        BenchmarkJobConfig(**{**base, "experiments": {"strategies": ["nope"]}})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**base, "migrate": {**base["migrate"], "fit": {"epoch": 1}}}))
+    with pytest.raises(ConfigError, match="epoch"):
+        load_job_config(BenchmarkJobConfig, str(path))
