@@ -6,6 +6,8 @@ Lifecycle of `run` (fixed; the Ray layer swaps the fit for a Train run and the c
   3. fit the adapter through the frozen target; baselines: source, random init, linear, full retraining
   4. evaluate every method on the test records of all users
   5. save the adapter artifact, convert every user → the target store (manifest last), write report.json
+Stages 1-3 are built from functions a sweep trial (puma_ray.sweep) reuses: load_sources, user_statistics,
+split_users, new_head.
 """
 from __future__ import annotations
 

@@ -30,6 +30,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def job_args(argv, doc: str, configs: str, override_example: str):
+    """What every job's command line takes: --config, --output and key=value overrides."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--config", help=f"YAML config (see {configs}); default: the embedded demo")
+    parser.add_argument("--output", help="run folder (local or s3://); default: a new folder under runs/")
+    parser.add_argument("overrides", nargs="*", help=f"config overrides, e.g. {override_example}")
+    return parser.parse_args(argv)
+
+
 def load_job_config(cls, path: str | None, overrides: list[str] | None = None, default: dict | None = None):
     data = load_yaml(path) if path else dict(default or {})
     data = apply_overrides(data, overrides or [])

@@ -149,3 +149,31 @@ def store_inputs():
                            template=to_dict(TemplateConfig()), task="rating",
                            lineage={"kind": "trained", "data": "toy", "trainer": "tests"},
                            provenance={"note": "made by tests"})
+
+
+# ---------------------------------------------------------------------------------------------- Ray + jobs
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with this machine's 2 CPUs for one test module, shut down after it."""
+    import ray
+
+    from puma_ray.ray_layer import ensure_ray
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def load_job():
+    """load_job("sweep") -> the module jobs/sweep.py (jobs/ is a folder of scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_job", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -13,16 +13,6 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from puma_ray.ray_layer import ensure_ray
-    ensure_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def fit_case(toy_dataset):
     """A migration fit problem: toy users' random source prompts (d=32) → tiny:llama (d=48)."""
     from puma_ray.adapter import AdapterConfig, PromptAdapter

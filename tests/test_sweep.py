@@ -1,0 +1,359 @@
+"""The sweep (jobs/sweep.py): Pareto front and recommendation on hand-made trials (ties, the CTR maximise
+direction), its config checks and trial sizing without Ray, then a real 4-trial grid on a local Ray whose
+recommended.yaml runs through jobs/migrate.py, and (slow) the Train-in-Tune path with 2 trials.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from puma_ray.config import ConfigError, from_dict
+from puma_ray.migration import MigrateJobConfig
+from puma_ray.runs import load_job_config
+from puma_ray.sweep import (SearchConfig, SweepError, SweepJobConfig, build_report, dominates, pareto_front,
+                            recommend, recommended_migrate_config, within_tolerance)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _t(quality, passes, metric="rmse", **config):
+    return {"config": {"strategy": "random", "k": 5, "budget": 10, "lr": 0.01, **config}, "quality": quality,
+            "metric": metric, "cost": {"llm_record_passes": passes, "wall_s": 1.0}}
+
+
+# ---------------------------------------------------------------------------------------------- Pareto + pick
+def test_pareto_front_rmse():
+    trials = [_t(1.00, 1000), _t(1.05, 500), _t(1.10, 400), _t(1.06, 600), _t(1.20, 400), _t(0.99, 2000)]
+    front = pareto_front(trials)
+    assert front == [2, 1, 0, 5]  # cheapest first; (1.06, 600) loses to (1.05, 500), (1.20, 400) to (1.10, 400)
+    for i, t in enumerate(trials):
+        dominated = any(dominates(o, t) for o in trials)
+        assert (i in front) == (not dominated)
+
+
+def test_pareto_front_ties():
+    same = [_t(1.0, 100, strategy="a"), _t(1.0, 100, strategy="b")]  # identical objectives: neither dominates
+    assert pareto_front(same) == [0, 1]
+    assert recommend(same, 0.0) == 0  # the earlier one: deterministic
+    cost_tie = [_t(1.1, 100), _t(1.0, 100)]  # same cost: the better quality dominates
+    assert pareto_front(cost_tie) == [1]
+    assert recommend(cost_tie, 0.5) == 1
+    quality_tie = [_t(1.0, 300), _t(1.0, 100)]  # same quality: the cheaper dominates
+    assert pareto_front(quality_tie) == [1]
+
+
+def test_recommend_cheapest_within_tolerance():
+    trials = [_t(1.00, 1000), _t(1.015, 600), _t(1.03, 300), _t(1.019, 700)]
+    assert recommend(trials, 0.0) == 0
+    assert recommend(trials, 0.02) == 1  # 1.015 <= 1.02; 1.03 is out
+    assert recommend(trials, 0.05) == 2
+    assert within_tolerance(1.02, 1.0, 0.02) and not within_tolerance(1.0201, 1.0, 0.02)
+
+
+def test_ctr_maximises_auc():
+    trials = [_t(0.80, 1000, "auc"), _t(0.79, 400, "auc"), _t(0.70, 100, "auc"), _t(0.81, 3000, "auc"),
+              _t(0.78, 500, "auc")]
+    assert pareto_front(trials, up=True) == [2, 1, 0, 3]  # (0.78, 500) is dominated by (0.79, 400)
+    assert recommend(trials, 0.0, up=True) == 3  # the highest AUC
+    assert recommend(trials, 0.025, up=True) == 1  # 0.79 >= 0.81 * 0.975
+    report = build_report(trials, 0.025)
+    assert report["maximize"] is True and report["metric"] == "auc"
+    assert report["recommended"] is trials[1] and report["best_index"] == 3
+    assert [t["quality"] for t in report["pareto"]] == [0.70, 0.79, 0.80, 0.81]
+
+
+def test_report_drops_failed_trials_and_keeps_the_contract():
+    trials = [_t(1.0, 1000), _t(float("nan"), 10), _t(1.01, 500)]
+    report = build_report(trials, 0.02, failed=[{"config": {"strategy": "x"}, "error": "boom"}])
+    assert [t["quality"] for t in report["trials"]] == [1.0, 1.01]
+    assert len(report["failed"]) == 2 and "not a finite number" in report["failed"][1]["error"]
+    assert report["tolerance"] == 0.02 and report["recommended"]["quality"] == 1.01
+    assert report["recommended"] in report["pareto"]
+    for t in report["trials"]:
+        assert set(t["config"]) == {"strategy", "k", "budget", "lr"} and t["metric"] == "rmse"
+        assert isinstance(t["cost"]["llm_record_passes"], int) and isinstance(t["cost"]["wall_s"], float)
+    json.dumps(report)
+    with pytest.raises(SweepError, match="every trial failed"):
+        build_report([_t(float("inf"), 1)], 0.02)
+
+
+@pytest.mark.parametrize("up", [False, True])
+def test_recommended_is_on_the_front_and_within_tolerance(up):
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(1, 12))
+        trials = [_t(float(np.round(rng.uniform(0.5, 1.5), 2)), int(rng.integers(1, 6)) * 100) for _ in range(n)]
+        tol = float(rng.choice([0.0, 0.01, 0.05, 0.2]))
+        rec = recommend(trials, tol, up)
+        qualities = [t["quality"] for t in trials]
+        best = max(qualities) if up else min(qualities)
+        assert rec in pareto_front(trials, up)
+        assert within_tolerance(trials[rec]["quality"], best, tol, up)
+        ok = [t for t in trials if within_tolerance(t["quality"], best, tol, up)]
+        assert trials[rec]["cost"]["llm_record_passes"] == min(t["cost"]["llm_record_passes"] for t in ok)
+
+
+def test_recommended_config_pins_the_source_stores():
+    migrate = {"sources": [{"store": "{output}/source-store", "model": {"name": "tiny:llama"}}],
+               "target": {"name": "tiny:qwen2"}, "selection": {"k": 3, "valid_users": 4}}
+    out = recommended_migrate_config(migrate, {"strategy": "random", "k": 7, "budget": 0.2, "lr": 0.003},
+                                     ["runs/x/source-store"])
+    assert migrate["selection"] == {"k": 3, "valid_users": 4}  # the input is untouched
+    assert out["selection"] == {"k": 7, "valid_users": 4, "strategy": "random", "budget": 0.2}
+    assert out["fit"] == {"lr": 0.003}
+    assert out["sources"][0]["store"] == os.path.abspath("runs/x/source-store")
+    cfg = from_dict(MigrateJobConfig, out, "recommended")
+    assert (cfg.selection.strategy, cfg.selection.k, cfg.selection.budget, cfg.fit.lr) == ("random", 7, 0.2, 0.003)
+
+
+# ---------------------------------------------------------------------------------------------- config + sizing
+MIGRATE = {"sources": [{"store": "s"}], "target": {"name": "tiny:qwen2"}}
+
+
+@pytest.mark.parametrize("search, message", [
+    ({"kind": "random"}, "search.kind"),
+    ({"strategies": ["kmeans_variance", "nope"]}, "unknown ['nope']"),
+    ({"budgets": [1.5]}, "selection.budget 1.5"),
+    ({"ks": [0]}, "search.ks"),
+    ({"lrs": []}, "non-empty list"),
+    ({"lrs": [-1]}, "search.lrs"),
+    ({"tolerance": 1.5}, "search.tolerance"),
+    ({"max_concurrent_trials": 0}, "max_concurrent_trials"),
+    ({"stratgies": ["random"]}, "unknown key(s) ['stratgies']"),
+])
+def test_search_config_errors(search, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(SweepJobConfig, {"migrate": MIGRATE, "search": search}, "cfg")
+    assert message in str(e.value)
+
+
+def test_migrate_section_is_checked_strictly():
+    with pytest.raises(ConfigError, match="migrate: the migration"):
+        from_dict(SweepJobConfig, {"search": {}}, "cfg")
+    with pytest.raises(ConfigError, match=r"migrate.selection: unknown key\(s\) \['budgett'\]"):
+        from_dict(SweepJobConfig, {"migrate": {**MIGRATE, "selection": {"budgett": 3}}}, "cfg")
+    cfg = from_dict(SweepJobConfig, {"migrate": MIGRATE, "search": {"budgets": [10, 0.5]}}, "cfg")
+    assert isinstance(cfg.job, MigrateJobConfig) and cfg.search.grid_size() == 2 * 1 * 2 * 1
+
+
+def test_shipped_sweep_config_loads():
+    cfg = load_job_config(SweepJobConfig, str(REPO / "configs" / "sweep_ml100k_tiny.yaml"))
+    assert cfg.job.engine.kind == "ray" and cfg.search.grid_size() == 8
+
+
+def _sizing(engine: dict, search: dict | None = None):
+    return from_dict(SweepJobConfig, {"migrate": {**MIGRATE, "engine": engine}, "search": search or {}}, "cfg")
+
+
+def test_trial_resources_leave_room_for_train_workers():
+    from puma_ray.ray_layer.tune import trial_resources
+    two = {"CPU": 2.0}
+    assert trial_resources(_sizing({"kind": "local"}), two) == ({"cpu": 1.0}, 2)
+    assert trial_resources(_sizing({"kind": "local"}, {"max_concurrent_trials": 1}), two) == ({"cpu": 1.0}, 1)
+    # a trial's process (0.1) + its Train worker (0.9): two fit on 2 CPUs; with 1.0 per worker only one does
+    assert trial_resources(_sizing({"kind": "ray", "cpus_per_worker": 0.9}), two) == ({"cpu": 0.1}, 2)
+    assert trial_resources(_sizing({"kind": "ray", "cpus_per_worker": 1.0}), two) == ({"cpu": 0.1}, 1)
+    gpus = {"CPU": 96.0, "GPU": 8.0}
+    assert trial_resources(_sizing({"kind": "ray", "num_workers": 4, "use_gpu": True}), gpus)[1] == 2
+    with pytest.raises(SweepError, match="one trial needs 2.1 CPU"):
+        trial_resources(_sizing({"kind": "ray", "num_workers": 2}), two)
+
+
+def test_search_space_kinds():
+    from ray import tune
+
+    from puma_ray.ray_layer.tune import search_algorithm, search_space
+    grid = search_space(SearchConfig(strategies=["random", "kmeans_pca"], budgets=[5, 0.5]))
+    assert grid["strategy"] == tune.grid_search(["random", "kmeans_pca"])
+    assert grid["budget"] == tune.grid_search([5, 0.5])
+    assert search_algorithm(SearchConfig(), up=False) is None
+    space = search_space(SearchConfig(kind="optuna", lrs=[0.01, 0.001]))
+    assert space["lr"].lower == 0.001 and space["lr"].upper == 0.01
+    assert search_space(SearchConfig(kind="optuna", lrs=[0.01]))["lr"] == 0.01
+    algo = search_algorithm(SearchConfig(kind="optuna"), up=True)
+    assert algo.metric == ["quality", "llm_record_passes"] and algo.mode == ["max", "min"]
+
+
+def test_core_module_imports_no_ray():
+    code = "import sys, puma_ray.sweep; sys.exit(1 if 'ray' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def toy_paths(toy_dataset, tmp_path_factory):
+    from puma_ray.data import save_dataset
+    return save_dataset(toy_dataset, str(tmp_path_factory.mktemp("sweep_data")))
+
+
+def _config_dict(toy_paths: dict, engine: dict, search: dict) -> dict:
+    return {
+        "migrate": {
+            "sources": [{"store": "{output}/source-store", "model": {"name": "tiny:llama"},
+                         "prepare": {"epochs": 2, "batch_size": 32, "patience": 1, "lr": 0.02}}],
+            "target": {"name": "tiny:qwen2"},
+            "data": {"name": "parquet", "paths": toy_paths},
+            "selection": {"k": 4, "valid_users": 4},
+            "fit": {"epochs": 1, "batch_size": 32, "patience": 1},
+            "baselines": {"linear": False, "random_init": False},
+            "store": {"shard_rows": 16},
+            "engine": engine,
+        },
+        "search": search,
+    }
+
+
+def test_trial_in_process(toy_paths, toy_dataset, tmp_path, one_torch_thread):
+    """The shared context once, then trials without Ray: reproducible in one process (a reused Tune actor),
+    scored on every user's validation records, charged the features their strategy reads."""
+    from puma_ray.sweep import check_feasible, prepare_context, run_trial
+    cfg = from_dict(SweepJobConfig, _config_dict(toy_paths, {"kind": "local"},
+                                                 {"strategies": ["kmeans_variance", "loss_bucketing"]}), "cfg")
+    ctx = prepare_context(cfg.job, cfg.search.strategies, str(tmp_path), log=lambda m: None)
+    assert ctx.inputs.variance is not None and ctx.inputs.loss is not None and ctx.inputs.ffn is None
+    assert set(ctx.feature_costs) == {"loss"} and ctx.source_training  # the source store was trained here
+    setting = {"strategy": "kmeans_variance", "k": 4, "budget": 8, "lr": 0.01}
+    a, b = (run_trial(ctx, cfg.job, setting, log=lambda m: None) for _ in range(2))
+    assert a["quality"] == b["quality"] and a["cost"]["llm_record_passes"] == b["cost"]["llm_record_passes"]
+    assert a["valid_metrics"]["records"] == toy_dataset.summary()["records"]["valid"]
+    assert a["users_selected"] == 8 and a["validation_users"] == 4
+    loss = run_trial(ctx, cfg.job, {**setting, "strategy": "loss_bucketing"}, log=lambda m: None)
+    # variance is computed from labels (no LLM pass): a kmeans_variance trial pays its fit only; a loss_bucketing
+    # trial pays its fit plus the source model's pass over the sampled records that ranks users by loss
+    fit_passes = a["cost"]["forward_records"] + a["cost"]["backward_records"]
+    assert a["cost"]["llm_record_passes"] == fit_passes
+    feature = ctx.feature_costs["loss"].llm_record_passes
+    assert feature > 0 and loss["cost"]["llm_record_passes"] > feature
+    assert loss["cost"]["backward_records"] == loss["train_records"]  # 1 epoch: the fit's own passes are apart
+    for bad, message in ((SearchConfig(budgets=[41]), "41 users"), (SearchConfig(ks=[50]), "K=50")):
+        with pytest.raises(SweepError, match=message):
+            check_feasible(bad, ctx)
+
+
+# ---------------------------------------------------------------------------------------------- the job, end to end
+@pytest.fixture(scope="module")
+def sweep_job(load_job):
+    return load_job("sweep")
+
+
+def test_job_config_error_is_one_message(sweep_job, tmp_path, capsys):
+    rc = sweep_job.main(["--output", str(tmp_path / "run"), "search.strategies=[nope]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "nope" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def _write_config(path: Path, toy_paths: dict, engine: dict, search: dict) -> Path:
+    path.write_text(yaml.safe_dump(_config_dict(toy_paths, engine, search)))
+    return path
+
+
+def _check_report(out: Path, n_trials: int, tolerance: float) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    trials = report["trials"]
+    assert len(trials) == n_trials and not report["failed"]
+    assert report["tolerance"] == tolerance and report["metric"] == "rmse" and report["maximize"] is False
+    for t in trials:
+        assert math.isfinite(t["quality"]) and 0 < t["quality"] < 4 and t["metric"] == "rmse"
+        assert t["cost"]["llm_record_passes"] > 0 and t["cost"]["wall_s"] > 0
+        assert t["valid_metrics"]["records"] == report["data"]["records"]["valid"]  # every user's valid records
+    # the front, recomputed by hand: exactly the undominated trials
+    def dominated(t):
+        return any(o["quality"] <= t["quality"] and o["cost"]["llm_record_passes"] <= t["cost"]["llm_record_passes"]
+                   and (o["quality"] < t["quality"] or o["cost"]["llm_record_passes"] < t["cost"]["llm_record_passes"])
+                   for o in trials)
+    assert sorted(report["pareto_indices"]) == [i for i, t in enumerate(trials) if not dominated(t)]
+    assert report["pareto"] == [trials[i] for i in report["pareto_indices"]]
+    rec = report["recommended"]
+    best = min(t["quality"] for t in trials)
+    assert rec in report["pareto"]
+    assert rec["quality"] <= best * (1 + tolerance)
+    within = [t for t in trials if t["quality"] <= best * (1 + tolerance)]
+    assert rec["cost"]["llm_record_passes"] == min(t["cost"]["llm_record_passes"] for t in within)
+    return report
+
+
+def _run_recommended(out: Path, tmp_path: Path, report: dict) -> dict:
+    """recommended.yaml through jobs/migrate.py, as a user would run it."""
+    rec_yaml = out / "recommended.yaml"
+    first = rec_yaml.read_text().splitlines()[0]
+    assert first == f"# python jobs/migrate.py --config {rec_yaml}"
+    migrate_out = tmp_path / "migrate"
+    proc = subprocess.run([sys.executable, "jobs/migrate.py", "--config", str(rec_yaml), "--output", str(migrate_out)],
+                          cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mig = json.loads((migrate_out / "report.json").read_text())
+    c = report["recommended"]["config"]
+    assert (mig["selection"]["strategy"], mig["selection"]["k"], mig["selection"]["budget"]) == \
+        (c["strategy"], c["k"], c["budget"])
+    assert mig["source_training"] == {}, "the sweep's source store is reused, not trained again"
+    assert math.isfinite(mig["methods"]["puma"]["rmse"])
+    return mig
+
+
+def test_grid_sweep_end_to_end(local_ray, sweep_job, toy_paths, tmp_path):
+    """4 trials (2 strategies x 2 budgets), fits in the trial processes, 2 at a time on 2 CPUs."""
+    config = _write_config(tmp_path / "sweep.yaml", toy_paths, {"kind": "local"},
+                           {"kind": "grid", "strategies": ["kmeans_variance", "random"], "ks": [4], "budgets": [8, 16],
+                            "lrs": [0.01], "tolerance": 0.02})
+    out = tmp_path / "sweep"
+    start = time.perf_counter()
+    assert sweep_job.main(["--config", str(config), "--output", str(out)]) == 0
+    wall = time.perf_counter() - start
+    report = _check_report(out, 4, 0.02)
+    assert report["concurrent_trials"] == 2 and report["trial_resources"] == {"cpu": 1.0}
+    settings = {(t["config"]["strategy"], t["config"]["budget"]) for t in report["trials"]}
+    assert settings == {("kmeans_variance", 8), ("kmeans_variance", 16), ("random", 8), ("random", 16)}
+    by_budget = {}
+    for t in report["trials"]:  # cost follows the budget: twice the users, about twice the passes
+        by_budget.setdefault(t["config"]["budget"], set()).add(t["users_selected"])
+    assert by_budget == {8: {8}, 16: {16}}
+    md = (out / "report.md").read_text()
+    assert "Pareto" in md and "recommended" in md
+    _run_recommended(out, tmp_path, report)
+    print(f"sweep wall {wall:.1f}s")
+
+
+def test_optuna_sweep(local_ray, sweep_job, toy_paths, tmp_path):
+    """Multi-objective Optuna through Tune: 3 sampled trials, lr drawn log-uniformly within the listed range."""
+    config = _write_config(tmp_path / "sweep.yaml", toy_paths, {"kind": "local"},
+                           {"kind": "optuna", "strategies": ["kmeans_variance", "random"], "ks": [4],
+                            "budgets": [8, 16], "lrs": [0.003, 0.03], "num_samples": 3, "tolerance": 0.05, "seed": 1})
+    out = tmp_path / "sweep"
+    assert sweep_job.main(["--config", str(config), "--output", str(out)]) == 0
+    report = _check_report(out, 3, 0.05)
+    assert report["search"]["kind"] == "optuna"
+    for t in report["trials"]:
+        assert 0.003 <= t["config"]["lr"] <= 0.03 and t["config"]["budget"] in (8, 16)
+    rec = yaml.safe_load((out / "recommended.yaml").read_text())
+    assert rec["fit"]["lr"] == report["recommended"]["config"]["lr"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_train_in_tune_sweep(local_ray, sweep_job, toy_paths, tmp_path):
+    """engine ray: every trial's fit is a Ray Train + DeepSpeed run started inside the Tune trial; 2 trials at a
+    time (0.1 CPU per trial process + 0.9 per Train worker), and no placement group left behind."""
+    from ray.util import placement_group_table
+    config = _write_config(tmp_path / "sweep.yaml", toy_paths,
+                           {"kind": "ray", "num_workers": 1, "cpus_per_worker": 0.9, "zero_stage": 2},
+                           {"kind": "grid", "strategies": ["kmeans_variance", "random"], "ks": [4], "budgets": [8],
+                            "lrs": [0.01], "tolerance": 0.02, "driver_cpus": 0.1})
+    out = tmp_path / "sweep"
+    assert sweep_job.main(["--config", str(config), "--output", str(out)]) == 0
+    report = _check_report(out, 2, 0.02)
+    assert report["engine"] == "ray" and report["concurrent_trials"] == 2
+    runs = sorted(p.name for p in (out / "train").iterdir())
+    assert len(runs) == 2 and all(r.endswith("-puma") for r in runs)  # one Train run per trial
+    for t in report["trials"]:
+        assert t["epochs"] == 1 and t["cost"]["backward_records"] == t["train_records"]
+    live = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
+    assert not live, live
