@@ -105,11 +105,15 @@ def _check_prompt_lengths(stores: list[PromptStore]) -> None:
 @torch.no_grad()
 def map_prompts(adapter: PromptAdapter, sources: list[np.ndarray], batch_size: int = 8192,
                 device: str = "cpu") -> np.ndarray:
+    """(n, l, d_t) float32, filled batch by batch into one array (no list of parts to concatenate: half the
+    peak memory at a shard of 65k x 640)."""
     adapter.eval()
-    out = [adapter(*[torch.from_numpy(np.require(s[i:i + batch_size], requirements="W")).to(device)
-                     for s in sources]).float().cpu().numpy()
-           for i in range(0, len(sources[0]), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, sources[0].shape[1], adapter.target_dim), np.float32)
+    n, l = sources[0].shape[:2]
+    out = np.empty((n, l, adapter.target_dim), np.float32)
+    for i in range(0, n, batch_size):
+        batch = [torch.from_numpy(np.require(s[i:i + batch_size], requirements="W")).to(device) for s in sources]
+        out[i:i + batch_size] = adapter(*batch).float().cpu().numpy()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -261,12 +265,16 @@ class UnitConverter:
         started, name = time.time(), unit["name"]
         ids, prompts, reasons = self._aligned(unit)
         ok = np.array([r == "" for r in reasons], dtype=bool)
-        out = map_prompts(self.adapter, [p[ok] for p in prompts], self.batch_rows, self.device)
+        # indexing copies a whole shard: only when some row is left out (memory per actor ~ a few shards)
+        out = map_prompts(self.adapter, prompts if ok.all() else [p[ok] for p in prompts], self.batch_rows,
+                          self.device)
+        del prompts
         good = finite_rows(out)
         reasons = np.asarray(reasons, dtype=object)
         reasons[np.flatnonzero(ok)[~good]] = "non-finite converted prompt"
         keep = np.flatnonzero(ok)[good]
-        data, sha = encode_shard(ids[keep], out[good])
+        data, sha = encode_shard(ids[keep], out if good.all() else out[good])
+        del out
         _write_bytes(self.fs, join(self.root, SHARD_DIR, name), data)
         rejected = np.flatnonzero(reasons != "")
         record = {"name": name, "rows": int(len(keep)), "bytes": len(data), "sha256": sha,

@@ -90,11 +90,11 @@ def prompts_table(user_ids, prompts: np.ndarray) -> pa.Table:
     })
 
 
-def encode_shard(user_ids, prompts: np.ndarray) -> tuple[bytes, str]:
+def encode_shard(user_ids, prompts: np.ndarray) -> tuple[memoryview, str]:
     """The parquet bytes of one shard and their sha256 (what the manifest records)."""
-    buf = io.BytesIO()
-    pq.write_table(prompts_table(user_ids, prompts), buf)
-    data = buf.getvalue()
+    sink = pa.BufferOutputStream()  # its buffer is handed over without the copy BytesIO.getvalue() makes
+    pq.write_table(prompts_table(user_ids, prompts), sink)
+    data = memoryview(sink.getvalue())
     return data, _sha256(data)
 
 
