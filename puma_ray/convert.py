@@ -49,6 +49,9 @@ class ConvertConfig:
     missing_policy: str = "error"  # aggregated: a user absent from one source is an "error", or a counted "reject"
     overwrite: bool = False  # replace a finished store, or an interrupted conversion of another adapter/sources
     progress: bool = True  # the rows/s bar on stderr
+    # jobs/migrate.py's last stage: "engine" = the actor pool when the engine is Ray; "local" = this process
+    # (a demo's thousand users convert in well under a second, less than an actor pool takes to start)
+    runs_on: str = "engine"
 
     def __post_init__(self):
         if self.actors < 1:
@@ -57,6 +60,8 @@ class ConvertConfig:
             raise ConfigError("convert.cpus_per_actor must be > 0 and convert.gpus_per_actor >= 0")
         if self.threads_per_actor < 1 or self.batch_rows < 1:
             raise ConfigError("convert.threads_per_actor and convert.batch_rows must be >= 1")
+        if self.runs_on not in ("engine", "local"):
+            raise ConfigError(f"convert.runs_on must be 'engine' or 'local', got {self.runs_on!r}")
         if self.missing_policy not in MISSING_POLICIES:
             raise ConfigError(f"convert.missing_policy must be one of {MISSING_POLICIES}, got {self.missing_policy!r}")
 
@@ -192,7 +197,7 @@ def _plan_aggregated(stores, cfg, identity, lineage, adapter_path, target_path, 
     index = []  # per source: (ids, shard position), ids sorted
     for s in stores:
         parts = [s.read_user_ids(e) for e in s.manifest.shards]
-        ids = np.concatenate(parts) if parts else np.array([], dtype=object)
+        ids = np.concatenate(parts) if parts else np.array([], dtype=str)
         where = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
         order = np.argsort(ids, kind="stable")
         index.append((ids[order], where[order], parts))
@@ -242,13 +247,12 @@ class UnitConverter:
         """The first source's rows, the other sources' prompts of the same users, why a user cannot be converted
         ("" when it can)."""
         ids, first = self.sources[0].read_shard(unit["parts"][0][0], finite=False)
-        ids = ids.astype(str)
         reasons = np.where(finite_rows(first), "", f"non-finite prompt in source {self.sources[0].path}")
         prompts = [first]
         for store, entries in zip(self.sources[1:], unit["parts"][1:]):
             read = [store.read_shard(e, finite=False) for e in entries]
             l, d = store.prompt_shape
-            their_ids = np.concatenate([r[0] for r in read]).astype(str) if read else np.array([], dtype=str)
+            their_ids = np.concatenate([r[0] for r in read]) if read else np.array([], dtype=str)
             theirs = np.concatenate([r[1] for r in read]) if read else np.zeros((0, l, d), np.float32)
             lookup = {u: i for i, u in enumerate(their_ids.tolist())}
             pos = np.array([lookup.get(u, -1) for u in ids.tolist()], dtype=np.int64)

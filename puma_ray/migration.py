@@ -205,7 +205,7 @@ def load_sources(cfg: MigrateJobConfig, output: str, log=print) -> Sources:
         stores.append(store)
         source_backbones.append(backbone)
     joined = join_sources(stores, cfg.sources_missing_policy)
-    record_users = np.unique(ds.records["user_id"])
+    record_users = np.unique(ds.records["user_id"].to_numpy(dtype=str))  # str, not object: O(n log n) set ops
     without_prompt = np.setdiff1d(record_users, joined.users)
     if len(without_prompt):
         if cfg.sources_missing_policy == "error":
@@ -347,7 +347,7 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     convert_cfg = dataclasses.replace(cfg.convert, missing_policy=cfg.sources_missing_policy,
                                       overwrite=cfg.convert.overwrite or cfg.store.overwrite)
     conversion = convert(adapter_path, [s.path for s in stores], target_path, convert_cfg, cfg.storage,
-                         convert_runner, provenance={**provenance(to_dict(cfg)), "test": methods["puma"]}, log=log)
+                         run_locally if cfg.convert.runs_on == "local" else convert_runner, provenance={**provenance(to_dict(cfg)), "test": methods["puma"]}, log=log)
     costs["puma"]["convert_wall_s"] = conversion["wall_s"]
     log(f"converted {conversion['users']} users → {target_path} ({conversion['rows_per_s']} rows/s)")
     report = {

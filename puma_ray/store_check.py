@@ -37,13 +37,13 @@ def _rejected_ids(store: PromptStore) -> np.ndarray:
         table = pq.read_table(pa.BufferReader(data))
         if table.num_rows != entry["rows"]:
             raise StoreError(f"{where}: {table.num_rows} rows, manifest says {entry['rows']}")
-        parts.append(np.asarray(table.column("user_id").to_pylist(), dtype=object))
-    return np.concatenate(parts) if parts else np.array([], dtype=object)
+        parts.append(np.asarray(table.column("user_id").to_pylist(), dtype=str))
+    return np.concatenate(parts) if parts else np.array([], dtype=str)
 
 
 def verify_store(path: str, sources: list[str] | None = None, storage: StorageOptions | None = None) -> dict:
     store = PromptStore.open(path, storage)
-    converted = np.concatenate([store.read_shard(e)[0] for e in store.manifest.shards] or [np.array([], object)])
+    converted = np.concatenate([store.read_shard(e)[0] for e in store.manifest.shards] or [np.array([], str)])
     if len(converted) != store.manifest.num_users:
         raise StoreError(f"store {path}: {len(converted)} users in shards, manifest says {store.manifest.num_users}")
     rejected = _rejected_ids(store)
@@ -64,7 +64,7 @@ def verify_store(path: str, sources: list[str] | None = None, storage: StorageOp
         if src_path in recorded and recorded[src_path] != sha:
             raise StoreError(f"store {path}: source store {src_path} changed since the conversion "
                              "(its manifest checksum differs): the target is stale")
-        source_ids.append(np.concatenate([src.read_user_ids(e) for e in src.manifest.shards] or [np.array([])]))
+        source_ids.append(np.concatenate([src.read_user_ids(e) for e in src.manifest.shards] or [np.array([], str)]))
     if sources:
         expected = np.unique(np.concatenate(source_ids).astype(str))
         missing = np.setdiff1d(expected, everyone)
