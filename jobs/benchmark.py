@@ -25,25 +25,36 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from migrate import _engine_functions  # noqa: E402  (the same engine choice as jobs/migrate.py: local or Ray)
 
 
+JOB_ERRORS = (ConfigError, DataError, StoreError, AdapterError, SelectionError, FileNotFoundError)
+
+
+def run_benchmark(config: str, output: str | None, overrides: list[str], command: str) -> tuple[str, float]:
+    """Runs the benchmark; benchmark.md is rewritten after each experiment. Returns (benchmark.md, wall seconds)."""
+    cfg = load_job_config(BenchmarkJobConfig, config, overrides)
+    bench = Benchmark(cfg, new_run_dir(output, "benchmark"), engine=_engine_functions)
+    set_threads(bench.base.threads)
+    storage = bench.base.storage
+
+    def write(result: dict) -> str:
+        return write_benchmark({**result, "command": command}, bench.output, storage, command)
+
+    result = bench.run(on_progress=write)
+    return write(result), result["wall_s"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (configs/benchmark_*.yaml)")
     parser.add_argument("--output", help="benchmark folder (local or s3://); default: a new folder under runs/")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. experiments.chain=null")
     args = parser.parse_args(argv)
-    command = " ".join(shlex.quote(a) for a in ["python", "jobs/benchmark.py", *(argv if argv is not None else sys.argv[1:])])
+    words = ["python", "jobs/benchmark.py", *(sys.argv[1:] if argv is None else argv)]
     try:
-        cfg = load_job_config(BenchmarkJobConfig, args.config, args.overrides)
-        base = cfg.migrate_config("base", [("base", cfg.source)], cfg.target)
-        set_threads(base.threads)
-        output = new_run_dir(args.output, "benchmark")
-        result = Benchmark(cfg, output, engine=_engine_functions).run(
-            on_progress=lambda partial: write_benchmark({**partial, "command": command}, output, base.storage, command))
-        md = write_benchmark({**result, "command": command}, output, base.storage, command)
-    except (ConfigError, DataError, StoreError, AdapterError, SelectionError, FileNotFoundError) as e:
+        md, wall_s = run_benchmark(args.config, args.output, args.overrides, " ".join(map(shlex.quote, words)))
+    except JOB_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"benchmark: {md} ({result['wall_s'] / 60:.1f} min)")
+    print(f"benchmark: {md} ({wall_s / 60:.1f} min)")
     return 0
 
 

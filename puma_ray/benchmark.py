@@ -26,7 +26,7 @@ from .config import ConfigError, ModelConfig, PromptTrainConfig, from_dict, to_d
 from .data import load_dataset
 from .fs import filesystem, join
 from .migration import MigrateJobConfig, run as run_migration
-from .report_md import (METRIC_COLUMNS, ReportWriter, cost_table, fmt, md_table, method_label, metrics_table,
+from .report_md import (METRIC_COLUMNS, ReportWriter, cost_table, fmt, md_table, metric_name, metrics_table,
                         plot_bars, plot_chain, plot_gain_heatmap, plot_metric_bars, plot_quality_vs_budget,
                         write_migration_report)
 from .runs import provenance, write_json
@@ -232,7 +232,8 @@ class Benchmark:
                                         baselines=PUMA_ONLY)
         self.keys[_key(alias)] = report["benchmark_run"]
         return {"run": f"main-{c.source}-to-{c.target}", "task": report["task"], "methods": report["methods"],
-                "cost": report["cost"], "cost_ratio_full_retrain_over_puma": report.get("cost_ratio_full_retrain_over_puma"),
+                "cost": report["cost"],
+                "cost_ratio_full_retrain_over_puma": report.get("cost_ratio_full_retrain_over_puma"),
                 "selection": report["selection"]}
 
     def table4(self) -> list[dict]:
@@ -259,7 +260,8 @@ class Benchmark:
         points = []
         for b in self.cfg.experiments.random_budgets:
             r = self.puma(c.source, c.target, "random", b)
-            points.append({"budget": b, "users": r["selection"]["users_selected"], "value": r["methods"]["puma"][metric],
+            points.append({"budget": b, "users": r["selection"]["users_selected"],
+                           "value": r["methods"]["puma"][metric],
                            "llm_record_passes": r["cost"]["puma"]["llm_record_passes"]})
         main = self.puma(c.source, c.target)
         return {"metric": metric, "random": points,
@@ -355,7 +357,7 @@ def table4_markdown(rows: list[dict], task: str) -> str:
              for c in cols}
     body = [[r["label"], r["users"], *[_mark(r["metrics"][c], marks[c].get(id(r), "")) for c in cols],
              r["llm_record_passes"], fmt(float(r["wall_s"]), 1)] for r in rows]
-    return md_table(["strategy", "users", *[c.upper() for c in cols], "LLM record passes", "wall (s)"], body)
+    return md_table(["strategy", "users", *[metric_name(c) for c in cols], "LLM record passes", "wall (s)"], body)
 
 
 def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str | None = None) -> str:
@@ -383,7 +385,7 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
         refs = {"retrained on the target": f["retrained"], f"PUMA at {f['puma']['users']} users": f["puma"]["value"]}
         series = {"random selection": [(p["users"], p["value"]) for p in f["random"]]}
         parts += ["## Figure 3: random selection, quality vs budget",
-                  md_table(["users", f["metric"].upper(), "LLM record passes"],
+                  md_table(["users", metric_name(f["metric"]), "LLM record passes"],
                            [[p["users"], p["value"], p["llm_record_passes"]] for p in f["random"]]),
                   figure("figure3.png", plot_quality_vs_budget(series, f["metric"], refs, "users fitted on (budget)",
                                                                "Figure 3: random selection vs budget"),
@@ -394,7 +396,7 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
         for c in f["cells"]:
             gains.setdefault(c["source"], {})[c["target"]] = c["gain"]
         parts += ["## Figure 4: migrations across model families",
-                  md_table(["source → target", f"migrated {f['metric'].upper()}", "retrained on target",
+                  md_table(["source → target", f"migrated {metric_name(f['metric'])}", "retrained on target",
                             "source on its own model", "gain"],
                            [[f"{c['source']} → {c['target']}", c["migrated"], c["retrained"], c["source_on_source"],
                              c["gain"]] for c in f["cells"]]),
@@ -403,7 +405,8 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
     if "figure5" in result:
         f = result["figure5"]
         parts += ["## Figure 5: chain migration",
-                  md_table(["step", "model", f"{f['metric'].upper()} (migrated along the chain)", "retrained on it"],
+                  md_table(["step", "model", f"{metric_name(f['metric'])} (migrated along the chain)",
+                            "retrained on it"],
                            [[i, s["model"], s["migrated"], s["retrained"]] for i, s in enumerate(f["steps"])]),
                   figure("figure5.png", plot_chain([{"model": s["model"], "migrated": s["migrated"],
                                                      "retrained": s["retrained"]} for s in f["steps"]], f["metric"],
@@ -412,14 +415,16 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
     if "figure6" in result:
         f = result["figure6"]
         parts += [f"## Figure 6: aggregated migration to {f['target']}",
-                  md_table(["source prompts", f["metric"].upper()], [[k, v] for k, v in f["bars"].items()]),
-                  figure("figure6.png", plot_bars(f["bars"], f["metric"], f"Figure 6: aggregated migration to {f['target']}",
+                  md_table(["source prompts", metric_name(f["metric"])], [[k, v] for k, v in f["bars"].items()]),
+                  figure("figure6.png", plot_bars(f["bars"], f["metric"],
+                                                  f"Figure 6: aggregated migration to {f['target']}",
                                                   "source prompts fed to the adapter",
                                                   {f"retrained on {f['target']}": f["retrained"]}),
                          "Figure 6: one source alone vs two sources aggregated")]
     if result.get("stores"):
         parts += ["## Family stores (each family's prompts trained from scratch)",
-                  md_table(["family", "model", *[c.upper() for c in METRIC_COLUMNS[task]], "wall (s)", "LLM record passes"],
+                  md_table(["family", "model", *[metric_name(c) for c in METRIC_COLUMNS[task]], "wall (s)",
+                            "LLM record passes"],
                            [[f, s["model"], *[s["methods"].get(c) for c in METRIC_COLUMNS[task]],
                              fmt(float(s["cost"].get("wall_s", float("nan"))), 1), s["cost"].get("llm_record_passes")]
                             for f, s in result["stores"].items()])]
@@ -433,5 +438,4 @@ def write_benchmark(result: dict, output: str, storage=None, command: str | None
     return writer.write("benchmark.md", benchmark_markdown(result, writer, command))
 
 
-__all__ = ["BenchmarkJobConfig", "ExperimentsConfig", "Benchmark", "benchmark_markdown", "write_benchmark",
-           "method_label"]
+__all__ = ["BenchmarkJobConfig", "ExperimentsConfig", "Benchmark", "benchmark_markdown", "write_benchmark"]

@@ -28,6 +28,7 @@ LOWER_IS_BETTER = {"rmse": True, "mae": True, "auc": False, "uauc": False}
 # Axis labels with units: ratings are in stars (1..5); AUCs are probabilities, unitless
 METRIC_AXIS = {"rmse": "RMSE (stars, lower is better)", "mae": "MAE (stars, lower is better)",
                "auc": "AUC (higher is better)", "uauc": "uAUC (higher is better)"}
+METRIC_NAMES = {"rmse": "RMSE", "mae": "MAE", "auc": "AUC", "uauc": "uAUC"}
 DPI = 110  # ~700 px wide at the default sizes below: sharp on screen, small in git (tens of kB)
 FIGSIZE = (6.4, 4.0)
 
@@ -37,6 +38,10 @@ def method_label(name: str) -> str:
     if name.startswith("source_"):  # further sources of an aggregated migration: source_1, source_2, ...
         return f"source model {int(name.split('_')[1]) + 1}"
     return METHOD_LABELS.get(name, name)
+
+
+def metric_name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, metric)
 
 
 def ordered_methods(names) -> list[str]:
@@ -86,7 +91,7 @@ def metrics_table(methods: dict, task: str) -> str:
             v = methods[n].get(c)
             cells.append(f"**{fmt(v)}**" if v is not None and v == best[c] else fmt(v))
         rows.append([method_label(n), *cells])
-    arrows = [f"{c.upper()} {'↓' if LOWER_IS_BETTER[c] else '↑'}" for c in cols]
+    arrows = [f"{metric_name(c)} {'↓' if LOWER_IS_BETTER[c] else '↑'}" for c in cols]
     return md_table(["method", *arrows], rows)
 
 
@@ -142,14 +147,23 @@ def png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _zoom_bars(ax, values: list[float], metric: str) -> None:
-    """Bars whose values sit close together (RMSE 1.18 vs 1.21) are unreadable from zero: start the axis near
-    the smallest, and say so in the axis label."""
-    lo, hi = min(values), max(values)
+def _zoom_limits(values: list[float], room_above: float = 0.4) -> tuple[float, float] | None:
+    """Bars whose values sit close together (RMSE 1.18 vs 1.21) are unreadable from zero: axis limits near the
+    values instead, or None when the bars are readable from zero."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return None
+    lo, hi = min(finite), max(finite)
     span = max(hi - lo, 1e-3)
-    if lo > 3 * span:
-        ax.set_ylim(max(0.0, lo - 0.6 * span), hi + 0.4 * span)
-        ax.set_ylabel(METRIC_AXIS.get(metric, metric) + " — axis not from 0")
+    return (max(0.0, lo - 0.6 * span), hi + room_above * span) if lo > 3 * span else None
+
+
+def _zoom_bars(ax, values: list[float], metric: str) -> None:
+    """Vertical bars: zoomed y axis when it helps, and the axis label says so."""
+    limits = _zoom_limits(values)
+    ax.set_ylabel(METRIC_AXIS.get(metric, metric) + (" — axis not from 0" if limits else ""))
+    if limits:
+        ax.set_ylim(*limits)
 
 
 def _label_bars(ax, bars, digits: int = 4) -> None:
@@ -169,12 +183,10 @@ def plot_metric_bars(methods: dict, metrics: tuple[str, ...], title: str) -> byt
         colors = ["tab:green" if v == best else "tab:blue" for v in vals]
         bars = ax.barh(range(len(names)), vals, 0.6, color=colors)
         ax.bar_label(bars, labels=[f"{v:.4f}" for v in vals], fontsize=8, padding=2)
-        finite = [v for v in vals if not math.isnan(v)]
-        if finite:
-            lo, hi = min(finite), max(finite)
-            span = max(hi - lo, 1e-3)
-            ax.set_xlim(max(0.0, lo - 0.8 * span), hi + 0.7 * span)  # room on the right for the value labels
-        ax.set_xlabel(METRIC_AXIS.get(m, m) + "\n(axis not from 0)", fontsize=9)
+        limits = _zoom_limits(vals, room_above=0.7)  # room on the right for the value labels
+        if limits:
+            ax.set_xlim(*limits)
+        ax.set_xlabel(METRIC_AXIS.get(m, m) + ("\n(axis not from 0)" if limits else ""), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(names)), [method_label(n) for n in names])
     axes[0].set_ylabel("method")
@@ -190,7 +202,7 @@ def plot_fit_history(history: list[dict], metric: str, best_epoch: int | None = 
     epochs = [h["epoch"] for h in history]
     fig, ax = new_figure()
     valid = [h.get(f"valid_{metric}", float("nan")) for h in history]
-    lines = ax.plot(epochs, valid, "o-", color="tab:blue", label=f"validation {metric.upper()}")
+    lines = ax.plot(epochs, valid, "o-", color="tab:blue", label=f"validation {metric_name(metric)}")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {METRIC_AXIS.get(metric, metric)}")
     if all("train_loss" in h for h in history):
@@ -223,7 +235,8 @@ def plot_quality_vs_budget(series: dict[str, list[tuple[float, float]]], metric:
     ax.set_xlabel(budget_label)
     ax.set_ylabel(METRIC_AXIS.get(metric, metric))
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.margins(0.06)
+    ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return png_bytes(fig)
 
@@ -248,7 +261,8 @@ def plot_pareto(points: list[dict], front: list[dict], recommended: dict | None,
     ax.set_xlabel("cost (LLM record passes" + (", log scale)" if ax.get_xscale() == "log" else ")"))
     ax.set_ylabel(f"validation {METRIC_AXIS.get(metric, metric)}")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.margins(0.08)  # points on the front's ends are not cut by the frame
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8)  # below the axes: never over the front
     ax.grid(alpha=0.3)
     return png_bytes(fig)
 
@@ -295,8 +309,6 @@ def plot_chain(steps: list[dict], metric: str, title: str = "Chain migration") -
         ax.plot(x, r, "D--", color="tab:orange", label="retrained from scratch on that model")
         values += [v for v in r if not np.isnan(v)]
     _zoom_bars(ax, values, metric)
-    if not ax.get_ylabel():
-        ax.set_ylabel(METRIC_AXIS.get(metric, metric))
     ax.set_xticks(x, [s["model"] for s in steps])
     ax.set_xlabel("model at each step (left to right: the chain's order)")
     ax.set_title(title)
@@ -316,8 +328,6 @@ def plot_bars(values: dict[str, float], metric: str, title: str, xlabel: str,
         ax.axhline(value, linestyle="--", color="0.3" if j == 0 else f"C{len(names) + j}",
                    label=f"{name} ({value:.4f})")
     _zoom_bars(ax, [*values.values(), *(references or {}).values()], metric)
-    if not ax.get_ylabel():
-        ax.set_ylabel(METRIC_AXIS.get(metric, metric))
     ax.set_xticks(range(len(names)), names)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
@@ -355,7 +365,7 @@ def _header(report: dict, out_dir: str) -> list[str]:
     prov = report.get("provenance", {})
     lines = [
         "# Migration report", "",
-        f"- **task**: {report['task']} (primary metric {report.get('primary_metric', '?').upper()})",
+        f"- **task**: {report['task']} (primary metric {metric_name(report.get('primary_metric', '?'))})",
         f"- **migration**: {' + '.join(_model_line(s) for s in sources)} → {_model_line(report['target'])}",
         f"- **data**: {data.get('name', '?')}: {fmt(data.get('users'))} users, {fmt(data.get('items'))} items, "
         f"records train/valid/test {'/'.join(fmt(records.get(k)) for k in ('train', 'valid', 'test'))}",
@@ -379,7 +389,8 @@ def migration_markdown(report: dict, out_dir: str, writer: ReportWriter | None =
     parts = ["\n".join(_header(report, out_dir)), "## Quality (test split of all users)",
              metrics_table(report["methods"], task)]
     if writer:
-        png = plot_metric_bars(report["methods"], METRIC_COLUMNS[task], f"Test {' / '.join(METRIC_COLUMNS[task]).upper()} per method")
+        names = " / ".join(map(metric_name, METRIC_COLUMNS[task]))
+        png = plot_metric_bars(report["methods"], METRIC_COLUMNS[task], f"Test {names} per method")
         parts.append(writer.figure("metrics.png", png, "Test metrics per method (the numbers of the table above)"))
     if report.get("cost"):
         parts += ["## Cost", cost_table(report["cost"], report.get("cost_ratio_full_retrain_over_puma")),
@@ -391,7 +402,7 @@ def migration_markdown(report: dict, out_dir: str, writer: ReportWriter | None =
     if writer and puma_fit and puma_fit.get("history"):
         png = plot_fit_history(puma_fit["history"], metric, puma_fit.get("best_epoch"))
         parts += ["## PUMA adapter fit", writer.figure(
-            "puma_fit.png", png, f"Validation {metric.upper()} and training loss per epoch of the PUMA fit")]
+            "puma_fit.png", png, f"Validation {metric_name(metric)} and training loss per epoch of the PUMA fit")]
     return "\n\n".join(parts) + "\n"
 
 
@@ -425,20 +436,23 @@ def sweep_markdown(report: dict, writer: ReportWriter | None = None) -> str:
     rows = []
     for rank, t in enumerate(ranked, 1):
         c = t.get("config", {})
-        marks = ("Pareto" if any(_same_trial(t, p) for p in front) else "") + (" **recommended**" if _same_trial(t, rec) else "")
-        rows.append([rank, c.get("strategy"), c.get("k"), c.get("budget"), c.get("lr"), t["quality"],
-                     int(t.get("cost", {}).get("llm_record_passes", 0)), float(t.get("cost", {}).get("wall_s", 0.0)),
-                     marks.strip()])
-    parts = ["# Sweep report", "",
-             f"{len(trials)} trials; validation {metric.upper()} ({'lower' if lower else 'higher'} is better); "
+        marks = ("Pareto" if any(_same_trial(t, p) for p in front) else "")
+        marks += " **recommended**" if _same_trial(t, rec) else ""
+        rows.append([rank, c.get("strategy"), c.get("k"), c.get("budget"), _lr(c.get("lr")), t["quality"],
+                     int(t.get("cost", {}).get("llm_record_passes", 0)),
+                     fmt(float(t.get("cost", {}).get("wall_s", 0.0)), 1), marks.strip()])
+    parts = ["# Sweep report",
+             f"{len(trials)} trials; validation {metric_name(metric)} ({'lower' if lower else 'higher'} is better); "
              f"tolerance {report.get('tolerance')}. Full record: [report.json](report.json)."]
     if rec:
         rc = rec.get("config", {})
         parts.append(f"**Recommended** (the cheapest setting within tolerance of the best): strategy "
-                     f"`{rc.get('strategy')}`, K={rc.get('k')}, budget {rc.get('budget')}, lr {rc.get('lr')}: "
-                     f"{metric.upper()} {fmt(rec.get('quality'))} at {fmt(int(_trial_cost(rec)))} LLM record passes.")
+                     f"`{rc.get('strategy')}`, K={rc.get('k')}, budget {rc.get('budget')}, lr {_lr(rc.get('lr'))}: "
+                     f"{metric_name(metric)} {fmt(rec.get('quality'))} at {fmt(int(_trial_cost(rec)))} LLM record "
+                     "passes.")
     parts += ["## Trials (best first)", md_table(
-        ["rank", "strategy", "K", "budget", "lr", f"valid {metric.upper()}", "LLM record passes", "wall (s)", ""], rows)]
+        ["rank", "strategy", "K", "budget", "lr", f"valid {metric_name(metric)}", "LLM record passes", "wall (s)", ""],
+        rows)]
     if writer and trials:
         as_point = lambda t: {"cost": _trial_cost(t), "quality": t["quality"]}  # noqa: E731
         png = plot_pareto([as_point(t) for t in trials], [as_point(t) for t in front],
@@ -454,11 +468,16 @@ def sweep_markdown(report: dict, writer: ReportWriter | None = None) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _lr(lr) -> str:
+    return f"{lr:.3g}" if isinstance(lr, float) else fmt(lr)  # 1e-4 stays readable (not 0.0001 or 0.0000)
+
+
 def quality_by_budget(trials: list[dict], lower: bool = True) -> dict[str, list[tuple[float, float]]]:
-    """strategy → [(budget, best quality at that budget)]: other knobs (lr, K) are maximised over."""
+    """strategy → [(budget, best quality at that budget)]: other knobs (lr, K) are maximised over. The budget is
+    the number of users selected where the trial says it (a fractional budget resolved), else the config's."""
     best: dict[tuple, float] = {}
     for t in trials:
-        key = (t["config"]["strategy"], float(t["config"]["budget"]))
+        key = (t["config"]["strategy"], float(t.get("users_selected", t["config"]["budget"])))
         q = t["quality"]
         if key not in best or (q < best[key] if lower else q > best[key]):
             best[key] = q

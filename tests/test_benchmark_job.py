@@ -3,10 +3,11 @@ small run (~60 s on 2 cores), memoised runs, chain and aggregation wiring, bench
 errors without running anything."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -43,10 +44,8 @@ def tiny_config(paths: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def job():
-    spec = importlib.util.spec_from_file_location("benchmark_job", JOB)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The job script's namespace (jobs/ is not a package): job.main(argv) runs it in this process."""
+    return SimpleNamespace(**runpy.run_path(str(JOB), run_name="benchmark_job"))
 
 
 @pytest.fixture(scope="module")

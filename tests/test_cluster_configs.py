@@ -36,6 +36,7 @@ DOCKERFILE = CLUSTER / "Dockerfile"
 JOB_CONFIG_CLASSES = {
     "jobs/migrate.py": ("puma_ray.migration", "MigrateJobConfig"),
     "jobs/train_prompts.py": ("puma_ray.train_store", "TrainPromptsJobConfig"),
+    "jobs/benchmark.py": ("puma_ray.benchmark", "BenchmarkJobConfig"),
 }
 
 

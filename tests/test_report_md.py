@@ -140,9 +140,9 @@ def test_sweep_report(tmp_path):
     rows = [line for line in md.splitlines() if re.match(r"\| \d+ \|", line)]
     assert len(rows) == 6
     assert rows[0].startswith("| 1 | random | 15 | 200 |") and "Pareto" in rows[0]
-    assert rows[1].startswith("| 2 | kmeans_variance | 15 | 100 | 0.0010 | 1.2050 | 41,000 |")
+    assert rows[1].startswith("| 2 | kmeans_variance | 15 | 100 | 0.001 | 1.2050 | 41,000 | 14.0 |")
     assert "**recommended**" in rows[1]
-    assert rows[-1].startswith("| 6 | kmeans_variance | 15 | 100 | 0.0100 | 1.2600 |") and "Pareto" not in rows[-1]
+    assert rows[-1].startswith("| 6 | kmeans_variance | 15 | 100 | 0.01 | 1.2600 |") and "Pareto" not in rows[-1]
     assert "Recommended" in md and "1.2050 at 41,000 LLM record passes" in md
     assert check_links(md, lambda n: (tmp_path / n).read_bytes()) == {"pareto.png", "quality_vs_budget.png"}
     # the front given as trial dicts instead of indices reads the same
@@ -201,7 +201,8 @@ def test_migrate_job_writes_report_md(toy_dataset, tmp_path, capsys, one_torch_t
     import yaml
 
     from puma_ray.data import save_dataset
-    spec = importlib.util.spec_from_file_location("migrate_job", Path(__file__).resolve().parents[1] / "jobs" / "migrate.py")
+    script = Path(__file__).resolve().parents[1] / "jobs" / "migrate.py"
+    spec = importlib.util.spec_from_file_location("migrate_job", script)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     paths = save_dataset(toy_dataset, str(tmp_path / "data"))
