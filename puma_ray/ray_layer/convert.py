@@ -15,7 +15,8 @@ from typing import Iterator
 import numpy as np
 import ray
 
-from ..convert import ConversionPlan, ConvertConfig, UnitConverter
+from ..convert import ConversionPlan, ConvertConfig
+from ..convert_units import UnitConverter
 from ..fs import StorageOptions
 from ..store import StoreError
 from .compat import actor_pool, actor_retries, user_error
