@@ -13,9 +13,10 @@ then, so the stage that holds the peak and the stage that takes the time can be 
 
 Memory, not time, is the figure: on a shared 2-core machine wall times are only indicative.
 The data and source store of a size are kept under --workdir and reused by a rerun.
-Measured 2026-11 (2 shared cores, ~12 records/user): 10k users 159 s; 100k users 1708 s, ~1550 s of it in
-load_sources, where np.setdiff1d over object-dtype user ids (convert.join_sources, migration.load_sources) falls
-back to numpy's pairwise loop for objects: O(users^2).
+Measured 2026-11 (2 shared cores, ~12 records/user): before two fixes, 10k users 893 MB / 159 s, 100k users
+2,455 MB / 1,708 s (1,550 s in np.setdiff1d over object-dtype user ids, O(users^2); the peak in the test
+evaluation, glibc keeping freed activations). After (unicode id arrays, puma_ray/memory.py trimming every 32
+batches): 10k 908 MB / 120 s, 100k 1,268 MB / 185 s.
 """
 from __future__ import annotations
 
