@@ -8,7 +8,6 @@ into the same --output reuses finished runs), and writes benchmark.json + benchm
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
@@ -17,7 +16,7 @@ from puma_ray.adapter import AdapterError
 from puma_ray.benchmark import Benchmark, BenchmarkJobConfig, write_benchmark
 from puma_ray.config import ConfigError
 from puma_ray.data import DataError
-from puma_ray.runs import load_job_config, new_run_dir, set_threads
+from puma_ray.runs import job_args, load_job_config, new_run_dir, set_threads
 from puma_ray.selection import SelectionError
 from puma_ray.store import StoreError
 
@@ -43,11 +42,7 @@ def run_benchmark(config: str, output: str | None, overrides: list[str], command
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (configs/benchmark_*.yaml)")
-    parser.add_argument("--output", help="benchmark folder (local or s3://); default: a new folder under runs/")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. experiments.chain=null")
-    args = parser.parse_args(argv)
+    args = job_args(argv, __doc__, "configs/benchmark_*.yaml", "experiments.chain=null", config_required=True)
     words = ["python", "jobs/benchmark.py", *(sys.argv[1:] if argv is None else argv)]
     try:
         md, wall_s = run_benchmark(args.config, args.output, args.overrides, " ".join(map(shlex.quote, words)))

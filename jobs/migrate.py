@@ -8,7 +8,6 @@ Writes the target store, the adapter and report.json under --output (default: a 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from puma_ray.adapter import AdapterError
@@ -16,7 +15,7 @@ from puma_ray.config import ConfigError
 from puma_ray.data import DataError
 from puma_ray.migration import MigrateJobConfig, format_report, run
 from puma_ray.report_md import write_migration_report
-from puma_ray.runs import load_job_config, new_run_dir, report_path, set_threads, write_json
+from puma_ray.runs import job_args, load_job_config, new_run_dir, report_path, set_threads, write_json
 from puma_ray.selection import SelectionError
 from puma_ray.store import StoreError
 
@@ -54,11 +53,7 @@ def _engine_functions(cfg: MigrateJobConfig, output: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config (see configs/); default: the embedded demo")
-    parser.add_argument("--output", help="run folder (local or s3://); default: a new folder under runs/")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. selection.budget=200")
-    args = parser.parse_args(argv)
+    args = job_args(argv, __doc__, "configs/", "selection.budget=200")
     try:
         cfg = load_job_config(MigrateJobConfig, args.config, args.overrides, default=DEFAULT_CONFIG)
         set_threads(cfg.threads)

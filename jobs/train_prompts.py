@@ -7,22 +7,17 @@ AUC/uAUC) beside the reference predictors and writes report.json + the store und
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from puma_ray.config import ConfigError
 from puma_ray.data import DataError
-from puma_ray.runs import load_job_config, new_run_dir, report_path, set_threads, write_json
+from puma_ray.runs import job_args, load_job_config, new_run_dir, report_path, set_threads, write_json
 from puma_ray.store import StoreError
 from puma_ray.train_store import TrainPromptsJobConfig, run
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config (see configs/)")
-    parser.add_argument("--output", help="run folder (local or s3://); default: a new folder under runs/")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3")
-    args = parser.parse_args(argv)
+    args = job_args(argv, __doc__, "configs/", "train.epochs=3")
     try:
         cfg = load_job_config(TrainPromptsJobConfig, args.config, args.overrides)
         set_threads(cfg.threads)

@@ -176,7 +176,7 @@ def _plan_aggregated(stores, cfg, identity, lineage, adapter_path, target_path, 
         for s, (ids, where, _) in zip(stores[1:], index[1:]):
             pos = np.clip(np.searchsorted(ids, users), 0, max(len(ids) - 1, 0))
             found = len(ids) > 0
-            needed = sorted(set(where[pos[ids[pos] == users]].tolist())) if found else []
+            needed = np.unique(where[pos[ids[pos] == users]]).tolist() if found else []
             parts.append([s.manifest.shards[j] for j in needed])
         units.append({"name": entry["name"], "parts": parts})
     extra = np.setdiff1d(union, index[0][0])  # in some other source, absent from the first: rejected up front

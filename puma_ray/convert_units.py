@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -84,7 +85,7 @@ class UnitConverter:
         self.batch_rows = batch_rows
         self.hooks = _FaultHooks.from_env()
 
-    def _aligned(self, unit: dict) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    def _aligned(self, unit: dict) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """The first source's rows, the other sources' prompts of the same users, why a user cannot be converted
         ("" when it can)."""
         ids, first = self.sources[0].read_shard(unit["parts"][0][0], finite=False)
@@ -95,27 +96,25 @@ class UnitConverter:
             l, d = store.prompt_shape
             their_ids = np.concatenate([r[0] for r in read]) if read else np.array([], dtype=str)
             theirs = np.concatenate([r[1] for r in read]) if read else np.zeros((0, l, d), np.float32)
-            lookup = {u: i for i, u in enumerate(their_ids.tolist())}
-            pos = np.array([lookup.get(u, -1) for u in ids.tolist()], dtype=np.int64)
+            pos = pd.Index(their_ids).get_indexer(ids)  # -1: the user is missing from this source
             aligned = np.zeros((len(ids), l, d), np.float32)
             aligned[pos >= 0] = theirs[pos[pos >= 0]]
             reasons = np.where((reasons == "") & (pos < 0), f"missing from source {store.path}", reasons)
             reasons = np.where((reasons == "") & ~finite_rows(aligned),
                                f"non-finite prompt in source {store.path}", reasons)
             prompts.append(aligned)
-        return ids, prompts, reasons.tolist()
+        return ids, prompts, reasons.astype(object)  # object: a reason may be longer than the first one set
 
     def __call__(self, unit: dict) -> dict:
         self.hooks.on_unit()
         started, name = time.time(), unit["name"]
         ids, prompts, reasons = self._aligned(unit)
-        ok = np.array([r == "" for r in reasons], dtype=bool)
+        ok = reasons == ""
         # indexing copies a whole shard: only when some row is left out (memory per actor ~ a few shards)
         out = map_prompts(self.adapter, prompts if ok.all() else [p[ok] for p in prompts], self.batch_rows,
                           self.device)
         del prompts
         good = finite_rows(out)
-        reasons = np.asarray(reasons, dtype=object)
         reasons[np.flatnonzero(ok)[~good]] = "non-finite converted prompt"
         keep = np.flatnonzero(ok)[good]
         data, sha = encode_shard(ids[keep], out if good.all() else out[good])

@@ -30,11 +30,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def job_args(argv, doc: str, configs: str, override_example: str):
+def job_args(argv, doc: str, configs: str, override_example: str, config_required: bool = False):
     """What every job's command line takes: --config, --output and key=value overrides."""
     import argparse
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("--config", help=f"YAML config (see {configs}); default: the embedded demo")
+    parser.add_argument("--config", required=config_required,
+                        help=f"YAML config (see {configs})" + ("" if config_required else "; default: the embedded one"))
     parser.add_argument("--output", help="run folder (local or s3://); default: a new folder under runs/")
     parser.add_argument("overrides", nargs="*", help=f"config overrides, e.g. {override_example}")
     return parser.parse_args(argv)

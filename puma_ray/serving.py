@@ -81,12 +81,23 @@ class ServingPrompts:
         return list(self._where)
 
     def get(self, user_id: str) -> torch.Tensor:
-        if user_id not in self._where:
-            raise KeyError(f"user {user_id!r} is not in the export {self.folder}")
-        file, row = self._where[user_id]
-        with safe_open(os.path.join(self.folder, file), "pt") as f:
-            return f.get_slice(TENSOR)[row:row + 1][0]
+        return self.batch([user_id])[0]
 
     def batch(self, user_ids: list[str]) -> torch.Tensor:
-        return torch.stack([self.get(u) for u in user_ids]) if user_ids else torch.empty(0)
-
+        """(n, l, d) in the order asked; each file is opened once per call, however many of its users are asked."""
+        missing = [u for u in user_ids if u not in self._where]
+        if missing:
+            raise KeyError(f"user {missing[0]!r} is not in the export {self.folder}")
+        if not user_ids:
+            return torch.empty(0)
+        by_file: dict[str, list[int]] = {}
+        for i, u in enumerate(user_ids):
+            by_file.setdefault(self._where[u][0], []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(user_ids)
+        for file, positions in by_file.items():
+            with safe_open(os.path.join(self.folder, file), "pt") as f:
+                rows = f.get_slice(TENSOR)
+                for i in positions:
+                    row = self._where[user_ids[i]][1]
+                    out[i] = rows[row:row + 1][0]
+        return torch.stack(out)

@@ -37,7 +37,7 @@ def _rejected_ids(store: PromptStore) -> np.ndarray:
         table = pq.read_table(pa.BufferReader(data))
         if table.num_rows != entry["rows"]:
             raise StoreError(f"{where}: {table.num_rows} rows, manifest says {entry['rows']}")
-        parts.append(np.asarray(table.column("user_id").to_pylist(), dtype=str))
+        parts.append(table.column("user_id").to_numpy(zero_copy_only=False).astype(str))
     return np.concatenate(parts) if parts else np.array([], dtype=str)
 
 
