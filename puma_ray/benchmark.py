@@ -19,14 +19,17 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
+
+import numpy as np
 
 from .config import ConfigError, ModelConfig, PromptTrainConfig, from_dict, to_dict
 from .data import load_dataset
 from .fs import filesystem, join
 from .migration import MigrateJobConfig, run as run_migration
-from .report_md import (METRIC_COLUMNS, ReportWriter, cost_table, fmt, md_table, metric_name, metrics_table,
+from .report_md import (METRIC_COLUMNS, REFERENCE_LABELS, ReportWriter, cost_table, fmt, md_table, method_label,
+                        metric_name, metrics_table, ordered_methods,
                         plot_bars, plot_chain, plot_gain_heatmap, plot_metric_bars, plot_quality_vs_budget,
                         write_migration_report)
 from .runs import provenance, write_json
@@ -57,6 +60,10 @@ class ExperimentsConfig:
     cross_family: list | None = None  # Figure 4: every ordered pair of these families (>= 3 in the paper's spirit)
     chain: list | None = None  # Figure 5: families in chain order; each step's source = the previous target store
     aggregation: dict | None = None  # Figure 6: {"sources": [a, b], "target": c}
+    # Tables 2 and 4 once per seed (selection + adapter fit); rows report mean ± sd. The stores (source system, full
+    # retraining) are trained once: their seed is prepare.seed, and their rows say n = 1
+    seeds: list = field(default_factory=lambda: [0])
+    shared_prompt: bool = False  # per family, one prompt for all users trained like the store: is it the prompts?
 
     def __post_init__(self):
         if isinstance(self.strategies, str) and self.strategies != "all":
@@ -64,6 +71,9 @@ class ExperimentsConfig:
         for name in ([] if self.strategies in (None, "all") else self.strategies):
             if name not in STRATEGIES:
                 raise ConfigError(f"experiments.strategies: unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+        if not self.seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.seeds) \
+                or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"experiments.seeds must be distinct integers, got {self.seeds!r}")
         if self.chain is not None and len(self.chain) < 2:
             raise ConfigError("experiments.chain needs at least two families (one migration)")
         if self.aggregation is not None:
@@ -117,6 +127,28 @@ class BenchmarkJobConfig:
         return from_dict(MigrateJobConfig, body, f"benchmark run {name}")
 
 
+def over_seeds(runs: list[dict]) -> tuple[dict, dict, int]:
+    """(mean, sample sd, n) of each metric over one row's runs; sd is 0.0 for a single run (said by n = 1)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, float)]
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    sd = {k: float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in keys}
+    if "records" in runs[0]:
+        mean["records"] = runs[0]["records"]
+    return mean, sd, len(runs)
+
+
+def _seed_tag(seed: int | None, base: MigrateJobConfig) -> str:
+    return "" if seed is None or seed == base.selection.seed else f"-s{seed}"
+
+
+def _seed_sections(seed: int | None, base: MigrateJobConfig, selection: dict) -> dict:
+    """Per-run config sections for `seed`: the selection's and the adapter fit's seed (nothing when it is the base's
+    own, so seed-0 runs keep their names and memo keys)."""
+    if seed is None or seed == base.selection.seed:
+        return {"selection": selection}
+    return {"selection": {**selection, "seed": seed}, "fit": {"seed": seed}}
+
+
 def machine() -> dict:
     """What the figures were measured on (the docs quote it)."""
     import torch
@@ -166,12 +198,43 @@ class Benchmark:
         if rfs.exists(rroot):
             with rfs.open(rroot) as f:
                 report = json.load(f)
-            entry = {"methods": report["methods"]["store"], "cost": report["cost"]["train_prompts"]}
+            entry = {"methods": report["methods"]["store"], "cost": report["cost"]["train_prompts"],
+                     "reference": {k: v for k, v in report["methods"].items() if k != "store"}}
         else:  # a store made elsewhere: its manifest still says how it tested
             entry = {"methods": PromptStore.open(path, self.base.storage).manifest.provenance.get("test", {}),
                      "cost": {}}
         self.stores[family] = {"path": path, "model": self.cfg.families[family].name, **entry}
         return self.stores[family]
+
+    def shared_store(self, family: str) -> dict:
+        """The control of `experiments.shared_prompt`: one prompt for every user on `family`, trained like its store
+        (same schedule, data and seed); tested like it. Listed as `<family>/shared` beside the stores."""
+        key = f"{family}/shared"
+        if key in self.stores:
+            return self.stores[key]
+        path = join(self.stores_dir, f"{family}-shared")
+        report_file = join(self.stores_dir, f"{family}-shared.report.json")
+        rfs, rroot = filesystem(report_file, self.base.storage)
+        if not rfs.exists(rroot):
+            self.log(f"[store {key}] one shared prompt for every user on {self.cfg.families[family].name}")
+            job = TrainPromptsJobConfig(model=self.cfg.families[family], data=self.base.data,
+                                        template=self.base.template, train=replace(self.cfg.prepare, shared=True),
+                                        store=replace(self.base.store, overwrite=True), storage=self.base.storage)
+            report, _ = train_store(job, self.dataset(), path, log=lambda m: self.log("  " + m))
+            write_json(report_file, report, self.base.storage)
+        with rfs.open(rroot) as f:
+            report = json.load(f)
+        self.stores[key] = {"path": path, "model": self.cfg.families[family].name,
+                            "methods": report["methods"]["store"], "cost": report["cost"]["train_prompts"]}
+        return self.stores[key]
+
+    def resolve_families(self) -> None:
+        """foundation:<family> models → their pretrained folders (pretrained now when not cached), before any run:
+        every run and store then names the same frozen weights."""
+        from .foundation import resolve_model
+        for family in sorted(self.cfg.experiments.families_used(self.cfg.source, self.cfg.target)):
+            self.cfg.families[family] = resolve_model(self.cfg.families[family], self.dataset(), self.base.template,
+                                                      lambda m: self.log("  " + m))
 
     def dataset(self):
         if self._dataset is None:
@@ -207,52 +270,71 @@ class Benchmark:
         return report if report.get("benchmark_key") == key else None
 
     def puma(self, source: str, target: str, strategy: str | None = None, budget: float | None = None,
-             store: str | None = None, tag: str = "") -> dict:
-        """PUMA (or another selection) from one family's store (or `store`, made on that family) to a target."""
+             store: str | None = None, tag: str = "", seed: int | None = None) -> dict:
+        """PUMA (or another selection) from one family's store (or `store`, made on that family) to a target;
+        `seed` (selection + fit) other than the config's own runs under a `-s<seed>` name."""
         sel = self.base.selection
         strategy, budget = strategy or sel.strategy, sel.budget if budget is None else budget
         path = store or self.store(source)["path"]
-        name = f"{tag}{source}-to-{target}-{strategy}-b{budget:g}"
-        return self.migrate(name, [(path, source)], target, selection={"strategy": strategy, "budget": budget},
-                            baselines=PUMA_ONLY)
+        name = f"{tag}{source}-to-{target}-{strategy}-b{budget:g}{_seed_tag(seed, self.base)}"
+        return self.migrate(name, [(path, source)], target, baselines=PUMA_ONLY,
+                            **_seed_sections(seed, self.base, {"strategy": strategy, "budget": budget}))
 
     # ---- experiments ------------------------------------------------------------------------------------------
     def table2(self) -> dict:
-        """Table 2 + 3: the main migration with every baseline and full retraining."""
+        """Table 2 + 3: the main migration with every baseline, once per seed (full retraining with the first seed
+        only: it does not depend on the selection/fit seed)."""
         c = self.cfg
         self.store(c.target)  # trained first so the Figure 4/5 references never retrain it inside a run
-        baselines = {"source": True, "random_init": True, "linear": True, "full_retrain": True}
-        report = self.migrate(f"main-{c.source}-to-{c.target}", [(self.store(c.source)["path"], c.source)], c.target,
-                              baselines=baselines)
-        # Table 4 / Figures 3-6 ask for PUMA at the base budget without the other baselines: the same PUMA fit
-        # (it runs first, from the same seeds), so they read it from the main run instead of fitting it again
         sel = self.base.selection
-        alias = self.cfg.migrate_config("alias", [(self.store(c.source)["path"], c.source)], c.target,
-                                        selection={"strategy": sel.strategy, "budget": sel.budget},
-                                        baselines=PUMA_ONLY)
-        self.keys[_key(alias)] = report["benchmark_run"]
-        return {"run": f"main-{c.source}-to-{c.target}", "task": report["task"], "methods": report["methods"],
-                "cost": report["cost"],
-                "cost_ratio_full_retrain_over_puma": report.get("cost_ratio_full_retrain_over_puma"),
-                "selection": report["selection"]}
+        per_seed, first = {}, None
+        for i, seed in enumerate(c.experiments.seeds):
+            baselines = {"source": True, "random_init": True, "linear": True, "full_retrain": i == 0}
+            sections = _seed_sections(seed, self.base, {"strategy": sel.strategy, "budget": sel.budget})
+            report = self.migrate(f"main-{c.source}-to-{c.target}{_seed_tag(seed, self.base)}",
+                                  [(self.store(c.source)["path"], c.source)], c.target, baselines=baselines,
+                                  **sections)
+            # Table 4 / Figures 3-6 ask for PUMA at the base budget without the other baselines: the same PUMA fit
+            # (it runs first, from the same seeds), so they read it from the main run instead of fitting it again
+            alias = self.cfg.migrate_config("alias", [(self.store(c.source)["path"], c.source)], c.target,
+                                            baselines=PUMA_ONLY, **sections)
+            self.keys[_key(alias)] = report["benchmark_run"]
+            per_seed[seed] = report["methods"]
+            first = first or report
+        names = list(first["methods"])
+        mean, spread, n = {}, {}, {}
+        for name in names:
+            mean[name], spread[name], n[name] = over_seeds([m[name] for m in per_seed.values() if name in m])
+        return {"run": first["benchmark_run"], "task": first["task"], "methods": mean, "spread": spread, "n": n,
+                "seeds": list(per_seed), "per_seed": per_seed, "reference": first.get("reference", {}),
+                "cost": first["cost"],
+                "cost_ratio_full_retrain_over_puma": first.get("cost_ratio_full_retrain_over_puma"),
+                "selection": first["selection"]}
 
     def table4(self) -> list[dict]:
         c, ex, budget = self.cfg, self.cfg.experiments, self.base.selection.budget
         names = list(STRATEGIES) if ex.strategies == "all" else ex.strategies
-        rows = [self._row(STRATEGY_LABELS.get(s, s), s, budget, self.puma(c.source, c.target, s, budget))
-                for s in names]
+
+        def row(label: str, strategy: str, b: float) -> dict:
+            return self._row(label, strategy, b, [self.puma(c.source, c.target, strategy, b, seed=seed)
+                                                  for seed in ex.seeds])
+
+        rows = [row(STRATEGY_LABELS.get(s, s), s, budget) for s in names]
         if ex.random_multiple:
             big = _budget_times(budget, ex.random_multiple)
-            rows.insert(0, self._row(f"Random ({ex.random_multiple:g}x budget)", "random", big,
-                                     self.puma(c.source, c.target, "random", big)))
+            rows.insert(0, row(f"Random ({ex.random_multiple:g}x budget)", "random", big))
         return rows
 
     @staticmethod
-    def _row(label: str, strategy: str, budget: float, report: dict) -> dict:
+    def _row(label: str, strategy: str, budget: float, reports: list[dict]) -> dict:
+        """One strategy's row over the seeds' runs: metrics as mean, with sd and n beside them."""
+        mean, sd, n = over_seeds([r["methods"]["puma"] for r in reports])
+        first = reports[0]
         return {"label": label, "strategy": strategy, "budget": budget,
-                "users": report["selection"]["users_selected"], "metrics": report["methods"]["puma"],
-                "llm_record_passes": report["cost"]["puma"]["llm_record_passes"],
-                "wall_s": report["cost"]["puma"]["wall_s"]}
+                "users": first["selection"]["users_selected"], "metrics": mean, "spread": sd, "n": n,
+                "per_seed": [r["methods"]["puma"] for r in reports],
+                "llm_record_passes": first["cost"]["puma"]["llm_record_passes"],
+                "wall_s": round(float(np.mean([r["cost"]["puma"]["wall_s"] for r in reports])), 2)}
 
     def figure3(self) -> dict:
         c = self.cfg
@@ -316,6 +398,11 @@ class Benchmark:
         t0 = time.perf_counter()
         ex = self.cfg.experiments
         result = {"task": self.dataset().task, "data": self.dataset().summary(), "machine": machine()}
+        self.resolve_families()
+        if ex.shared_prompt:  # first: the control is cheap and the stores table reads it
+            for family in (self.cfg.source, self.cfg.target):
+                self.store(family)
+                self.shared_store(family)
         plan = [("table2", ex.main, self.table2), ("table4", ex.strategies, self.table4),
                 ("figure3", ex.random_budgets, self.figure3), ("figure4", ex.cross_family, self.figure4),
                 ("figure5", ex.chain, self.figure5), ("figure6", ex.aggregation, self.figure6)]
@@ -350,14 +437,47 @@ def _mark(value: float, mark: str) -> str:
     return {"best": f"**{fmt(value)}**", "second": f"<u>{fmt(value)}</u>"}.get(mark, fmt(value))
 
 
+def _pm(text: str, sd: float | None, n: int | None) -> str:
+    """A cell "mean ± sd" when the row has several seeds; a single run stays a plain number."""
+    return f"{text} ± {sd:.4f}" if n and n > 1 and sd is not None else text
+
+
 def table4_markdown(rows: list[dict], task: str) -> str:
     cols = METRIC_COLUMNS[task]
     ranked = [r for r in rows if not r["label"].startswith("Random (")]  # baselines are not ranked (the paper's rule)
     marks = {c: dict(zip(map(id, ranked), _ranked_marks([r["metrics"][c] for r in ranked], c in ("rmse", "mae"))))
              for c in cols}
-    body = [[r["label"], r["users"], *[_mark(r["metrics"][c], marks[c].get(id(r), "")) for c in cols],
-             r["llm_record_passes"], fmt(float(r["wall_s"]), 1)] for r in rows]
-    return md_table(["strategy", "users", *[metric_name(c) for c in cols], "LLM record passes", "wall (s)"], body)
+    body = [[r["label"], r["users"], *[_pm(_mark(r["metrics"][c], marks[c].get(id(r), "")),
+                                           r.get("spread", {}).get(c), r.get("n")) for c in cols],
+             r.get("n", 1), r["llm_record_passes"], fmt(float(r["wall_s"]), 1)] for r in rows]
+    return md_table(["strategy", "users", *[metric_name(c) for c in cols], "seeds", "LLM record passes",
+                     "wall (s)"], body)
+
+
+def seeded_metrics_table(table: dict, task: str) -> str:
+    """Table 2 over seeds: mean ± sd per method and n, then the reference rows (no LLM, the same test records)."""
+    cols = METRIC_COLUMNS[task]
+    rows = [[method_label(name), *[_pm(fmt(m.get(c)), table.get("spread", {}).get(name, {}).get(c),
+                                       table.get("n", {}).get(name)) for c in cols], table.get("n", {}).get(name, 1)]
+            for name, m in ((n, table["methods"][n]) for n in ordered_methods(table["methods"]))]
+    rows += [[REFERENCE_LABELS.get(name, name), *[fmt(m.get(c)) for c in cols], "–"]
+             for name, m in table.get("reference", {}).items()]
+    return md_table(["method", *[metric_name(c) for c in cols], "seeds"], rows)
+
+
+def spread_notes(table: dict, metric: str, pairs: list[tuple[str, str]]) -> str:
+    """Says plainly which of `pairs` of rows differ by less than their spread (the larger of the two sds)."""
+    notes = []
+    for a, b in pairs:
+        ma, mb = table["methods"].get(a), table["methods"].get(b)
+        if not ma or not mb:
+            continue
+        gap = abs(ma[metric] - mb[metric])
+        sd = max(table["spread"].get(a, {}).get(metric, 0.0), table["spread"].get(b, {}).get(metric, 0.0))
+        verdict = "**within the spread: no difference shown**" if gap <= sd else "larger than the spread"
+        notes.append(f"- {method_label(a)} vs {method_label(b)}: {metric_name(metric)} gap {gap:.4f}, "
+                     f"spread (larger sd) {sd:.4f}: {verdict}")
+    return "\n".join(notes)
 
 
 def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str | None = None) -> str:
@@ -374,7 +494,14 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
     figure = (lambda name, png, caption: writer.figure(name, png, caption)) if writer else (lambda *a: "")
     if "table2" in result:
         t = result["table2"]
-        parts += ["## Table 2: quality (test split of all users)", metrics_table(t["methods"], task),
+        metric = METRIC_COLUMNS[task][0]
+        parts += ["## Table 2: quality (test split of all users)",
+                  f"Seeds (selection + adapter fit): {t.get('seeds', [0])}; mean ± sample sd. Full retraining and "
+                  "the source model do not depend on that seed (n = 1). Reference rows: no LLM, fitted on the "
+                  "train split, scored on the same test records.",
+                  seeded_metrics_table(t, task) if "spread" in t else metrics_table(t["methods"], task),
+                  spread_notes(t, metric, [("puma", "linear"), ("puma", "full_retrain"), ("puma", "random_init")])
+                  if "spread" in t else "",
                   figure("table2.png", plot_metric_bars(t["methods"], METRIC_COLUMNS[task], "Table 2: test metrics"),
                          "Table 2 as bars"),
                   "## Table 3: cost", cost_table(t["cost"], t.get("cost_ratio_full_retrain_over_puma"))]
@@ -422,12 +549,17 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
                                                   {f"retrained on {f['target']}": f["retrained"]}),
                          "Figure 6: one source alone vs two sources aggregated")]
     if result.get("stores"):
-        parts += ["## Family stores (each family's prompts trained from scratch)",
-                  md_table(["family", "model", *[metric_name(c) for c in METRIC_COLUMNS[task]], "wall (s)",
-                            "LLM record passes"],
-                           [[f, s["model"], *[s["methods"].get(c) for c in METRIC_COLUMNS[task]],
-                             fmt(float(s["cost"].get("wall_s", float("nan"))), 1), s["cost"].get("llm_record_passes")]
-                            for f, s in result["stores"].items()])]
+        cols = METRIC_COLUMNS[task]
+        rows = [[f, os.path.basename(s["model"].rstrip("/")), *[s["methods"].get(c) for c in cols],
+                 fmt(float(s["cost"].get("wall_s", float("nan"))), 1), s["cost"].get("llm_record_passes")]
+                for f, s in result["stores"].items()]
+        refs = next((s.get("reference") for s in result["stores"].values() if s.get("reference")), {})
+        rows += [[REFERENCE_LABELS.get(n, n), "no LLM", *[m.get(c) for c in cols], "–", "–"] for n, m in refs.items()]
+        parts += ["## Family stores (each family's prompts trained from scratch by Eq. 1)",
+                  "`<family>/shared` rows: one prompt for every user, trained the same way (the control: is the "
+                  "personalization in the prompts or in the foundation?).",
+                  md_table(["family", "model", *[metric_name(c) for c in cols], "wall (s)", "LLM record passes"],
+                           rows)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

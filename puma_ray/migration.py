@@ -30,6 +30,7 @@ from .fs import StorageOptions, filesystem, join
 from .heads import head_config, load_head, make_head
 from .metrics import PRIMARY
 from .prompted_lm import PromptedLM
+from .reference import reference_metrics
 from .runs import provenance
 from .selection import NEEDS, SelectionInput, resolve_budget, select
 from .store import MANIFEST, PromptStore, StoreError
@@ -116,6 +117,22 @@ class MigrateJobConfig:
             self.template = from_dict(TemplateConfig, self.template, "template")
         if self.sources_missing_policy not in MISSING_POLICIES:
             raise ConfigError(f"sources_missing_policy must be one of {MISSING_POLICIES}")
+
+
+def resolve_foundations(cfg: MigrateJobConfig, log=print, ds: Dataset | None = None) -> MigrateJobConfig:
+    """The config with every `foundation:<family>` model replaced by its pretrained local folder (pretrained on the
+    train split first when not cached). A no-op, reading no data, when no model is a foundation; run it before the
+    Ray layer is built, so that Train workers load the same folder."""
+    from .foundation import is_foundation, resolve_model
+    if not any(is_foundation(m.name) for m in [cfg.target, *(s.model for s in cfg.sources)]):
+        return cfg
+    ds = ds or load_dataset(cfg.data, cfg.storage)
+
+    def resolve(model: ModelConfig) -> ModelConfig:
+        return resolve_model(model, ds, cfg.template, log)
+
+    sources = [dataclasses.replace(s, model=resolve(s.model)) for s in cfg.sources]
+    return dataclasses.replace(cfg, sources=sources, target=resolve(cfg.target))
 
 
 def _exists(path: str, storage) -> bool:
@@ -260,6 +277,7 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     variance_fn: user_stats.label_variance or the Ray layer's streaming aggregation;
     convert_runner: convert.run_locally or the Ray layer's actor pool."""
     t_start = time.perf_counter()
+    cfg = resolve_foundations(cfg, log)
     # 1. data + sources
     src = load_sources(cfg, output, log)
     ds, task, metric, source_reports, joined = src.ds, src.task, src.metric, src.reports, src.joined
@@ -286,6 +304,8 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed)
     plm = PromptedLM(target, template, l, texts)
     test = RecordSet.from_frame(ds.split("test"), joined.users)
+    # the LLM-free predictors on the same test records: does any LLM row personalize at all?
+    reference = reference_metrics(task, ds.split("train"), ds.split("test"))
     source_dims = [b.hidden_size for b in source_backbones]
     scales = [_prompt_rms(p) for p in joined.prompts]
 
@@ -354,7 +374,7 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
         "task": task, "source": meta["sources"][0], "sources": meta["sources"], "target": meta["target"],
         "selection": {"strategy": sel.strategy, "k": sel.k, "budget": budget, "users_selected": int(len(chosen)),
                       "users_total": n_users, "validation_users": int(len(valid_idx))},
-        "methods": methods, "cost": costs, "primary_metric": metric,
+        "methods": methods, "reference": reference, "cost": costs, "primary_metric": metric,
         "store": target_path, "adapter": adapter_path, "conversion": conversion,
         "source_training": {p: {"methods": r["methods"], "cost": r["cost"]} for p, r in source_reports.items()},
         "fits": {k: {"history": v.history, "best_epoch": v.best_epoch} for k, v in fits.items()},
@@ -375,6 +395,10 @@ def format_report(report: dict) -> str:
         c = report["cost"].get(name, {})
         lines.append(f"{name:<14}" + "".join(f"{m.get(k, float('nan')):>9.4f}" for k in keys)
                      + f"{c.get('wall_s', 0):>10.1f}{c.get('llm_record_passes', 0):>12,}{c.get('flops', 0):>11.2e}")
+    for name, m in report.get("reference", {}).items():  # no LLM, fitted on the train split: nothing to pay
+        lines.append(f"{name + ' *':<14}" + "".join(f"{m.get(k, float('nan')):>9.4f}" for k in keys))
+    if report.get("reference"):
+        lines.append("* reference rows: no LLM, fitted on the train split, same test records")
     ratio = report.get("cost_ratio_full_retrain_over_puma")
     if ratio:
         lines.append("cost full retraining / PUMA: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratio.items()))

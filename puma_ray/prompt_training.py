@@ -37,7 +37,7 @@ def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.Dat
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     n, l, d = len(users), cfg.prompt_length, plm.d
-    table = torch.nn.Embedding(n, l * d, sparse=True)
+    table = torch.nn.Embedding(1 if cfg.shared else n, l * d, sparse=True)
     with torch.no_grad():  # uniform with RMS init_scale (in embedding-RMS units), like the paper's uniform init
         table.weight.uniform_(-cfg.init_scale * 3 ** 0.5, cfg.init_scale * 3 ** 0.5)
     head = head if head is not None else make_head(task)
@@ -46,6 +46,8 @@ def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.Dat
     scale = plm.embed_rms
 
     def prompts_for(idx: torch.Tensor) -> torch.Tensor:
+        if cfg.shared:  # every user reads row 0
+            idx = torch.zeros_like(idx)
         return table(idx).view(-1, l, d) * scale
 
     train_set, valid_set = RecordSet.from_frame(train, users), RecordSet.from_frame(valid, users)
@@ -69,7 +71,7 @@ def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.Dat
             opt_prompts.step()
             opt_head.step()
             with torch.no_grad():  # keep the touched rows within +-clip embedding RMS
-                rows = torch.from_numpy(np.unique(batch.user_index))
+                rows = torch.zeros(1, dtype=torch.long) if cfg.shared else torch.from_numpy(np.unique(batch.user_index))
                 table.weight[rows] = table.weight[rows].clamp(-cfg.clip, cfg.clip)
             cost.add_batch(batch, tokens, backward=True)
             losses.append(loss.item())
@@ -86,6 +88,7 @@ def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.Dat
     with torch.no_grad():
         table.weight.copy_(stopper.state["table"])
     head.load_state_dict(stopper.state["head"])
-    prompts = (table.weight.detach().view(n, l, d) * scale).numpy().astype(np.float32)
+    rows = table.weight.detach().expand(n, -1) if cfg.shared else table.weight.detach()
+    prompts = (rows.reshape(n, l, d) * scale).numpy().astype(np.float32)
     return PromptTrainResult(users=users, prompts=prompts, head=head, history=history,
                              best_epoch=stopper.best_epoch, cost=cost, valid={metric: stopper.best})

@@ -35,10 +35,7 @@ class PromptedLM:
         self._item_tokens = {k: self._encode_fill(v, template.max_item_tokens, keep="start")
                              for k, v in item_texts.items()}
         self._item_text = item_texts
-        out = self.model.get_output_embeddings()
-        # only the label rows of the output layer: the full vocabulary would be pure waste here
-        self._w_label = out.weight[self.label_ids].detach()
-        self._b_label = out.bias[self.label_ids].detach() if getattr(out, "bias", None) is not None else None
+        self._label_index = torch.tensor(self.label_ids)
         self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self._seq_cache: dict[str, list[int]] = {}
 
@@ -110,16 +107,21 @@ class PromptedLM:
     # ---- forward ----------------------------------------------------------------------------------------------
     def label_logits(self, prompts: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """prompts (B, l, d) at the embedding scale → (B, n_labels) float32 logits at the answer position."""
-        device = self._w_label.device
+        out = self.model.get_output_embeddings()
+        device = out.weight.device
+        # only the label rows of the output layer (the full vocabulary would be pure waste), gathered per call:
+        # a few rows, and a foundation being pretrained (puma_ray/foundation.py) trains them through this readout
+        w_label = out.weight[self._label_index.to(device)]
+        b_label = out.bias[self._label_index.to(device)] if getattr(out, "bias", None) is not None else None
         ids, mask, slots = (batch[k].to(device) for k in ("input_ids", "attention_mask", "slots"))
         emb = self.model.get_input_embeddings()(ids)
         emb = emb.masked_scatter(slots.unsqueeze(-1), prompts.to(device=device, dtype=emb.dtype))
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
         hidden = self.model.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=position_ids,
                                        use_cache=False).last_hidden_state[:, -1]
-        logits = hidden.float() @ self._w_label.float().T
-        if self._b_label is not None:
-            logits = logits + self._b_label.float()
+        logits = hidden.float() @ w_label.float().T
+        if b_label is not None:
+            logits = logits + b_label.float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits

@@ -20,9 +20,12 @@ from matplotlib.patches import Rectangle
 from .fs import filesystem, is_remote, join
 
 # Row order and names of the paper's Table 2 (methods a report may lack are skipped; unknown ones go last)
-METHOD_ORDER = ("puma", "linear", "random_init", "source", "full_retrain")
+METHOD_ORDER = ("puma", "linear", "random_init", "source", "full_retrain", "shared_prompt")
 METHOD_LABELS = {"puma": "PUMA", "linear": "linear map", "random_init": "random init", "source": "source model",
-                 "full_retrain": "full retraining"}
+                 "full_retrain": "full retraining", "shared_prompt": "one shared prompt (target)"}
+# The reference rows (puma_ray/reference.py): LLM-free predictors on the same records, in every quality table
+REFERENCE_LABELS = {"global_mean": "global mean (no LLM)", "user_mean": "per-user mean (no LLM)",
+                    "bias": "user + item bias (no LLM)"}
 METRIC_COLUMNS = {"rating": ("rmse", "mae"), "ctr": ("auc", "uauc")}
 LOWER_IS_BETTER = {"rmse": True, "mae": True, "auc": False, "uauc": False}
 # Axis labels with units: ratings are in stars (1..5); AUCs are probabilities, unitless
@@ -79,18 +82,20 @@ def best_value(values: list[float], metric: str) -> float | None:
     return min(finite) if LOWER_IS_BETTER.get(metric, True) else max(finite)
 
 
-def metrics_table(methods: dict, task: str) -> str:
-    """Table 2: one row per method, the task's two metrics, the best of each column in bold."""
+def metrics_table(methods: dict, task: str, reference: dict | None = None) -> str:
+    """Table 2: one row per method, then the reference rows (no LLM) on the same records, the task's two metrics;
+    the best of each column in bold, references included: a reader sees at once whether the LLM personalizes."""
     cols = METRIC_COLUMNS[task]
-    names = ordered_methods(methods)
-    best = {c: best_value([methods[n].get(c) for n in names], c) for c in cols}
+    rows_in = [(method_label(n), methods[n]) for n in ordered_methods(methods)]
+    rows_in += [(REFERENCE_LABELS.get(n, n), m) for n, m in (reference or {}).items()]
+    best = {c: best_value([m.get(c) for _, m in rows_in], c) for c in cols}
     rows = []
-    for n in names:
+    for label, m in rows_in:
         cells = []
         for c in cols:
-            v = methods[n].get(c)
+            v = m.get(c)
             cells.append(f"**{fmt(v)}**" if v is not None and v == best[c] else fmt(v))
-        rows.append([method_label(n), *cells])
+        rows.append([label, *cells])
     arrows = [f"{metric_name(c)} {'↓' if LOWER_IS_BETTER[c] else '↑'}" for c in cols]
     return md_table(["method", *arrows], rows)
 
@@ -387,7 +392,7 @@ def migration_markdown(report: dict, out_dir: str, writer: ReportWriter | None =
     task = report["task"]
     metric = report.get("primary_metric", METRIC_COLUMNS[task][0])
     parts = ["\n".join(_header(report, out_dir)), "## Quality (test split of all users)",
-             metrics_table(report["methods"], task)]
+             metrics_table(report["methods"], task, report.get("reference"))]
     if writer:
         names = " / ".join(map(metric_name, METRIC_COLUMNS[task]))
         png = plot_metric_bars(report["methods"], METRIC_COLUMNS[task], f"Test {names} per method")
@@ -450,6 +455,9 @@ def sweep_markdown(report: dict, writer: ReportWriter | None = None) -> str:
                      f"`{rc.get('strategy')}`, K={rc.get('k')}, budget {rc.get('budget')}, lr {_lr(rc.get('lr'))}: "
                      f"{metric_name(metric)} {fmt(rec.get('quality'))} at {fmt(int(_trial_cost(rec)))} LLM record "
                      "passes.")
+    if report.get("reference"):
+        parts += ["## Reference rows (no LLM, fitted on the train split, the same validation records)",
+                  metrics_table({}, "ctr" if metric in ("auc", "uauc") else "rating", report["reference"])]
     parts += ["## Trials (best first)", md_table(
         ["rank", "strategy", "K", "budget", "lr", f"valid {metric_name(metric)}", "LLM record passes", "wall (s)", ""],
         rows)]

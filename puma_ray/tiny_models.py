@@ -46,16 +46,37 @@ def _corpus() -> list[str]:
     return base * 50
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(extra_texts: list[str] | None = None, vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text encodes) trained on the templates, plus `extra_texts` (a foundation's item texts,
+    so that most title words become single tokens the model can learn as items)."""
     tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL.values())[:3] + ["<unk>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values())[:3] + ["<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer)
+    # item texts as the template sees them (" " + text): the merges then match what encoding produces
+    tok.train_from_iterator(_corpus() + [" " + t for t in (extra_texts or [])], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
     fast.padding_side = "left"
     return fast
+
+
+def family_config(family: str, hidden_size: int, layers: int, vocab_size: int, heads: int = 4):
+    """`family`'s config at another width/depth (a foundation model), keeping each family's quirks: Qwen2's tied
+    embeddings, Gemma3's sliding + full attention layers and sqrt(d) embedding scale, grouped-query attention."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
+    if hidden_size % heads:
+        raise ValueError(f"hidden size {hidden_size} is not a multiple of {heads} attention heads")
+    config = FAMILIES[family]()
+    config.vocab_size, config.hidden_size, config.intermediate_size = vocab_size, hidden_size, 2 * hidden_size
+    config.num_hidden_layers, config.num_attention_heads = layers, heads
+    if family == "gemma3":
+        config.head_dim = hidden_size // heads
+        config.layer_types = [("sliding_attention" if (i + 1) % 2 else "full_attention") for i in range(layers)]
+    if getattr(config, "num_key_value_heads", None) and heads % config.num_key_value_heads:
+        config.num_key_value_heads = heads
+    return config
 
 
 def write_tiny_model(family: str, folder: str, seed: int = 0) -> str:

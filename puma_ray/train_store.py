@@ -5,6 +5,7 @@ the reference predictors → write the store (manifest last) → report.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -98,6 +99,8 @@ def format_methods(methods: dict, task: str) -> str:
 def run(cfg: TrainPromptsJobConfig, output: str, log=print) -> dict:
     ds = load_dataset(cfg.data, cfg.storage)
     log(f"data {ds.summary()}")
+    from .foundation import resolve_model
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, ds, cfg.template, log))
     store_path = cfg.store_path or join(output, "store")
     report, _ = train_store(cfg, ds, store_path, log=log)
     report["provenance"] = provenance(to_dict(cfg))

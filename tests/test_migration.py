@@ -73,6 +73,13 @@ def test_single_source_report(run_a, toy_dataset):
         assert math.isfinite(m["rmse"]) and math.isfinite(m["mae"]), name
         assert 0 < m["mae"] <= m["rmse"] < 4, name
         assert m["records"] == n_test, name  # every user's test records, not only the selected users'
+    # the reference rows (no LLM) on the same test records, under their own key and in the printed table
+    from puma_ray.reference import reference_metrics
+    assert set(report["reference"]) == {"global_mean", "user_mean", "bias"}
+    assert report["reference"] == reference_metrics("rating", toy_dataset.split("train"), toy_dataset.split("test"))
+    assert all(m["records"] == n_test for m in report["reference"].values())
+    printed = migration.format_report(report)
+    assert "bias *" in printed and f"{report['reference']['bias']['rmse']:.4f}" in printed
     assert {"puma", "random_init", "linear"} <= set(report["cost"])
     for name, c in report["cost"].items():
         assert c["wall_s"] >= 0 and c["llm_record_passes"] > 0 and c["flops"] > 0, name

@@ -26,6 +26,8 @@ from ray import tune
 
 from ..config import to_dict
 from ..fs import is_remote, join, pyarrow_filesystem
+from ..migration import resolve_foundations
+from ..reference import reference_metrics
 from ..runs import provenance
 from ..sweep import (COST_KEY, SETTING_KEYS, SearchConfig, SweepError, SweepJobConfig, build_report, check_feasible,
                      maximize, prepare_context, run_trial)
@@ -101,8 +103,9 @@ def _trial(config: dict, ctx, cfg: SweepJobConfig, train_storage: str) -> None:
 
 def run_sweep(cfg: SweepJobConfig, output: str, log=print) -> dict:
     """The whole sweep: shared preparation, the Tune run, the report (puma_ray.sweep.build_report's contract)."""
-    job, search = cfg.job, cfg.search
     start = time.perf_counter()
+    cfg.job = resolve_foundations(cfg.job, log)  # pretrained once here; every trial loads the same folders
+    job, search = cfg.job, cfg.search
     output = output if is_remote(output) else os.path.abspath(output)  # trial processes run elsewhere
     # trials keep the driver's working directory (relative model folders, data paths), not Tune's trial folder
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -143,5 +146,6 @@ def run_sweep(cfg: SweepJobConfig, output: str, log=print) -> dict:
     return build_report(trials, search.tolerance, failed, search=to_dict(search), engine=job.engine.kind,
                         concurrent_trials=concurrent, trial_resources=resources, source_stores=ctx.source_stores,
                         source_training=ctx.source_training, data=ctx.ds.summary(),
+                        reference=reference_metrics(ctx.task, ctx.ds.split("train"), ctx.ds.split("valid")),
                         wall_s=round(time.perf_counter() - start, 2),
                         provenance=provenance({"migrate": cfg.migrate, "search": to_dict(search)}))

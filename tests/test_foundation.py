@@ -1,0 +1,156 @@
+"""Foundation pretraining (`foundation:<family>`): deterministic per seed, train split only, card last, and stores
+trained on a foundation are bound to it."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from puma_ray.config import FoundationConfig, ModelConfig, PromptTrainConfig, TemplateConfig
+from puma_ray.data import Dataset
+from puma_ray.foundation import CARD, ensure_foundation, read_card, resolve_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# the smallest recipe that still trains every part: a few seconds per foundation
+SMALL = FoundationConfig(hidden_size=16, layers=1, heads=2, vocab_size=400, epochs=1, batch_size=64)
+
+
+def _pretrain(ds: Dataset, root: str, family: str = "llama", seed: int = 0, cfg: FoundationConfig = SMALL) -> str:
+    return ensure_foundation(family, seed, cfg, ds.split("train"), ds.items, TemplateConfig(), ds.task, ds.name,
+                             root=root, log=lambda m: None)
+
+
+def _fingerprint(folder: str) -> str:
+    return read_card(folder)["fingerprint"]
+
+
+def test_deterministic_per_seed(toy_dataset, tmp_path):
+    a = _pretrain(toy_dataset, str(tmp_path / "a"))
+    b = _pretrain(toy_dataset, str(tmp_path / "b"))
+    other = _pretrain(toy_dataset, str(tmp_path / "c"), seed=1)
+    assert os.path.basename(a) == os.path.basename(b)
+    assert _fingerprint(a) == _fingerprint(b)
+    assert _fingerprint(other) != _fingerprint(a)
+    # the weights on disk are the ones the card names (what a store binds to)
+    from puma_ray.backbone import load_backbone
+    assert load_backbone(a).identity.fingerprint == _fingerprint(a)
+
+
+def _with_sentinels(ds: Dataset) -> Dataset:
+    """The same train split; every valid and test record replaced by a sentinel (another item, label, time)."""
+    records = ds.records.copy()
+    held_out = records["split"] != "train"
+    records.loc[held_out, "item_id"] = "SENTINEL"
+    records.loc[held_out, "label"] = np.float32(1.0)
+    records.loc[held_out, "timestamp"] = records["timestamp"].max() + 1000
+    items = pd.concat([ds.items, pd.DataFrame({"item_id": ["SENTINEL"], "text": ["Sentinel Movie Never Seen"]})],
+                      ignore_index=True)
+    return Dataset(records, items, ds.task, ds.name, ds.provenance)
+
+
+def test_never_reads_valid_or_test_records(toy_dataset, tmp_path):
+    clean = _pretrain(toy_dataset, str(tmp_path / "clean"))
+    planted = _with_sentinels(toy_dataset)
+    assert (planted.split("valid")["item_id"] == "SENTINEL").all() and len(planted.split("test"))
+    dirty = _pretrain(planted, str(tmp_path / "dirty"))
+    assert os.path.basename(clean) == os.path.basename(dirty)  # same cache key: nothing held out enters it
+    assert _fingerprint(clean) == _fingerprint(dirty)
+    card = read_card(dirty)
+    assert card["data"]["split"] == "train" and card["data"]["records"] == len(toy_dataset.split("train"))
+    with open(os.path.join(dirty, "tokenizer.json")) as f:  # the sentinel's words never reached the vocabulary
+        assert "Sentinel" not in f.read()
+
+
+def test_card_is_written_last(toy_dataset, tmp_path, monkeypatch):
+    root = str(tmp_path / "models")
+    import puma_ray.foundation as foundation
+
+    def fail(model):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(foundation, "weight_fingerprint", fail)  # after the weights, before the card
+    with pytest.raises(RuntimeError):
+        _pretrain(toy_dataset, root)
+    assert not [n for n in os.listdir(root) if ".tmp" not in n]  # no complete-looking folder was published
+    monkeypatch.undo()
+    folder = _pretrain(toy_dataset, root)
+    card_time = os.path.getmtime(os.path.join(folder, CARD))
+    assert all(os.path.getmtime(os.path.join(folder, n)) <= card_time for n in os.listdir(folder))
+    card = read_card(folder)
+    for key in ("family", "hidden_size", "layers", "seed", "data", "recipe", "steps", "final_epoch_loss", "wall_s",
+                "fingerprint"):
+        assert card[key] is not None, key
+    assert card["data"]["records_sha256"] and card["recipe"]["config"]["epochs"] == 1
+
+
+def test_cached_and_reused(toy_dataset, tmp_path):
+    root = str(tmp_path / "models")
+    first = _pretrain(toy_dataset, root)
+    stamp = os.path.getmtime(os.path.join(first, CARD))
+    assert _pretrain(toy_dataset, root) == first
+    assert os.path.getmtime(os.path.join(first, CARD)) == stamp  # not pretrained again
+    wider = _pretrain(toy_dataset, root, cfg=FoundationConfig(**{**vars(SMALL), "hidden_size": 24}))
+    assert wider != first and read_card(wider)["hidden_size"] == 24
+
+
+def test_store_on_a_foundation_is_refused_elsewhere(toy_dataset, tmp_path, monkeypatch):
+    """A store trained on a pretrained foundation belongs to it: not to its un-pretrained base (same family, width
+    and seed, random weights), nor to the same foundation pretrained with another seed."""
+    from puma_ray.backbone import load_backbone, weight_fingerprint
+    from puma_ray.foundation import _build, train_item_texts
+    from puma_ray.store import ModelIdentity, PromptStore, StoreError
+    from puma_ray.train_store import TrainPromptsJobConfig, train_store
+
+    monkeypatch.setenv("PUMA_MODEL_CACHE", str(tmp_path / "models"))
+    model = ModelConfig(name="foundation:llama", seed=0, foundation=SMALL)
+    resolved = resolve_model(model, toy_dataset, None, log=lambda m: None)
+    job = TrainPromptsJobConfig(model=resolved, train=PromptTrainConfig(epochs=1, batch_size=64))
+    train_store(job, toy_dataset, str(tmp_path / "store"), log=lambda m: None)
+    store = PromptStore.open(str(tmp_path / "store"))
+    store.check_model(load_backbone(resolved.name).identity)  # its own foundation: accepted
+
+    base, _ = _build("llama", SMALL, 0, train_item_texts(toy_dataset.split("train"), toy_dataset.items))
+    base_identity = ModelIdentity("base", "llama", SMALL.hidden_size, weight_fingerprint(base))
+    other = resolve_model(ModelConfig(name="foundation:llama", seed=1, foundation=SMALL), toy_dataset, None,
+                          log=lambda m: None)
+    for identity in (base_identity, load_backbone(other.name).identity):
+        with pytest.raises(StoreError, match="means nothing|mean nothing"):
+            store.check_model(identity)
+
+
+def test_foundation_config_is_checked():
+    from puma_ray.config import ConfigError
+    with pytest.raises(ConfigError, match="model.foundation"):
+        ModelConfig(name="tiny:llama", foundation={"hidden_size": 32})
+    with pytest.raises(ConfigError, match="hidden_size"):
+        ModelConfig(name="foundation:llama", foundation={"hidden_size": 0})
+    with pytest.raises(ConfigError, match="unknown key"):
+        ModelConfig(name="foundation:llama", foundation={"widht": 32})
+    cfg = ModelConfig(name="foundation:qwen2", seed=3, foundation={"hidden_size": 32})
+    assert isinstance(cfg.foundation, FoundationConfig) and cfg.foundation.hidden_size == 32
+    assert json.dumps(vars(cfg.foundation))
+
+
+def test_shared_prompt_is_one_prompt_for_everyone(toy_dataset):
+    """train.shared: one row trained for every user (the personalization control); the store still has all users."""
+    from puma_ray.backbone import load_backbone
+    from puma_ray.prompt_training import train_prompts
+    from puma_ray.prompted_lm import PromptedLM
+    from puma_ray.train_store import item_texts
+
+    backbone = load_backbone("tiny:llama")
+    plm = PromptedLM(backbone, TemplateConfig(), 1, item_texts(toy_dataset))
+    cfg = PromptTrainConfig(epochs=1, batch_size=64, shared=True)
+    users = toy_dataset.users
+    result = train_prompts(plm, "rating", toy_dataset.split("train"), toy_dataset.split("valid"), users, cfg,
+                           log=lambda m: None)
+    assert result.prompts.shape == (len(users), 1, backbone.hidden_size)
+    assert np.all(result.prompts == result.prompts[:1])  # the same vector for every user
+    init = PromptTrainConfig(epochs=1, batch_size=64, shared=True, lr=1e-9)  # barely moves: trained rows differ
+    barely = train_prompts(plm, "rating", toy_dataset.split("train"), toy_dataset.split("valid"), users, init,
+                           log=lambda m: None)
+    assert not np.allclose(barely.prompts[0], result.prompts[0])
