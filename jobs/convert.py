@@ -19,6 +19,7 @@ from puma_ray.adapter import AdapterError
 from puma_ray.config import ConfigError
 from puma_ray.convert import MISSING_POLICIES, ConvertConfig, convert, run_locally
 from puma_ray.fs import StorageOptions
+from puma_ray.runs import exit_job
 from puma_ray.serving import DTYPES, export_for_serving
 from puma_ray.store import StoreError
 from puma_ray.store_check import verify_store
@@ -96,4 +97,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_job(main())

@@ -15,7 +15,7 @@ import sys
 from puma_ray.adapter import AdapterError
 from puma_ray.config import ConfigError
 from puma_ray.data import DataError
-from puma_ray.runs import job_args, load_job_config, new_run_dir, set_threads
+from puma_ray.runs import exit_job, job_args, load_job_config, new_run_dir, set_threads
 from puma_ray.selection import SelectionError
 from puma_ray.store import StoreError
 from puma_ray.sweep import SweepError, SweepJobConfig, write_outputs
@@ -58,4 +58,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_job(main())

@@ -11,7 +11,7 @@ import sys
 
 from puma_ray.config import ConfigError
 from puma_ray.data import DataError
-from puma_ray.runs import job_args, load_job_config, new_run_dir, report_path, set_threads, write_json
+from puma_ray.runs import exit_job, job_args, load_job_config, new_run_dir, report_path, set_threads, write_json
 from puma_ray.store import StoreError
 from puma_ray.train_store import TrainPromptsJobConfig, run
 
@@ -32,4 +32,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_job(main())

@@ -47,6 +47,13 @@ def weight_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def quiet_library_progress() -> None:
+    """transformers' per-load "Loading weights" / "Writing model shards" bars are library chatter, not our progress:
+    the console shows our own lines (what loaded, how fast)."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def load_backbone(name: str, revision: str | None = None, dtype: str = "float32", seed: int = 0,
                   cache_dir: str | None = None) -> Backbone:
     """Loads a frozen model + tokenizer from a hub id or local folder; "tiny:<family>" builds one locally first."""
@@ -57,6 +64,7 @@ def load_backbone(name: str, revision: str | None = None, dtype: str = "float32"
     elif not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE") == "1":
         # fail with the path, not a long offline-hub traceback
         raise FileNotFoundError(f"model {name!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1)")
+    quiet_library_progress()
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=DTYPES[dtype])
     model.eval()

@@ -33,6 +33,7 @@ from .report_md import (METRIC_COLUMNS, REFERENCE_LABELS, ReportWriter, cost_tab
                         plot_bars, plot_chain, plot_gain_heatmap, plot_metric_bars, plot_quality_vs_budget,
                         write_migration_report)
 from .runs import provenance, write_json
+from .reference import reference_metrics
 from .selection import STRATEGIES
 from .store import MANIFEST, PromptStore
 from .train_store import TrainPromptsJobConfig, train_store
@@ -184,6 +185,7 @@ class Benchmark:
         saved beside it, or from the store's own provenance)."""
         if family in self.stores:
             return self.stores[family]
+        self.resolve(family)
         path = join(self.stores_dir, family)
         report_file = join(self.stores_dir, f"{family}.report.json")
         fs, root = filesystem(path, self.base.storage)
@@ -212,6 +214,7 @@ class Benchmark:
         key = f"{family}/shared"
         if key in self.stores:
             return self.stores[key]
+        self.resolve(family)
         path = join(self.stores_dir, f"{family}-shared")
         report_file = join(self.stores_dir, f"{family}-shared.report.json")
         rfs, rroot = filesystem(report_file, self.base.storage)
@@ -228,11 +231,12 @@ class Benchmark:
                             "methods": report["methods"]["store"], "cost": report["cost"]["train_prompts"]}
         return self.stores[key]
 
-    def resolve_families(self) -> None:
-        """foundation:<family> models → their pretrained folders (pretrained now when not cached), before any run:
-        every run and store then names the same frozen weights."""
+    def resolve(self, *families: str) -> None:
+        """foundation:<family> models → their pretrained folders (pretrained now when not cached), before the
+        family's first store or run: every run and store then names the same frozen weights. Families are pretrained
+        when first needed, so Table 2 does not wait for the figures' families."""
         from .foundation import resolve_model
-        for family in sorted(self.cfg.experiments.families_used(self.cfg.source, self.cfg.target)):
+        for family in families:
             self.cfg.families[family] = resolve_model(self.cfg.families[family], self.dataset(), self.base.template,
                                                       lambda m: self.log("  " + m))
 
@@ -244,6 +248,7 @@ class Benchmark:
     # ---- migrations -------------------------------------------------------------------------------------------
     def migrate(self, name: str, sources: list[tuple[str, str]], target: str, **sections) -> dict:
         """One migration, memoised by config: in this benchmark, and on disk across reruns of it."""
+        self.resolve(target, *(family for _, family in sources))
         cfg = self.cfg.migrate_config(name, sources, target, **sections)
         key = _key(cfg)
         if key in self.keys:
@@ -397,8 +402,11 @@ class Benchmark:
         shows its first tables while the rest runs)."""
         t0 = time.perf_counter()
         ex = self.cfg.experiments
-        result = {"task": self.dataset().task, "data": self.dataset().summary(), "machine": machine()}
-        self.resolve_families()
+        ds = self.dataset()
+        result = {"task": ds.task, "data": ds.summary(), "machine": machine(),
+                  # the LLM-free rows every table is read against (the same test records as every method)
+                  "reference": reference_metrics(ds.task, ds.split("train"), ds.split("test"))}
+        self.resolve(self.cfg.source, self.cfg.target)
         if ex.shared_prompt:  # first: the control is cheap and the stores table reads it
             for family in (self.cfg.source, self.cfg.target):
                 self.store(family)
@@ -454,6 +462,16 @@ def table4_markdown(rows: list[dict], task: str) -> str:
                      "wall (s)"], body)
 
 
+def reference_line(reference: dict | None, task: str) -> str:
+    """The reference rows as one line under a table whose rows are not methods (strategies, budgets, pairs)."""
+    if not reference:
+        return ""
+    metric = METRIC_COLUMNS[task][0]
+    return ("Reference rows (no LLM, fitted on the train split, the same test records): " + ", ".join(
+        f"{REFERENCE_LABELS.get(n, n).replace(' (no LLM)', '')} {fmt(m.get(metric))}" for n, m in reference.items())
+        + f" ({metric_name(metric)}).")
+
+
 def seeded_metrics_table(table: dict, task: str) -> str:
     """Table 2 over seeds: mean ± sd per method and n, then the reference rows (no LLM, the same test records)."""
     cols = METRIC_COLUMNS[task]
@@ -492,6 +510,7 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
              *([f"- command: `{command}`"] if command else []),
              "- every run's own report: `runs/<name>/report.md`; all numbers: [benchmark.json](benchmark.json)"])]
     figure = (lambda name, png, caption: writer.figure(name, png, caption)) if writer else (lambda *a: "")
+    ref_line = reference_line(result.get("reference"), task)
     if "table2" in result:
         t = result["table2"]
         metric = METRIC_COLUMNS[task][0]
@@ -506,7 +525,7 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
                          "Table 2 as bars"),
                   "## Table 3: cost", cost_table(t["cost"], t.get("cost_ratio_full_retrain_over_puma"))]
     if "table4" in result:
-        parts += ["## Table 4: selection strategies at one budget", table4_markdown(result["table4"], task)]
+        parts += ["## Table 4: selection strategies at one budget", table4_markdown(result["table4"], task), ref_line]
     if "figure3" in result:
         f = result["figure3"]
         refs = {"retrained on the target": f["retrained"], f"PUMA at {f['puma']['users']} users": f["puma"]["value"]}
@@ -516,7 +535,7 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
                            [[p["users"], p["value"], p["llm_record_passes"]] for p in f["random"]]),
                   figure("figure3.png", plot_quality_vs_budget(series, f["metric"], refs, "users fitted on (budget)",
                                                                "Figure 3: random selection vs budget"),
-                         "Figure 3: test metric of random selection at each budget")]
+                         "Figure 3: test metric of random selection at each budget"), ref_line]
     if "figure4" in result:
         f = result["figure4"]
         gains: dict = {}
@@ -528,7 +547,7 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
                            [[f"{c['source']} → {c['target']}", c["migrated"], c["retrained"], c["source_on_source"],
                              c["gain"]] for c in f["cells"]]),
                   figure("figure4.png", plot_gain_heatmap(f["families"], gains),
-                         "Figure 4: gain = retrained / migrated (> 1: migration beats retraining)")]
+                         "Figure 4: gain = retrained / migrated (> 1: migration beats retraining)"), ref_line]
     if "figure5" in result:
         f = result["figure5"]
         parts += ["## Figure 5: chain migration",
@@ -538,7 +557,7 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
                   figure("figure5.png", plot_chain([{"model": s["model"], "migrated": s["migrated"],
                                                      "retrained": s["retrained"]} for s in f["steps"]], f["metric"],
                                                    "Figure 5: chain migration (step 0: the trained source)"),
-                         "Figure 5: each step's prompts come from the previous step's migrated store")]
+                         "Figure 5: each step's prompts come from the previous step's migrated store"), ref_line]
     if "figure6" in result:
         f = result["figure6"]
         parts += [f"## Figure 6: aggregated migration to {f['target']}",
@@ -547,7 +566,7 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
                                                   f"Figure 6: aggregated migration to {f['target']}",
                                                   "source prompts fed to the adapter",
                                                   {f"retrained on {f['target']}": f["retrained"]}),
-                         "Figure 6: one source alone vs two sources aggregated")]
+                         "Figure 6: one source alone vs two sources aggregated"), ref_line]
     if result.get("stores"):
         cols = METRIC_COLUMNS[task]
         rows = [[f, os.path.basename(s["model"].rstrip("/")), *[s["methods"].get(c) for c in cols],

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backbone import Backbone, embedding_rms, weight_fingerprint
+from .backbone import Backbone, embedding_rms, quiet_library_progress, weight_fingerprint
 from .config import FoundationConfig, ModelConfig, TemplateConfig, to_dict
 from .heads import make_head, task_loss
 from .prompted_lm import PromptedLM
@@ -168,6 +168,7 @@ def ensure_foundation(family: str, seed: int, cfg: FoundationConfig, train: pd.D
     tmp = f"{folder}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftover of a killed run (pid-named): nobody else's
     os.makedirs(tmp)
+    quiet_library_progress()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     card = {"format": FORMAT, "family": family, "model_type": model.config.model_type,

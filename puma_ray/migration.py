@@ -135,6 +135,15 @@ def resolve_foundations(cfg: MigrateJobConfig, log=print, ds: Dataset | None = N
     return dataclasses.replace(cfg, sources=sources, target=resolve(cfg.target))
 
 
+def _foundation_cards(cfg: MigrateJobConfig) -> dict:
+    """{model folder: its foundation card} for the models of this run that were pretrained here (family, width,
+    seed, the train records they read, recipe, wall)."""
+    from .foundation import read_card
+    import os
+    folders = [m.name for m in [*(s.model for s in cfg.sources), cfg.target] if os.path.isdir(m.name)]
+    return {f: card for f in folders if (card := read_card(f))}
+
+
 def _exists(path: str, storage) -> bool:
     fs, root = filesystem(path, storage)
     return fs.exists(join(root, MANIFEST))
@@ -267,7 +276,7 @@ def split_users(sel: SelectionConfig, users: np.ndarray, ds: Dataset, chosen: np
     return FitSplit(chosen, valid_idx, fit_idx, users[fit_idx], train_recs, valid_recs)
 
 
-def _prompt_rms(prompts: np.ndarray) -> float:
+def prompt_rms(prompts: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(prompts, dtype=np.float64)))) or 1.0
 
 
@@ -307,7 +316,7 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     # the LLM-free predictors on the same test records: does any LLM row personalize at all?
     reference = reference_metrics(task, ds.split("train"), ds.split("test"))
     source_dims = [b.hidden_size for b in source_backbones]
-    scales = [_prompt_rms(p) for p in joined.prompts]
+    scales = [prompt_rms(p) for p in joined.prompts]
 
     def fresh_head():
         return new_head(head_state, head_cfg, task)  # the paper: target head starts from the source's
@@ -379,7 +388,7 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
         "source_training": {p: {"methods": r["methods"], "cost": r["cost"]} for p, r in source_reports.items()},
         "fits": {k: {"history": v.history, "best_epoch": v.best_epoch} for k, v in fits.items()},
         "data": ds.summary(), "wall_s": round(time.perf_counter() - t_start, 2),
-        "provenance": provenance(to_dict(cfg)),
+        "provenance": provenance(to_dict(cfg)), "foundations": _foundation_cards(cfg),
     }
     if "full_retrain" in costs:
         report["cost_ratio_full_retrain_over_puma"] = {

@@ -384,6 +384,12 @@ def _header(report: dict, out_dir: str) -> list[str]:
         f"- **adapter**: {_link(report.get('adapter', ''), out_dir)}",
         "- **full record**: [report.json](report.json)",
     ]
+    for folder, card in (report.get("foundations") or {}).items():
+        data = card.get("data", {})
+        lines.append(f"- **foundation** `{os.path.basename(folder)}`: {card.get('family')} d={card.get('hidden_size')}, "
+                     f"{card.get('layers')} layers, seed {card.get('seed')}, pretrained on the {data.get('split')} "
+                     f"split of {data.get('name')} ({fmt(data.get('records'))} records) in "
+                     f"{fmt(float(card.get('wall_s') or 0), 1)} s, final loss {fmt(card.get('final_epoch_loss'))}")
     return lines
 
 

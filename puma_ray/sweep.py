@@ -31,7 +31,7 @@ from .fs import is_remote
 from .heads import load_head
 from .metrics import PRIMARY
 from .migration import (MigrateJobConfig, load_sources, new_head, split_users, statistics_cost, user_statistics,
-                        _prompt_rms)
+                        prompt_rms)
 from .prompted_lm import PromptedLM
 from .selection import NEEDS, STRATEGIES, SelectionInput, resolve_budget, select
 from .training import Cost, RecordSet, evaluate
@@ -144,7 +144,7 @@ def prepare_context(cfg: MigrateJobConfig, strategies: list[str], output: str, l
     return SweepContext(
         ds=src.ds, task=src.task, metric=src.metric, users=src.joined.users, prompts=src.joined.prompts,
         template=src.template, l=src.l, texts=src.texts, head_state=src.head_state, head_cfg=src.head_cfg,
-        source_dims=[b.hidden_size for b in src.backbones], scales=[_prompt_rms(p) for p in src.joined.prompts],
+        source_dims=[b.hidden_size for b in src.backbones], scales=[prompt_rms(p) for p in src.joined.prompts],
         inputs=inputs, feature_costs=feature_costs, source_stores=[s.path for s in src.stores],
         source_training={p: {"methods": r["methods"], "cost": r["cost"]} for p, r in src.reports.items()})
 

@@ -74,6 +74,13 @@ def family_config(family: str, hidden_size: int, layers: int, vocab_size: int, h
     if family == "gemma3":
         config.head_dim = hidden_size // heads
         config.layer_types = [("sliding_attention" if (i + 1) % 2 else "full_attention") for i in range(layers)]
+    elif getattr(config, "layer_types", None) is not None:  # one entry per layer, or the config will not save
+        config.layer_types = [config.layer_types[0]] * layers
+    factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor") or 1.0
+    rotary = int(hidden_size // heads * factor)
+    if rotary % 2:  # StableLM rotates a quarter of each head: that part must have an even size
+        raise ValueError(f"{family}: head size {hidden_size // heads} leaves an odd rotary size {rotary}; "
+                         "choose hidden_size / heads as a multiple of 8")
     if getattr(config, "num_key_value_heads", None) and heads % config.num_key_value_heads:
         config.num_key_value_heads = heads
     return config

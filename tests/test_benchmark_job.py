@@ -38,7 +38,8 @@ def tiny_config(paths: dict) -> dict:
         "experiments": {"main": True, "strategies": ["random", "kmeans_variance"], "random_multiple": 2,
                         "random_budgets": [4, 8], "cross_family": ["llama", "qwen2"],
                         "chain": ["llama", "qwen2", "gemma3"],
-                        "aggregation": {"sources": ["llama", "gemma3"], "target": "qwen2"}},
+                        "aggregation": {"sources": ["llama", "gemma3"], "target": "qwen2"},
+                        "seeds": [0, 1], "shared_prompt": True},
     }
 
 
@@ -69,6 +70,17 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     assert set(t2["methods"]) == {"puma", "linear", "random_init", "source", "full_retrain"}
     assert all(math.isfinite(m["rmse"]) for m in t2["methods"].values())
     assert t2["cost_ratio_full_retrain_over_puma"]["llm_record_passes"] > 0
+    # two seeds (selection + fit): mean ± sd per method; full retraining and the source do not depend on them
+    assert t2["seeds"] == [0, 1] and t2["n"]["puma"] == 2 and t2["n"]["full_retrain"] == 1
+    runs = [t2["per_seed"][k]["puma"]["rmse"] for k in ("0", "1")]
+    assert t2["methods"]["puma"]["rmse"] == pytest.approx(sum(runs) / 2)
+    assert t2["spread"]["puma"]["rmse"] == pytest.approx(abs(runs[0] - runs[1]) / 2 ** 0.5)
+    assert runs[0] != runs[1], "seed 1 must select and fit differently"
+    seed1 = json.loads((out / "runs" / "main-llama-to-qwen2-s1" / "report.json").read_text())
+    assert seed1["provenance"]["config"]["selection"]["seed"] == 1 and seed1["provenance"]["config"]["fit"]["seed"] == 1
+    assert set(t2["reference"]) == {"global_mean", "user_mean", "bias"}
+    # the shared-prompt control beside each family's store
+    assert {"llama/shared", "qwen2/shared"} <= set(result["stores"])
     # full retraining on the target = the target family's store (same training): the same test RMSE
     assert t2["methods"]["full_retrain"]["rmse"] == pytest.approx(result["stores"]["qwen2"]["methods"]["rmse"])
 
@@ -76,6 +88,7 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     puma_row = rows["K-Means + Variance Stratification (PUMA)"]
     assert puma_row["metrics"] == t2["methods"]["puma"], "Table 4's PUMA row must be Table 2's run"
     assert rows["Random (2x budget)"]["users"] == 16 and rows["Random"]["users"] == 8
+    assert all(r["n"] == 2 and len(r["per_seed"]) == 2 for r in result["table4"])
     assert [p["users"] for p in result["figure3"]["random"]] == [4, 8]
     assert result["figure3"]["random"][1]["value"] == rows["Random"]["metrics"]["rmse"]  # memoised, not rerun
 
@@ -100,6 +113,8 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     md = (out / "benchmark.md").read_text()
     for title in ("Table 2", "Table 3", "Table 4", "Figure 3", "Figure 4", "Figure 5", "Figure 6"):
         assert f"## {title}" in md
+    assert " ± " in md and "user + item bias (no LLM)" in md and "llama/shared" in md
+    assert "PUMA vs linear map: RMSE gap" in md
     assert check_links(md, lambda n: (out / n).read_bytes()) == {
         "table2.png", "figure3.png", "figure4.png", "figure5.png", "figure6.png"}
     assert (out / "runs" / "main-llama-to-qwen2" / "report.md").is_file()

@@ -154,3 +154,81 @@ def test_shared_prompt_is_one_prompt_for_everyone(toy_dataset):
     barely = train_prompts(plm, "rating", toy_dataset.split("train"), toy_dataset.split("valid"), users, init,
                            log=lambda m: None)
     assert not np.allclose(barely.prompts[0], result.prompts[0])
+
+
+def test_migration_between_two_foundations(toy_dataset, tmp_path, monkeypatch):
+    """foundation:<family> names work in a migrate config: both pretrained on the run's data (train split), the
+    source store bound to its foundation, the report carries both cards and the reference rows."""
+    from puma_ray import migration
+    from puma_ray.config import from_dict, to_dict
+    from puma_ray.data import save_dataset
+    from puma_ray.store import PromptStore
+
+    monkeypatch.setenv("PUMA_MODEL_CACHE", str(tmp_path / "models"))
+    paths = save_dataset(toy_dataset, str(tmp_path / "data"))
+    small = to_dict(SMALL)
+    cfg = from_dict(migration.MigrateJobConfig, {
+        "sources": [{"store": "{output}/source-store", "prepare": {"epochs": 1, "batch_size": 64},
+                     "model": {"name": "foundation:llama", "seed": 0, "foundation": small}}],
+        "target": {"name": "foundation:qwen2", "seed": 1, "foundation": {**small, "hidden_size": 24}},
+        "data": {"name": "parquet", "paths": paths},
+        "selection": {"strategy": "random", "k": 3, "budget": 8, "valid_users": 5},
+        "fit": {"epochs": 1, "batch_size": 64}, "baselines": {"random_init": False, "linear": False},
+        "store": {"shard_rows": 16}, "convert": {"runs_on": "local"}, "engine": {"kind": "local"}}, "test")
+    report = migration.run(cfg, str(tmp_path / "run"), log=lambda m: None)
+    cards = list(report["foundations"].values())
+    assert [(c["family"], c["hidden_size"], c["seed"]) for c in cards] == [("llama", 16, 0), ("qwen2", 24, 1)]
+    assert report["source"]["fingerprint"] == cards[0]["fingerprint"]
+    assert report["target"]["fingerprint"] == cards[1]["fingerprint"]
+    assert report["target"]["hidden_size"] == 24 and set(report["reference"]) == {"global_mean", "user_mean", "bias"}
+    store = PromptStore.open(str(tmp_path / "run" / "source-store"))
+    assert store.identity.fingerprint == cards[0]["fingerprint"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "phi3", "stablelm"])
+def test_every_family_builds_saves_and_reloads_at_any_size(family, toy_dataset, tmp_path):
+    """A foundation of each family at another width and depth than its tiny model: saves as a plain HF folder and
+    reloads with from_pretrained, with the same weights (fingerprint) and its quirks (Gemma's sqrt(d) scale)."""
+    import torch
+
+    from puma_ray.backbone import load_backbone, weight_fingerprint
+    from puma_ray.foundation import _build, train_item_texts
+    from puma_ray.prompted_lm import PromptedLM
+
+    cfg = FoundationConfig(hidden_size=32, layers=3, heads=2, vocab_size=400)
+    texts = train_item_texts(toy_dataset.split("train"), toy_dataset.items)
+    model, tokenizer = _build(family, cfg, 0, texts)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    backbone = load_backbone(str(tmp_path))
+    assert backbone.identity.fingerprint == weight_fingerprint(model)
+    assert (backbone.hidden_size, backbone.identity.num_layers) == (32, 3)
+    plm = PromptedLM(backbone, TemplateConfig(), 1, texts)
+    items = list(texts)[:3]
+    logits = plm.label_logits(torch.zeros(3, 1, 32), plm.encode(items))
+    assert logits.shape == (3, 5) and torch.isfinite(logits).all()
+    if family == "stablelm":  # a quarter of a 12-wide head is 3 rotary dims: refused up front, not mid-forward
+        with pytest.raises(ValueError, match="rotary"):
+            _build(family, FoundationConfig(hidden_size=24, heads=2, vocab_size=400), 0, texts)
+
+
+def test_ctr_foundation_reads_histories_of_the_train_split_only(toy_dataset, tmp_path):
+    """CTR (MIND's shape): the template's history titles are item texts the pretraining sees, the "Yes" logit is
+    read out; held-out records and their histories stay out of the cache key and the vocabulary."""
+    records = toy_dataset.records.copy()
+    records["label"] = (records["label"] >= 3).astype("float32")
+    items = list(toy_dataset.items["item_id"])
+    records["history"] = [items[:3] for _ in range(len(records))]
+    ctr = Dataset(records, toy_dataset.items, "ctr", "toy-ctr", {})
+    folder = ensure_foundation("qwen2", 0, SMALL, ctr.split("train"), ctr.items, TemplateConfig.for_task("ctr"),
+                               "ctr", ctr.name, root=str(tmp_path), log=lambda m: None)
+    card = read_card(folder)
+    assert card["recipe"]["task"] == "ctr" and card["recipe"]["template"]["labels"] == ["Yes"]
+    planted = records.copy()
+    held_out = planted["split"] != "train"
+    planted["history"] = [["SENTINEL"] if h else list(x) for h, x in zip(held_out, planted["history"])]
+    items_plus = pd.concat([ctr.items, pd.DataFrame({"item_id": ["SENTINEL"], "text": ["Sentinel News"]})])
+    again = ensure_foundation("qwen2", 0, SMALL, planted[planted["split"] == "train"], items_plus,
+                              TemplateConfig.for_task("ctr"), "ctr", ctr.name, root=str(tmp_path / "b"),
+                              log=lambda m: None)
+    assert read_card(again)["fingerprint"] == card["fingerprint"]

@@ -265,6 +265,11 @@ def _check_report(out: Path, n_trials: int, tolerance: float) -> dict:
         assert math.isfinite(t["quality"]) and 0 < t["quality"] < 4 and t["metric"] == "rmse"
         assert t["cost"]["llm_record_passes"] > 0 and t["cost"]["wall_s"] > 0
         assert t["valid_metrics"]["records"] == report["data"]["records"]["valid"]  # every user's valid records
+    # the reference rows (no LLM) on the same validation records the trials are scored on, in both reports
+    assert set(report["reference"]) == {"global_mean", "user_mean", "bias"}
+    assert all(m["records"] == report["data"]["records"]["valid"] for m in report["reference"].values())
+    assert "user + item bias (no LLM)" in (out / "report.md").read_text()
+
     # the front, recomputed by hand: exactly the undominated trials
     def dominated(t):
         return any(o["quality"] <= t["quality"] and o["cost"]["llm_record_passes"] <= t["cost"]["llm_record_passes"]
@@ -296,6 +301,8 @@ def _run_recommended(out: Path, tmp_path: Path, report: dict) -> dict:
         (c["strategy"], c["k"], c["budget"])
     assert mig["source_training"] == {}, "the sweep's source store is reused, not trained again"
     assert math.isfinite(mig["methods"]["puma"]["rmse"])
+    assert set(mig["reference"]) == {"global_mean", "user_mean", "bias"}
+    assert "user + item bias (no LLM)" in (migrate_out / "report.md").read_text()
     return mig
 
 
