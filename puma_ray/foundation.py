@@ -34,7 +34,7 @@ from .training import Cost, RecordSet, forward_batch
 
 PREFIX = "foundation:"
 CARD = "foundation_card.json"
-FORMAT = "puma-foundation/1"  # in the cache key: a recipe change here must not reuse old folders
+FORMAT = "puma-foundation/2"  # in the cache key: a recipe change here must not reuse old folders
 RECORD_COLUMNS = ["user_id", "item_id", "label", "timestamp"]
 
 
@@ -99,7 +99,10 @@ def pretrain(family: str, cfg: FoundationConfig, seed: int, train: pd.DataFrame,
     users_table = torch.nn.Embedding(len(users), l * d, sparse=True)
     with torch.no_grad():  # unit RMS in embedding units, as Eq. 1 initialises real prompts
         users_table.weight.uniform_(-3 ** 0.5, 3 ** 0.5)
-    scale = embedding_rms(model)  # fixed at the start: the user vectors live at the initial token scale
+    # the user vectors live at the model's *current* token-embedding RMS, as Eq. 1 places prompts at the frozen
+    # model's: so the model learns to read a preference vector at exactly the scale Eq. 1 will give it (with the
+    # scale fixed at the start, the trained embeddings grew ~3.5x past it and Eq. 1's prompts were out of range)
+    scale = embedding_rms(model)
     head = make_head(task)  # throwaway too: each store trains its own head
     embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) not in embeddings], "lr": cfg.lr,
@@ -121,7 +124,7 @@ def pretrain(family: str, cfg: FoundationConfig, seed: int, train: pd.DataFrame,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
     def prompts_for(idx: torch.Tensor) -> torch.Tensor:
-        return users_table(idx).view(-1, l, d) * scale
+        return users_table(idx).view(-1, l, d) * scale  # `scale` read at call time: the latest step's
 
     cost = Cost(flops_per_token=6.0 * identity.num_params)  # weights trained: forward + 2x backward
     start, losses = time.perf_counter(), []
@@ -140,6 +143,7 @@ def pretrain(family: str, cfg: FoundationConfig, seed: int, train: pd.DataFrame,
             opt.step()
             opt_users.step()
             sched.step()
+            scale = embedding_rms(model)  # no grad: a strided sample of the embedding table, microseconds
             cost.add_batch(batch, tokens, backward=False)
             losses.append(loss.item())
         log(f"pretrain {family} epoch {epoch}: train loss {np.mean(losses):.4f} ({time.perf_counter() - start:.1f}s)")

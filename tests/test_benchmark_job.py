@@ -90,7 +90,7 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     assert rows["Random (2x budget)"]["users"] == 16 and rows["Random"]["users"] == 8
     assert all(r["n"] == 2 and len(r["per_seed"]) == 2 for r in result["table4"])
     assert [p["users"] for p in result["figure3"]["random"]] == [4, 8]
-    assert result["figure3"]["random"][1]["value"] == rows["Random"]["metrics"]["rmse"]  # memoised, not rerun
+    assert result["figure3"]["random"][1]["value"] == rows["Random"]["per_seed"][0]["rmse"]  # memoised, not rerun
 
     cells = {(c["source"], c["target"]): c for c in result["figure4"]["cells"]}
     assert set(cells) == {("llama", "qwen2"), ("qwen2", "llama")}
