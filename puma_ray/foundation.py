@@ -129,9 +129,7 @@ def pretrain(family: str, cfg: FoundationConfig, seed: int, train: pd.DataFrame,
     cost = Cost(flops_per_token=6.0 * identity.num_params)  # weights trained: forward + 2x backward
     start, losses = time.perf_counter(), []
     for epoch in range(cfg.epochs):
-        epoch_set = records
-        if per_epoch < len(records):
-            epoch_set = records.subset(rng.choice(len(records), per_epoch, replace=False))
+        epoch_set = records.sample(cfg.max_train_records, rng)
         losses = []
         for batch in epoch_set.batches(cfg.batch_size, rng):
             logits, tokens = forward_batch(plm, prompts_for, batch)
@@ -151,7 +149,7 @@ def pretrain(family: str, cfg: FoundationConfig, seed: int, train: pd.DataFrame,
     model.requires_grad_(False)
     stats = {"steps": total_steps, "final_epoch_loss": float(np.mean(losses)) if losses else None,
              "wall_s": round(time.perf_counter() - start, 2), "records_seen": cost.forward_records,
-             "flops": cost.forward_records and float(cost.flops_per_token * cost.tokens_forward)}
+             "flops": float(cost.flops)}
     return model, tokenizer, stats
 
 

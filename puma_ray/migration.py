@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -139,7 +140,6 @@ def _foundation_cards(cfg: MigrateJobConfig) -> dict:
     """{model folder: its foundation card} for the models of this run that were pretrained here (family, width,
     seed, the train records they read, recipe, wall)."""
     from .foundation import read_card
-    import os
     folders = [m.name for m in [*(s.model for s in cfg.sources), cfg.target] if os.path.isdir(m.name)]
     return {f: card for f in folders if (card := read_card(f))}
 

@@ -58,9 +58,7 @@ def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.Dat
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
         head.train()
-        epoch_set = train_set
-        if cfg.max_train_records and len(train_set) > cfg.max_train_records:
-            epoch_set = train_set.subset(rng.choice(len(train_set), cfg.max_train_records, replace=False))
+        epoch_set = train_set.sample(cfg.max_train_records, rng)
         losses = []
         for batch in epoch_set.batches(cfg.batch_size, rng):
             logits, tokens = forward_batch(plm, prompts_for, batch)

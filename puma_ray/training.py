@@ -53,6 +53,12 @@ class RecordSet:
         return RecordSet(self.user_ids[idx], self.user_index[idx], self.item_ids[idx], self.labels[idx],
                          None if self.histories is None else self.histories[idx])
 
+    def sample(self, limit: int | None, rng: np.random.Generator) -> "RecordSet":
+        """An epoch's records: all of them, or `limit` drawn without replacement when there are more."""
+        if not limit or len(self) <= limit:
+            return self
+        return self.subset(rng.choice(len(self), limit, replace=False))
+
     def batches(self, batch_size: int, rng: np.random.Generator | None = None):
         order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
         for i, start in enumerate(range(0, len(order), batch_size)):
