@@ -50,7 +50,7 @@ def _roofline_pass(source: str, out_dir: str, adapter, threads: int) -> dict:
 def _roofline(source: str, out_dir: str, adapter_path: str) -> dict:
     """The faster of all cores and one core: on a loaded machine, torch's threads on all cores can wait on each
     other and lose to one thread; the roofline is what one plain process can do at best."""
-    from puma_ray.adapter import load_adapter
+    from puma_ray.artifacts.adapter_io import load_adapter
     adapter = load_adapter(adapter_path)[0]
     passes = [_roofline_pass(source, out_dir, adapter, t) for t in sorted({len(os.sched_getaffinity(0)), 1})]
     return max(passes, key=lambda p: p["rows_per_s"])
@@ -58,7 +58,7 @@ def _roofline(source: str, out_dir: str, adapter_path: str) -> dict:
 
 def _one_ray_run(source: str, target: str, adapter_path: str, actors: int) -> dict:
     """Runs in a fresh process (--one): the Ray conversion alone, timed per result as the driver receives it."""
-    from puma_ray.convert import ConvertConfig, convert
+    from puma_ray.conversion.run import ConvertConfig, convert
     from puma_ray.ray_layer import ensure_ray, run_on_ray
     ensure_ray(num_cpus=len(os.sched_getaffinity(0)))
     records = []
@@ -96,7 +96,7 @@ def main() -> None:
         source, target, adapter_path, actors = args.one
         print(json.dumps(_one_ray_run(source, target, adapter_path, int(actors))))
         return
-    from puma_ray.synthetic_prompts import write_synthetic_adapter, write_synthetic_store
+    from puma_ray.tools.synthetic_prompts import write_synthetic_adapter, write_synthetic_store
     work = args.workdir or tempfile.mkdtemp(prefix="convert-bench-")
     results = {}
     try:

@@ -35,7 +35,7 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_MODEL, TARGET_MODEL = "tiny:llama", "tiny:qwen2"
 PROMPT_LENGTH = 1
-# a job log line that marks where a stage begins (jobs/migrate.py via puma_ray.migration.run): (how, text, stage)
+# a job log line that marks where a stage begins (jobs/migrate.py via puma_ray.recipes.migrate.run): (how, text, stage)
 STAGES = (("startswith", "data {", "source store read + join, variance (Ray Data), K-means"),
           ("startswith", "selection ", "target load, test RecordSet"),
           ("startswith", "fit puma", "adapter fit (Ray Train)"),
@@ -70,10 +70,10 @@ def make_data(users: int, folder: str, args) -> dict:
 
 def make_source_store(path: str, user_ids: np.ndarray, shard_rows: int) -> dict:
     """Random prompts at tiny:llama's embedding scale, bound to its real identity; reused when present."""
-    from puma_ray.backbone import embedding_rms, load_backbone
+    from puma_ray.artifacts.store import MANIFEST, StoreWriter
     from puma_ray.config import TemplateConfig, to_dict
-    from puma_ray.heads import RatingHead, head_config
-    from puma_ray.store import MANIFEST, StoreWriter
+    from puma_ray.models.backbone import embedding_rms, load_backbone
+    from puma_ray.models.heads import RatingHead, head_config
     backbone = load_backbone(SOURCE_MODEL)
     d = backbone.identity.hidden_size
     if not os.path.exists(os.path.join(path, MANIFEST)):

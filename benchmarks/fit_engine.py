@@ -23,15 +23,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from puma_ray.adapter import AdapterConfig, PromptAdapter
-    from puma_ray.backbone import load_backbone
     from puma_ray.config import DataConfig, EngineConfig, ModelConfig, TemplateConfig
     from puma_ray.data import load_dataset
-    from puma_ray.fit import FitConfig, fit_mapping
-    from puma_ray.heads import RatingHead
-    from puma_ray.prompted_lm import PromptedLM
+    from puma_ray.models.adapter import AdapterConfig, PromptAdapter
+    from puma_ray.models.backbone import load_backbone
+    from puma_ray.models.heads import RatingHead
+    from puma_ray.models.prompted_lm import PromptedLM
     from puma_ray.ray_layer import ensure_ray, make_ray_fit
-    from puma_ray.train_store import item_texts
+    from puma_ray.recipes.train_prompts import item_texts
+    from puma_ray.training.fit import FitConfig, fit_mapping
 
     ds = load_dataset(DataConfig(max_users=args.users))
     model = ModelConfig(name="tiny:qwen2")

@@ -8,29 +8,21 @@ into the same --output reuses finished runs), and writes benchmark.json + benchm
 """
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 
-from puma_ray.adapter import AdapterError
-from puma_ray.benchmark import Benchmark, BenchmarkJobConfig, write_benchmark
-from puma_ray.config import ConfigError
-from puma_ray.data import DataError
-from puma_ray.runs import exit_job, job_args, load_job_config, new_run_dir, set_threads
-from puma_ray.selection import SelectionError
-from puma_ray.store import StoreError
+from puma_ray.recipes.benchmark import Benchmark, write_benchmark
+from puma_ray.recipes.engine import engine_functions
+from puma_ray.recipes.jobs import JOBS
+from puma_ray.recipes.runs import exit_job, job_args, new_run_dir, set_threads, user_errors_to_exit_code
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from migrate import _engine_functions  # noqa: E402  (the same engine choice as jobs/migrate.py: local or Ray)
-
-
-JOB_ERRORS = (ConfigError, DataError, StoreError, AdapterError, SelectionError, FileNotFoundError)
+JOB = JOBS["benchmark"]
 
 
 def run_benchmark(config: str, output: str | None, overrides: list[str], command: str) -> tuple[str, float]:
     """Runs the benchmark; benchmark.md is rewritten after each experiment. Returns (benchmark.md, wall seconds)."""
-    cfg = load_job_config(BenchmarkJobConfig, config, overrides)
-    bench = Benchmark(cfg, new_run_dir(output, "benchmark"), engine=_engine_functions)
+    cfg = JOB.load(config, overrides)
+    bench = Benchmark(cfg, new_run_dir(output, "benchmark"), engine=engine_functions)
     set_threads(bench.base.threads)
     storage = bench.base.storage
 
@@ -42,15 +34,15 @@ def run_benchmark(config: str, output: str | None, overrides: list[str], command
 
 
 def main(argv=None) -> int:
-    args = job_args(argv, __doc__, "configs/benchmark_*.yaml", "experiments.chain=null", config_required=True)
+    args = job_args(argv, __doc__, "configs/benchmark_*.yaml", "experiments.chain=null", JOB.default_config)
     words = ["python", "jobs/benchmark.py", *(sys.argv[1:] if argv is None else argv)]
-    try:
+
+    def body() -> int:
         md, wall_s = run_benchmark(args.config, args.output, args.overrides, " ".join(map(shlex.quote, words)))
-    except JOB_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"benchmark: {md} ({wall_s / 60:.1f} min)")
-    return 0
+        print(f"benchmark: {md} ({wall_s / 60:.1f} min)")
+        return 0
+
+    return user_errors_to_exit_code(body)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ import argparse
 import json
 import sys
 
-from puma_ray.adapter import AdapterError
-from puma_ray.config import ConfigError
-from puma_ray.convert import MISSING_POLICIES, ConvertConfig, convert, run_locally
+from puma_ray.artifacts.serving import DTYPES, export_for_serving
+from puma_ray.artifacts.store import StoreError
+from puma_ray.artifacts.verify import verify_store
+from puma_ray.conversion.run import MISSING_POLICIES, ConvertConfig, convert, run_locally
+from puma_ray.errors import ConfigError, PumaError
 from puma_ray.fs import StorageOptions
-from puma_ray.runs import exit_job
-from puma_ray.serving import DTYPES, export_for_serving
-from puma_ray.store import StoreError
-from puma_ray.store_check import verify_store
+from puma_ray.recipes.runs import exit_job
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
             print(f"exported {export['users']} users in {len(export['files'])} file(s) → {args.to}")
             return 0
         return _convert(args, storage)
-    except (ConfigError, StoreError, AdapterError, FileNotFoundError) as e:
+    except (PumaError, FileNotFoundError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -5,16 +5,16 @@ Unknown keys are errors that name the key and the file: a typo must not silently
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import yaml
 
-from .fs import StorageOptions
-
-
-class ConfigError(ValueError):
-    pass
+from puma_ray.errors import ConfigError
+from puma_ray.fs import StorageOptions
+from puma_ray.tasks import RATING_TEMPLATE, get_task
 
 
 @dataclass
@@ -53,15 +53,12 @@ class ModelConfig:
     # "foundation:<family>" (a small model of that family pretrained on the job's train split, then frozen)
     name: str = "tiny:llama"
     revision: str | None = None
-    dtype: str = "float32"  # CPU: float32; GPUs: bfloat16 (the LLM is frozen, so precision only costs accuracy)
+    # CPU: float32; GPUs: bfloat16 (the LLM is frozen, so precision only costs accuracy)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0  # weights of tiny:<family> and foundation:<family> models
     foundation: FoundationConfig | None = None  # foundation:<family> only; None: FoundationConfig's defaults
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if isinstance(self.foundation, dict):
-            self.foundation = from_dict(FoundationConfig, self.foundation, "model.foundation")
         if self.foundation is not None and not self.name.startswith("foundation:"):
             raise ConfigError(f"model.foundation is set but model.name {self.name!r} is not foundation:<family>")
 
@@ -69,7 +66,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "movielens100k"  # movielens100k | amazon | yelp | mind | synthetic | parquet
-    paths: dict = field(default_factory=dict)  # loader-specific files, e.g. {"reviews": ..., "meta": ...}
+    paths: dict[str, str] = field(default_factory=dict)  # loader-specific files, e.g. {"reviews": ..., "meta": ...}
     max_users: int | None = None  # keep the first N users (sorted id order): small runs on big data
     valid_frac: float = 0.1  # each user's latest records after train: early stopping / model choice
     test_frac: float = 0.1  # each user's latest records: reported metrics only
@@ -82,17 +79,10 @@ class DataConfig:
             raise ConfigError(f"data.valid_frac={self.valid_frac}, test_frac={self.test_frac}: need fractions < 1")
 
 
-RATING_TEMPLATE = ("#Question: We have information about the user's preferences encoded in the feature <UserID>. "
-                   "Predict the user's rating (as an integer between 1 and 5) for the movie/TV <ItemTitle>.\n#Answer:")
-CTR_TEMPLATE = ("#Question: The user recently clicked the news: <History>. We have information about the user's "
-                "preferences encoded in the feature <UserID>. Will the user click the news <ItemTitle>? "
-                "Answer with \"Yes\" or \"No\".\n#Answer:")
-
-
 @dataclass
 class TemplateConfig:
     text: str = RATING_TEMPLATE  # the paper's wording; placeholders below are filled per record
-    labels: list = field(default_factory=lambda: ["1", "2", "3", "4", "5"])  # read out at the answer position
+    labels: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5"])  # read out at the answer position
     user_placeholder: str = "<UserID>"  # becomes l positions holding the user's prompt vectors
     item_placeholder: str = "<ItemTitle>"
     history_placeholder: str = "<History>"
@@ -109,7 +99,8 @@ class TemplateConfig:
 
     @classmethod
     def for_task(cls, task: str) -> "TemplateConfig":
-        return cls() if task == "rating" else cls(text=CTR_TEMPLATE, labels=["Yes"])
+        spec = get_task(task)
+        return cls(text=spec.template, labels=list(spec.labels))
 
 
 @dataclass
@@ -154,53 +145,110 @@ class StoreConfig:
 @dataclass
 class EngineConfig:
     """Where fits run. The core never reads this beyond `kind`; the Ray layer reads the rest."""
-    kind: str = "ray"  # "ray": Ray Train workers with a DeepSpeed engine; "local": the same loop in this process
+    # "ray": Ray Train workers with a DeepSpeed engine; "local": the same loop in this process
+    kind: Literal["ray", "local"] = "ray"
     address: str | None = None  # Ray cluster address; None: RAY_ADDRESS (ray job submit sets it) or a local Ray
     num_workers: int = 1  # Train workers (data parallel); one per GPU on a GPU cluster
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # leave CPU for Ray Data's read tasks, or a 2-CPU machine deadlocks
     threads_per_worker: int = 1  # torch threads per worker: oversubscribing cores slows tiny models 40x
     zero_stage: int = 2  # DeepSpeed ZeRO stage (0-3); 2 partitions optimizer state + gradients
-    precision: str = "fp32"  # "fp32" on CPU; "bf16" on A100s
-    optimizer: str = "torch_adamw"  # "fused_adam" on GPUs; "cpu_adam" compiles DeepSpeed's op (~60 s first time)
+    # "fp32" on CPU; "bf16" on A100s
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # "fused_adam" on GPUs; "cpu_adam" compiles DeepSpeed's op (~60 s first time)
+    optimizer: Literal["torch_adamw", "fused_adam", "cpu_adam"] = "torch_adamw"
     storage_path: str | None = None  # checkpoints (adapter + head + optimizer, never the LLM); None: <output>/train
     run_name: str | None = None  # a rerun with the same name + storage resumes from the latest checkpoint
     max_failures: int = 2  # worker failures retried from the last checkpoint
     local_cpus: int | None = None  # CPUs of an in-process local Ray; None: all
 
     def __post_init__(self):
-        if self.kind not in ("ray", "local"):
-            raise ConfigError(f"engine.kind must be 'ray' or 'local', got {self.kind!r}")
         if self.num_workers < 1:
             raise ConfigError(f"engine.num_workers must be >= 1, got {self.num_workers}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"engine.zero_stage must be 0..3, got {self.zero_stage}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"engine.precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.optimizer not in ("torch_adamw", "fused_adam", "cpu_adam"):
-            raise ConfigError(f"engine.optimizer must be torch_adamw, fused_adam or cpu_adam, got {self.optimizer!r}")
 
 
 def from_dict(cls, data: dict | None, where: str):
-    """Builds dataclass `cls` from a dict, recursing into dataclass fields; unknown keys raise."""
-    data = data or {}
+    """Builds dataclass `cls` from a mapping, every field converted and checked against its type hint (nested
+    dataclasses, `X | None`, `list[X]`, `dict[str, X]`, `Literal[...]`, bool/int/float/str); an unknown key or a
+    value of the wrong type is a ConfigError naming the field (`where.key`)."""
+    if isinstance(data, cls):
+        return data
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value, f"{where}.{key}")
-        kwargs[key] = value
+    kwargs = {key: convert_value(hints[key], value, f"{where}.{key}") for key, value in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except TypeError as e:  # a required field missing
         raise ConfigError(f"{where}: {e}") from e
+
+
+def convert_value(hint, value, where: str):
+    """`value` as type `hint` (see from_dict); ConfigError naming `where` when it is not one."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:
+            try:
+                return convert_value(option, value, where)
+            except ConfigError:
+                pass
+        return convert_value(options[-1], value, where)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+    if origin is tuple or hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        if args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{where} must hold {len(args)} values, got {len(value)}")
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return tuple(convert_value(k, v, f"{where}[{i}]") for i, (k, v) in enumerate(zip(kinds, value))) \
+            if args else tuple(value)
+    if origin is list or hint is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        return [convert_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+        return {k: convert_value(args[1], v, f"{where}.{k}") for k, v in value.items()} if args else dict(value)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value  # an int stays an int (PEP 484's numeric tower): a budget of 1 user is not 100%
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string: take it when it is a number
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {type(value).__name__} {value!r}")
+    return value
 
 
 def load_yaml(path: str) -> dict:
@@ -216,9 +264,18 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg):
+    """The plain (YAML/JSON) form of a config: what from_dict reads back to an equal config. Derived fields
+    (init=False) are left out."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
 
 
-__all__ = ["ConfigError", "EngineConfig", "FoundationConfig", "ModelConfig", "DataConfig", "TemplateConfig", "PromptTrainConfig", "StoreConfig",
+__all__ = ["ConfigError", "EngineConfig", "FoundationConfig", "ModelConfig", "DataConfig", "TemplateConfig",
+           "PromptTrainConfig", "StoreConfig",
            "StorageOptions", "from_dict", "load_yaml", "to_dict"]

@@ -33,10 +33,3 @@ def task_metrics(task: str, user_ids, y, pred) -> dict:
         return {"rmse": rmse(y, pred), "mae": mae(y, pred), "records": int(len(y))}
     return {"auc": auc(y, pred), "uauc": uauc(user_ids, y, pred), "records": int(len(y))}
 
-
-PRIMARY = {"rating": ("rmse", "lower"), "ctr": ("auc", "higher")}
-
-
-def better(task: str, a: float, b: float) -> bool:
-    """Is metric value a better than b for this task's primary metric?"""
-    return a < b if PRIMARY[task][1] == "lower" else a > b

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from puma_ray.real_models import (  # noqa: E402
+from puma_ray.tools.real_models import (  # noqa: E402
     PROBE_PROMPT,
     REAL_MODELS,
     install_real_model,

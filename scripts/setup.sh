@@ -10,7 +10,7 @@ VPY=.venv/bin/python
 if ! $VPY -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   $VPY -m pip install -q torch==2.13.0
 fi
-if ! (cd / && "$OLDPWD/$VPY" -c 'import puma_ray, ray, deepspeed, optuna, moto, pytest') 2>/dev/null; then
+if ! (cd / && "$OLDPWD/$VPY" -c 'import puma_ray, ray, deepspeed, optuna, moto, pytest, ruff') 2>/dev/null; then
   # constraints.txt pins the set resolved once here: without it pip backtracks through ray and boto3
   # releases for many minutes (botocore must satisfy both aiobotocore's narrow pin and moto's boto3)
   $VPY -m pip install -q -c constraints.txt -e '.[test]'

@@ -46,7 +46,7 @@ def _model_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_model(_model_cache):
     """tiny_model(family, seed=0) -> the folder of that tiny random model (built on first use)."""
-    from puma_ray.tiny_models import ensure_tiny_model
+    from puma_ray.models.tiny import ensure_tiny_model
 
     def make(family: str, seed: int = 0) -> str:
         return ensure_tiny_model(family, seed=seed, root=_model_cache)
@@ -133,9 +133,9 @@ def store_inputs():
     """What a store is made of, without any model: an identity, 11 users' prompts (l=2, d=8), a rating head."""
     from types import SimpleNamespace
 
+    from puma_ray.artifacts.store import ModelIdentity
     from puma_ray.config import TemplateConfig, to_dict
-    from puma_ray.heads import RatingHead, head_config
-    from puma_ray.store import ModelIdentity
+    from puma_ray.models.heads import RatingHead, head_config
 
     rng = np.random.default_rng(1)
     n, l, d = 11, 2, 8

@@ -8,12 +8,20 @@ import pytest
 import torch
 
 from puma_ray import __version__
-from puma_ray.adapter import (CONFIG_FILE, HEAD_FILE, WEIGHTS_FILE, AdapterConfig, AdapterError, PromptAdapter,
-                              check_sources, load_adapter, num_parameters, save_adapter)
-from puma_ray.config import ConfigError
+from puma_ray.artifacts.adapter_io import (
+    CONFIG_FILE,
+    HEAD_FILE,
+    WEIGHTS_FILE,
+    check_sources,
+    load_adapter,
+    save_adapter,
+)
+from puma_ray.config import ConfigError, from_dict
+from puma_ray.errors import AdapterError
 from puma_ray.fs import StorageOptions, filesystem
-from puma_ray.heads import RatingHead, head_config
-from puma_ray.store import ModelIdentity
+from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
+from puma_ray.models.heads import RatingHead, head_config
+from puma_ray.models.identity import ModelIdentity
 
 
 def _identity(name: str, family: str, d: int, fp: str) -> ModelIdentity:
@@ -102,14 +110,14 @@ def test_default_hidden_and_linear_size():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"kind": "conv"}, "adapter.kind must be 'mlp' or 'linear'"),
+    ({"kind": "conv"}, r"adapter.kind must be one of \['mlp', 'linear'\], got 'conv'"),
     ({"hidden": 0}, "adapter.hidden must be >= 1"),
     ({"dropout": 1.0}, r"adapter.dropout must be in \[0, 1\)"),
     ({"dropout": -0.1}, r"adapter.dropout must be in \[0, 1\)"),
 ])
 def test_adapter_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        AdapterConfig(**kwargs)
+        from_dict(AdapterConfig, kwargs, "adapter")
 
 
 # ---------------------------------------------------------------------------------------------- artifact
@@ -182,6 +190,30 @@ def test_load_refuses_incomplete(tmp_path):
         load_adapter(str(folder))
     with pytest.raises(AdapterError, match=f"has no {CONFIG_FILE}"):
         load_adapter(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("format_id", ["puma_ray.adapter/2", None, "puma-foundation/2"])
+def test_load_refuses_unknown_format(tmp_path, format_id):
+    """A newer version, a config without a format, another artifact's config: one line naming the file."""
+    adapter, head, meta = _trained_pair()
+    folder = tmp_path / "adapter"
+    save_adapter(str(folder), adapter, head, head_config("rating", head), meta)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["format"] = format_id
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    expected = rf"adapter {folder} \({CONFIG_FILE}\): format .* is not one this package reads"
+    with pytest.raises(AdapterError, match=expected) as e:
+        load_adapter(str(folder))
+    assert "\n" not in str(e.value)
+
+
+def test_load_refuses_garbage_config(tmp_path):
+    adapter, head, meta = _trained_pair()
+    folder = tmp_path / "adapter"
+    save_adapter(str(folder), adapter, head, head_config("rating", head), meta)
+    (folder / CONFIG_FILE).write_bytes(b"\x1f\x8b not json")
+    with pytest.raises(AdapterError, match="is not valid JSON"):
+        load_adapter(str(folder))
 
 
 def test_check_sources_refuses_other_models():

@@ -11,13 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-
-from puma_ray.benchmark import BenchmarkJobConfig
-from puma_ray.config import ConfigError
-from puma_ray.data import save_dataset
-from puma_ray.runs import load_job_config
-
 from test_report_md import check_links
+
+from puma_ray.config import ConfigError, from_dict
+from puma_ray.data import save_dataset
+from puma_ray.recipes.benchmark import BenchmarkJobConfig
+from puma_ray.recipes.runs import load_job_config
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "benchmark.py"
@@ -131,11 +130,12 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
 def test_benchmark_config_errors(toy_dataset, tmp_path):
     base = tiny_config({"records": "r", "items": "i"})
     with pytest.raises(ConfigError, match="phi3"):
-        BenchmarkJobConfig(**{**base, "experiments": {"chain": ["llama", "phi3"]}})
+        from_dict(BenchmarkJobConfig, {**base, "experiments": {"chain": ["llama", "phi3"]}}, "benchmark")
     with pytest.raises(ConfigError, match="migrate.target"):
-        BenchmarkJobConfig(**{**base, "migrate": {**base["migrate"], "target": {"name": "tiny:qwen2"}}})
+        from_dict(BenchmarkJobConfig, {**base, "migrate": {**base["migrate"], "target": {"name": "tiny:qwen2"}}},
+                  "benchmark")
     with pytest.raises(ConfigError, match="unknown strategy"):
-        BenchmarkJobConfig(**{**base, "experiments": {"strategies": ["nope"]}})
+        from_dict(BenchmarkJobConfig, {**base, "experiments": {"strategies": ["nope"]}}, "benchmark")
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({**base, "migrate": {**base["migrate"], "fit": {"epoch": 1}}}))
     with pytest.raises(ConfigError, match="epoch"):

@@ -7,10 +7,7 @@ of the job its first line runs.
 """
 from __future__ import annotations
 
-import ast
 import copy
-import importlib
-import importlib.util
 import json
 import math
 import re
@@ -22,7 +19,9 @@ import pytest
 import yaml
 
 import puma_ray
-from puma_ray.runs import load_job_config
+from puma_ray.errors import ConfigError
+from puma_ray.recipes.jobs import JOBS, job_of_script
+from puma_ray.recipes.runs import load_job_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -31,14 +30,6 @@ LAUNCHER = CLUSTER / "a100-cluster.yaml"
 RAYJOB = CLUSTER / "rayjob-migrate.yaml"
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
-
-# job script -> (module, class) of its config. Scripts not listed are read for their own load_job_config call.
-JOB_CONFIG_CLASSES = {
-    "jobs/migrate.py": ("puma_ray.migration", "MigrateJobConfig"),
-    "jobs/train_prompts.py": ("puma_ray.train_store", "TrainPromptsJobConfig"),
-    "jobs/benchmark.py": ("puma_ray.benchmark", "BenchmarkJobConfig"),
-}
-
 
 def _yaml(path: Path):
     with open(path) as f:
@@ -111,7 +102,7 @@ def test_launcher_semantics():
 
 
 def test_paper_config_fits_the_launcher_cluster():
-    from puma_ray.migration import MigrateJobConfig
+    from puma_ray.recipes.migrate import MigrateJobConfig
     engine = load_job_config(MigrateJobConfig, str(CONFIGS / "migrate_llama1b_to_3b_amazon.yaml")).engine
     cfg = _yaml(LAUNCHER)
     node = cfg["available_node_types"]["a100"]
@@ -168,7 +159,8 @@ def test_rayjob_manifest():
     a100 = gpu_groups[0]["template"]
     res = a100["spec"]["containers"][0]["resources"]
     assert int(res["limits"]["nvidia.com/gpu"]) == 8
-    assert res.get("requests", {}).get("nvidia.com/gpu", res["limits"]["nvidia.com/gpu"]) == res["limits"]["nvidia.com/gpu"]
+    gpus = res["limits"]["nvidia.com/gpu"]
+    assert res.get("requests", {}).get("nvidia.com/gpu", gpus) == gpus
     assert a100["spec"].get("nodeSelector") and a100["spec"].get("tolerations")
 
     images = {c["image"] for c in head} | {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
@@ -256,35 +248,32 @@ def test_dockerfile_installs_cuda_torch_and_the_pins():
 CONFIG_FILES = sorted([*CONFIGS.glob("*.yaml"), *CONFIGS.glob("*.yml")])
 
 
-def _script_config_class(script: str) -> tuple[str, str] | None:
-    """(module, class) from the script itself: the first argument of its load_job_config call, and its import."""
-    tree = ast.parse((REPO / script).read_text())
-    imports = {alias.asname or alias.name: node.module for node in ast.walk(tree)
-               if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "load_job_config"
-                and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in imports):
-            return imports[node.args[0].id], node.args[0].id
-    return None
-
-
-def _job_config_class(script: str):
-    assert (REPO / script).is_file(), f"a shipped config names {script}, which does not exist"
-    target = JOB_CONFIG_CLASSES.get(script) or _script_config_class(script)
-    assert target, f"cannot tell which config class {script} loads: add it to JOB_CONFIG_CLASSES"
-    module, name = target
-    assert importlib.util.find_spec(module), f"{module} (the config module of {script}) does not exist"
-    return getattr(importlib.import_module(module), name)
-
-
 def test_there_are_configs():
     names = {p.name for p in CONFIG_FILES}
-    assert {"migrate_llama1b_to_3b_amazon.yaml", "migrate_smollm2_to_gemma3_ml100k.yaml"} <= names
+    assert {"migrate_llama1b_to_3b_amazon.yaml", "migrate_smollm2_to_gemma3_ml100k.yaml", "migrate_default.yaml",
+            "sweep_default.yaml"} <= names
 
 
-@pytest.mark.parametrize("script", sorted(JOB_CONFIG_CLASSES))
-def test_job_table_agrees_with_the_scripts(script):
-    assert _script_config_class(script) == JOB_CONFIG_CLASSES[script]
+@pytest.mark.parametrize("job", sorted(JOBS), ids=str)
+def test_every_job_of_the_table_exists_and_loads_its_default(job):
+    """The JOBS table names real scripts, config classes and default files; each script reads its own entry."""
+    entry = JOBS[job]
+    assert (REPO / entry.script).is_file(), entry.script
+    assert f'JOBS["{job}"]' in (REPO / entry.script).read_text(), f"{entry.script} does not load its JOBS entry"
+    cls = entry.config_cls()
+    if entry.default_config:
+        assert isinstance(entry.load(None), cls)
+    else:
+        with pytest.raises(ConfigError, match="needs --config"):
+            entry.load(None)
+
+
+def test_default_configs_name_their_job():
+    """A job's default file is run by that job: its first line says so."""
+    for job in JOBS.values():
+        if job.default_config:
+            first = (REPO / job.default_config).read_text().splitlines()[0]
+            assert first.startswith(f"# python {job.script}"), (job.name, first)
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
@@ -297,9 +286,9 @@ def test_config_runs_as_its_first_line_says(path):
     script = scripts[0]
     i = argv.index(script)
     assert i > 0 and re.search(r"python[\d.]*$", argv[i - 1]), f"{path.name}: {script} is not run by python"
-    assert "--config" in argv[i:] and argv[argv.index("--config", i) + 1] == f"configs/{path.name}", \
-        f"{path.name}: the command must pass --config configs/{path.name}"
-
-    cls = _job_config_class(script)
-    cfg = load_job_config(cls, str(path))
-    assert isinstance(cfg, cls)
+    job = job_of_script(script)  # through the JOBS table: the config class the script really loads
+    if f"configs/{path.name}" != job.default_config:
+        assert "--config" in argv[i:] and argv[argv.index("--config", i) + 1] == f"configs/{path.name}", \
+            f"{path.name}: the command must pass --config configs/{path.name}"
+    cfg = job.load(str(path))
+    assert isinstance(cfg, job.config_cls())

@@ -18,13 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from puma_ray.adapter import AdapterError, load_adapter
-from puma_ray.convert import ConvertConfig, convert
+from puma_ray.artifacts.adapter_io import load_adapter
+from puma_ray.artifacts.serving import ServingPrompts, export_for_serving
+from puma_ray.artifacts.store import PromptStore, StoreError, prompts_table
+from puma_ray.artifacts.verify import verify_store
+from puma_ray.conversion.run import ConvertConfig, convert
+from puma_ray.errors import AdapterError
 from puma_ray.fs import StorageOptions
-from puma_ray.serving import ServingPrompts, export_for_serving
-from puma_ray.store import PromptStore, StoreError, prompts_table
-from puma_ray.store_check import verify_store
-from puma_ray.synthetic_prompts import write_synthetic_adapter, write_synthetic_store
+from puma_ray.tools.synthetic_prompts import write_synthetic_adapter, write_synthetic_store
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def test_aggregated_conversion_with_missing_users(tmp_path):
     keep = ids != "user00000005"
     state, head_cfg = PromptStore.open(b_full).read_head()
     m = PromptStore.open(b_full).manifest
-    from puma_ray.store import write_store
+    from puma_ray.artifacts.store import write_store
     b = str(tmp_path / "b")
     write_store(b, m.identity, ids[keep][::-1], prompts[keep][::-1], state, head_cfg, template=m.template,
                 task="rating", shard_rows=40)  # another order and shard layout than a's
@@ -286,8 +287,9 @@ def _kill_first_pid(pid_dir: Path, killed: dict, stop: threading.Event) -> None:
 
 def test_killed_actor_is_retried_by_ray(case, tmp_path, local_ray, monkeypatch):
     """One pool actor SIGKILLed mid-run: Ray restarts it and retries its unit; the user sees a complete store."""
-    from puma_ray.ray_layer import run_on_ray
     import ray
+
+    from puma_ray.ray_layer import run_on_ray
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     # the hooks reach the actors through the environment only for workers started after this point

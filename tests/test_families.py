@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from puma_ray.backbone import embedding_rms, load_backbone, weight_fingerprint
 from puma_ray.config import PromptTrainConfig, TemplateConfig
 from puma_ray.data import limit_users
-from puma_ray.prompt_training import train_prompts
-from puma_ray.prompted_lm import PromptedLM, TemplateError
-from puma_ray.tiny_models import FAMILIES
+from puma_ray.models.backbone import embedding_rms, load_backbone, weight_fingerprint
+from puma_ray.models.prompted_lm import PromptedLM, TemplateError
+from puma_ray.models.tiny import FAMILIES
+from puma_ray.training.prompts import train_prompts
 
 FAMILY_NAMES = sorted(FAMILIES)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,7 @@ import pytest
 
 from puma_ray.config import FoundationConfig, ModelConfig, PromptTrainConfig, TemplateConfig
 from puma_ray.data import Dataset
-from puma_ray.foundation import CARD, ensure_foundation, read_card, resolve_model
+from puma_ray.recipes.foundation import CARD, ensure_foundation, read_card, resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,7 +36,7 @@ def test_deterministic_per_seed(toy_dataset, tmp_path):
     assert _fingerprint(a) == _fingerprint(b)
     assert _fingerprint(other) != _fingerprint(a)
     # the weights on disk are the ones the card names (what a store binds to)
-    from puma_ray.backbone import load_backbone
+    from puma_ray.models.backbone import load_backbone
     assert load_backbone(a).identity.fingerprint == _fingerprint(a)
 
 
@@ -67,7 +67,7 @@ def test_never_reads_valid_or_test_records(toy_dataset, tmp_path):
 
 def test_card_is_written_last(toy_dataset, tmp_path, monkeypatch):
     root = str(tmp_path / "models")
-    import puma_ray.foundation as foundation
+    import puma_ray.recipes.foundation as foundation
 
     def fail(model):
         raise RuntimeError("disk full")
@@ -100,10 +100,11 @@ def test_cached_and_reused(toy_dataset, tmp_path):
 def test_store_on_a_foundation_is_refused_elsewhere(toy_dataset, tmp_path, monkeypatch):
     """A store trained on a pretrained foundation belongs to it: not to its un-pretrained base (same family, width
     and seed, random weights), nor to the same foundation pretrained with another seed."""
-    from puma_ray.backbone import load_backbone, weight_fingerprint
-    from puma_ray.foundation import _build, train_item_texts
-    from puma_ray.store import ModelIdentity, PromptStore, StoreError
-    from puma_ray.train_store import TrainPromptsJobConfig, train_store
+    from puma_ray.artifacts.store import ModelIdentity, PromptStore, StoreError
+    from puma_ray.models.backbone import load_backbone, weight_fingerprint
+    from puma_ray.recipes.foundation import train_item_texts
+    from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, train_store
+    from puma_ray.training.pretrain import build_model
 
     monkeypatch.setenv("PUMA_MODEL_CACHE", str(tmp_path / "models"))
     model = ModelConfig(name="foundation:llama", seed=0, foundation=SMALL)
@@ -113,7 +114,7 @@ def test_store_on_a_foundation_is_refused_elsewhere(toy_dataset, tmp_path, monke
     store = PromptStore.open(str(tmp_path / "store"))
     store.check_model(load_backbone(resolved.name).identity)  # its own foundation: accepted
 
-    base, _ = _build("llama", SMALL, 0, train_item_texts(toy_dataset.split("train"), toy_dataset.items))
+    base, _ = build_model("llama", SMALL, 0, train_item_texts(toy_dataset.split("train"), toy_dataset.items))
     base_identity = ModelIdentity("base", "llama", SMALL.hidden_size, weight_fingerprint(base))
     other = resolve_model(ModelConfig(name="foundation:llama", seed=1, foundation=SMALL), toy_dataset, None,
                           log=lambda m: None)
@@ -123,24 +124,29 @@ def test_store_on_a_foundation_is_refused_elsewhere(toy_dataset, tmp_path, monke
 
 
 def test_foundation_config_is_checked():
-    from puma_ray.config import ConfigError
+    from puma_ray.config import ConfigError, from_dict
+
+    def model(**kw):
+        return from_dict(ModelConfig, kw, "model")
     with pytest.raises(ConfigError, match="model.foundation"):
-        ModelConfig(name="tiny:llama", foundation={"hidden_size": 32})
+        model(name="tiny:llama", foundation={"hidden_size": 32})
     with pytest.raises(ConfigError, match="hidden_size"):
-        ModelConfig(name="foundation:llama", foundation={"hidden_size": 0})
-    with pytest.raises(ConfigError, match="unknown key"):
-        ModelConfig(name="foundation:llama", foundation={"widht": 32})
-    cfg = ModelConfig(name="foundation:qwen2", seed=3, foundation={"hidden_size": 32})
+        model(name="foundation:llama", foundation={"hidden_size": 0})
+    with pytest.raises(ConfigError, match=r"model.foundation: unknown key\(s\) \['widht'\]"):
+        model(name="foundation:llama", foundation={"widht": 32})
+    with pytest.raises(ConfigError, match="model.foundation.hidden_size must be an integer, got 'wide'"):
+        model(name="foundation:llama", foundation={"hidden_size": "wide"})
+    cfg = model(name="foundation:qwen2", seed=3, foundation={"hidden_size": 32})
     assert isinstance(cfg.foundation, FoundationConfig) and cfg.foundation.hidden_size == 32
     assert json.dumps(vars(cfg.foundation))
 
 
 def test_shared_prompt_is_one_prompt_for_everyone(toy_dataset):
     """train.shared: one row trained for every user (the personalization control); the store still has all users."""
-    from puma_ray.backbone import load_backbone
-    from puma_ray.prompt_training import train_prompts
-    from puma_ray.prompted_lm import PromptedLM
-    from puma_ray.train_store import item_texts
+    from puma_ray.models.backbone import load_backbone
+    from puma_ray.models.prompted_lm import PromptedLM
+    from puma_ray.recipes.train_prompts import item_texts
+    from puma_ray.training.prompts import train_prompts
 
     backbone = load_backbone("tiny:llama")
     plm = PromptedLM(backbone, TemplateConfig(), 1, item_texts(toy_dataset))
@@ -159,10 +165,10 @@ def test_shared_prompt_is_one_prompt_for_everyone(toy_dataset):
 def test_migration_between_two_foundations(toy_dataset, tmp_path, monkeypatch):
     """foundation:<family> names work in a migrate config: both pretrained on the run's data (train split), the
     source store bound to its foundation, the report carries both cards and the reference rows."""
-    from puma_ray import migration
+    import puma_ray.recipes.migrate as migration
+    from puma_ray.artifacts.store import PromptStore
     from puma_ray.config import from_dict, to_dict
     from puma_ray.data import save_dataset
-    from puma_ray.store import PromptStore
 
     monkeypatch.setenv("PUMA_MODEL_CACHE", str(tmp_path / "models"))
     paths = save_dataset(toy_dataset, str(tmp_path / "data"))
@@ -191,13 +197,14 @@ def test_every_family_builds_saves_and_reloads_at_any_size(family, toy_dataset, 
     reloads with from_pretrained, with the same weights (fingerprint) and its quirks (Gemma's sqrt(d) scale)."""
     import torch
 
-    from puma_ray.backbone import load_backbone, weight_fingerprint
-    from puma_ray.foundation import _build, train_item_texts
-    from puma_ray.prompted_lm import PromptedLM
+    from puma_ray.models.backbone import load_backbone, weight_fingerprint
+    from puma_ray.models.prompted_lm import PromptedLM
+    from puma_ray.recipes.foundation import train_item_texts
+    from puma_ray.training.pretrain import build_model
 
     cfg = FoundationConfig(hidden_size=32, layers=3, heads=2, vocab_size=400)
     texts = train_item_texts(toy_dataset.split("train"), toy_dataset.items)
-    model, tokenizer = _build(family, cfg, 0, texts)
+    model, tokenizer = build_model(family, cfg, 0, texts)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     backbone = load_backbone(str(tmp_path))
@@ -209,7 +216,7 @@ def test_every_family_builds_saves_and_reloads_at_any_size(family, toy_dataset, 
     assert logits.shape == (3, 5) and torch.isfinite(logits).all()
     if family == "stablelm":  # a quarter of a 12-wide head is 3 rotary dims: refused up front, not mid-forward
         with pytest.raises(ValueError, match="rotary"):
-            _build(family, FoundationConfig(hidden_size=24, heads=2, vocab_size=400), 0, texts)
+            build_model(family, FoundationConfig(hidden_size=24, heads=2, vocab_size=400), 0, texts)
 
 
 def test_ctr_foundation_reads_histories_of_the_train_split_only(toy_dataset, tmp_path):

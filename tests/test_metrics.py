@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import mean_absolute_error, mean_squared_error, roc_auc_score
 
-from puma_ray.metrics import auc, better, mae, rmse, task_metrics, uauc
-from puma_ray.reference import reference_metrics, reference_predictions
+from puma_ray.errors import ConfigError
+from puma_ray.metrics import auc, mae, rmse, task_metrics, uauc
+from puma_ray.tasks import get_task
+from puma_ray.training.reference import reference_metrics, reference_predictions
 
 
 @pytest.fixture
@@ -76,8 +78,11 @@ def test_task_metrics_and_better():
     c = task_metrics("ctr", ["a", "a", "b", "b"], [0, 1, 1, 0], [0.1, 0.9, 0.2, 0.8])
     # pooled: 3 of 4 positive/negative pairs ordered; per user: a 1.0, b 0.0
     assert c["auc"] == pytest.approx(0.75) and c["uauc"] == pytest.approx(0.5) and c["records"] == 4
-    assert better("rating", 0.9, 1.0) and not better("rating", 1.0, 0.9)
-    assert better("ctr", 0.7, 0.6) and not better("ctr", 0.6, 0.7)
+    assert get_task("rating").better(0.9, 1.0) and not get_task("rating").better(1.0, 0.9)
+    assert get_task("ctr").better(0.7, 0.6) and not get_task("ctr").better(0.6, 0.7)
+    assert get_task("rating").primary == "rmse" and get_task("ctr").primary == "auc"
+    with pytest.raises(ConfigError, match="unknown task 'regression'"):
+        get_task("regression")
 
 
 # ------------------------------------------------------------------------------------------------ reference predictors

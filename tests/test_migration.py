@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from puma_ray import migration
-from puma_ray.adapter import AdapterError, load_adapter
-from puma_ray.backbone import load_backbone
+import puma_ray.recipes.migrate as migration
+from puma_ray.artifacts.adapter_io import load_adapter
+from puma_ray.artifacts.store import PromptStore, StoreError, write_store
 from puma_ray.config import ConfigError, from_dict
-from puma_ray.convert import convert
+from puma_ray.conversion.run import convert
 from puma_ray.data import save_dataset
-from puma_ray.store import PromptStore, StoreError, write_store
+from puma_ray.errors import AdapterError
+from puma_ray.models.backbone import load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,7 +75,7 @@ def test_single_source_report(run_a, toy_dataset):
         assert 0 < m["mae"] <= m["rmse"] < 4, name
         assert m["records"] == n_test, name  # every user's test records, not only the selected users'
     # the reference rows (no LLM) on the same test records, under their own key and in the printed table
-    from puma_ray.reference import reference_metrics
+    from puma_ray.training.reference import reference_metrics
     assert set(report["reference"]) == {"global_mean", "user_mean", "bias"}
     assert report["reference"] == reference_metrics("rating", toy_dataset.split("train"), toy_dataset.split("test"))
     assert all(m["records"] == n_test for m in report["reference"].values())

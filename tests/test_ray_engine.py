@@ -15,12 +15,12 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.fixture(scope="module")
 def fit_case(toy_dataset):
     """A migration fit problem: toy users' random source prompts (d=32) → tiny:llama (d=48)."""
-    from puma_ray.adapter import AdapterConfig, PromptAdapter
-    from puma_ray.backbone import load_backbone
     from puma_ray.config import ModelConfig, TemplateConfig
-    from puma_ray.heads import RatingHead
-    from puma_ray.prompted_lm import PromptedLM
-    from puma_ray.train_store import item_texts
+    from puma_ray.models.adapter import AdapterConfig, PromptAdapter
+    from puma_ray.models.backbone import load_backbone
+    from puma_ray.models.heads import RatingHead
+    from puma_ray.models.prompted_lm import PromptedLM
+    from puma_ray.recipes.train_prompts import item_texts
 
     model = ModelConfig(name="tiny:llama")
     backbone = load_backbone(model.name)
@@ -43,8 +43,8 @@ def fit_case(toy_dataset):
 
 def _fit(case, tmp_path, workers, name, epochs=3, pid_dir=None, storage=None):
     from puma_ray.config import EngineConfig
-    from puma_ray.fit import FitConfig
     from puma_ray.ray_layer import make_ray_fit
+    from puma_ray.training.fit import FitConfig
 
     engine = EngineConfig(num_workers=workers, cpus_per_worker=0.5, zero_stage=2, max_failures=2)
     fit_fn = make_ray_fit(engine, case["model"], storage or str(tmp_path / "train"), run_name=name, pid_dir=pid_dir)
@@ -56,6 +56,30 @@ def _fit(case, tmp_path, workers, name, epochs=3, pid_dir=None, storage=None):
 
 def _valid_rmse(result):
     return min(h["valid_rmse"] for h in result.history)
+
+
+def test_one_ray_worker_runs_the_in_process_fit(local_ray, fit_case, tmp_path):
+    """One epoch loop (training/loop.py): the same data, seed and one worker give the in-process fit's history
+    and adapter, DeepSpeed doing the step (its flattened fp32 buffers add float noise only)."""
+    import torch
+
+    from puma_ray.training.fit import FitConfig, fit_mapping
+    ray_result = _fit(fit_case, tmp_path, 1, "parity")
+    adapter, head = fit_case["make"]()
+    cfg = FitConfig(epochs=3, batch_size=16, lr=3e-3, head_lr=3e-3, patience=5)
+    local = fit_mapping(fit_case["plm"], "rating", adapter, [fit_case["sources"]], fit_case["users"],
+                        fit_case["train"], fit_case["valid"], head, cfg, log=lambda m: None)
+    assert [h["epoch"] for h in ray_result.history] == [h["epoch"] for h in local.history] == [0, 1, 2]
+    for r, lo in zip(ray_result.history, local.history):
+        assert r["train_loss"] == pytest.approx(lo["train_loss"], rel=1e-3), (ray_result.history, local.history)
+        assert r["valid_rmse"] == pytest.approx(lo["valid_rmse"], rel=1e-3), (ray_result.history, local.history)
+    assert ray_result.best_epoch == local.best_epoch
+    ray_state, local_state = ray_result.mapping.state_dict(), local.mapping.state_dict()
+    for key, value in local_state.items():
+        torch.testing.assert_close(ray_state[key].float(), value.float(), rtol=1e-3, atol=1e-4, msg=key)
+    # the same LLM work counted either way
+    assert ray_result.cost.backward_records == local.cost.backward_records
+    assert ray_result.cost.forward_records == local.cost.forward_records
 
 
 def test_two_workers_zero2_match_one_worker(local_ray, fit_case, tmp_path):
@@ -108,7 +132,7 @@ def test_streaming_user_stats_match_pandas(local_ray, toy_dataset, tmp_path, s3_
     from puma_ray.data import save_dataset
     from puma_ray.fs import StorageOptions
     from puma_ray.ray_layer import make_variance_fn
-    from puma_ray.user_stats import label_variance
+    from puma_ray.selection.statistics import label_variance
 
     storage = StorageOptions(endpoint_url=s3_server["endpoint_url"])
     paths = save_dataset(toy_dataset, f"s3://{s3_server['bucket']}/stats-data", storage)

@@ -16,11 +16,11 @@ import psutil
 import pytest
 import yaml
 
+from puma_ray.artifacts.store import PromptStore
 from puma_ray.config import TemplateConfig
 from puma_ray.data import save_dataset
 from puma_ray.fs import StorageOptions, filesystem
-from puma_ray.store import PromptStore
-from puma_ray.train_store import TrainPromptsJobConfig, train_store
+from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, train_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")

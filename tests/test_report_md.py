@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from puma_ray import report_md
+import puma_ray.reports.markdown as report_md
 from puma_ray.fs import StorageOptions, filesystem
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -90,7 +90,7 @@ def test_migration_report(tmp_path, task, full):
     assert path == f"{run}/report.md"
     md = open(path).read()
 
-    cols = report_md.METRIC_COLUMNS[task]
+    cols = report_md.get_task(task).metrics
     assert f"| method | {cols[0].upper()} {'↓' if task == 'rating' else '↑'} |" in md
     for name, metrics in report["methods"].items():
         row = _table_row(md, report_md.method_label(name))

@@ -13,8 +13,18 @@ import numpy as np
 import pytest
 
 from puma_ray.config import ConfigError
-from puma_ray.selection import (NEEDS, STRATEGIES, SelectionError, SelectionInput, allocate, kmeans_labels,
-                                normal_weights, quantile_bins, resolve_budget, select)
+from puma_ray.selection.strategies import (
+    NEEDS,
+    STRATEGIES,
+    SelectionError,
+    SelectionInput,
+    allocate,
+    kmeans_labels,
+    normal_weights,
+    quantile_bins,
+    resolve_budget,
+    select,
+)
 
 SIZES = np.array([180, 140, 110, 80, 50, 40])  # 600 users, unequal blobs
 N, DIM, K = int(SIZES.sum()), 16, len(SIZES)

@@ -13,8 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from puma_ray.store import (FORMAT_VERSION, HEAD, MANIFEST, SHARD_DIR, PromptStore, StoreError, StoreWriter,
-                            prompts_table, write_store)
+from puma_ray.artifacts.store import (
+    FORMAT_VERSION,
+    HEAD,
+    MANIFEST,
+    SHARD_DIR,
+    PromptStore,
+    StoreError,
+    StoreWriter,
+    prompts_table,
+    write_store,
+)
 
 
 def _write(s, path, user_ids=None, prompts=None, **kwargs):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from puma_ray.artifacts.store import MANIFEST, SHARD_DIR, PromptStore, StoreError, StoreWriter, write_store
 from puma_ray.fs import StorageOptions, filesystem
-from puma_ray.store import MANIFEST, SHARD_DIR, PromptStore, StoreError, StoreWriter, write_store
 
 
 @pytest.fixture

@@ -17,10 +17,19 @@ import pytest
 import yaml
 
 from puma_ray.config import ConfigError, from_dict
-from puma_ray.migration import MigrateJobConfig
-from puma_ray.runs import load_job_config
-from puma_ray.sweep import (SearchConfig, SweepError, SweepJobConfig, build_report, dominates, pareto_front,
-                            recommend, recommended_migrate_config, within_tolerance)
+from puma_ray.recipes.migrate import MigrateJobConfig
+from puma_ray.recipes.runs import load_job_config
+from puma_ray.recipes.sweep import (
+    SearchConfig,
+    SweepError,
+    SweepJobConfig,
+    build_report,
+    dominates,
+    pareto_front,
+    recommend,
+    recommended_migrate_config,
+    within_tolerance,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,7 +193,7 @@ def test_search_space_kinds():
 
 
 def test_core_module_imports_no_ray():
-    code = "import sys, puma_ray.sweep; sys.exit(1 if 'ray' in sys.modules else 0)"
+    code = "import sys, puma_ray.recipes.sweep; sys.exit(1 if 'ray' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
@@ -214,7 +223,7 @@ def _config_dict(toy_paths: dict, engine: dict, search: dict) -> dict:
 def test_trial_in_process(toy_paths, toy_dataset, tmp_path, one_torch_thread):
     """The shared context once, then trials without Ray: reproducible in one process (a reused Tune actor),
     scored on every user's validation records, charged the features their strategy reads."""
-    from puma_ray.sweep import check_feasible, prepare_context, run_trial
+    from puma_ray.recipes.sweep import check_feasible, prepare_context, run_trial
     cfg = from_dict(SweepJobConfig, _config_dict(toy_paths, {"kind": "local"},
                                                  {"strategies": ["kmeans_variance", "loss_bucketing"]}), "cfg")
     ctx = prepare_context(cfg.job, cfg.search.strategies, str(tmp_path), log=lambda m: None)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from puma_ray.artifacts.store import PromptStore
 from puma_ray.data import save_dataset
-from puma_ray.store import PromptStore
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "train_prompts.py"

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import DataConfig
-from ..fs import StorageOptions
+from puma_ray.config import DataConfig, from_dict
+from puma_ray.fs import StorageOptions
+
 from .records import DataError, Dataset, validate
 
 LOADERS = ("movielens100k", "amazon", "yelp", "mind", "synthetic", "synthetic_dir", "parquet")
@@ -34,7 +35,7 @@ def load_dataset(cfg: DataConfig, storage: StorageOptions | None = None) -> Data
         ds = load_mind(*_need(cfg, "behaviors", "news"), storage_options=so, **split, **cfg.options)
     elif cfg.name == "synthetic":
         from .synthetic import SyntheticConfig, generate_synthetic
-        ds = generate_synthetic(SyntheticConfig(**cfg.options), **split)
+        ds = generate_synthetic(from_dict(SyntheticConfig, cfg.options, "data.options"), **split)
     elif cfg.name == "synthetic_dir":
         from .synthetic import read_synthetic
         ds = read_synthetic(*_need(cfg, "folder"), storage_options=so)
@@ -63,7 +64,7 @@ def save_dataset(ds: Dataset, folder: str, storage: StorageOptions | None = None
     """Writes records.parquet + items.parquet under folder (local or s3://); returns data.paths for the config."""
     import os
 
-    from ..fs import is_remote, join
+    from puma_ray.fs import is_remote, join
     so = (storage or StorageOptions()).fsspec_kwargs() or None
     if not is_remote(folder):
         os.makedirs(folder, exist_ok=True)

@@ -12,7 +12,7 @@ import os
 
 import pandas as pd
 
-from .records import Dataset, DataError, chronological_split, normalise, validate
+from .records import DataError, Dataset, chronological_split, normalise, validate
 
 
 def movielens_folder() -> str:

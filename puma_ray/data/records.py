@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from puma_ray.errors import DataError
+
 SPLITS = ("train", "valid", "test")
 RECORD_COLUMNS = {"user_id": "string", "item_id": "string", "label": "float32", "timestamp": "int64"}
-
-
-class DataError(ValueError):
-    """Input data that breaks the contract; the message names the file, column or user."""
 
 
 @dataclass

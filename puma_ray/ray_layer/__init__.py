@@ -12,4 +12,5 @@ from .session import ensure_ray
 from .train import make_ray_fit
 from .tune import run_sweep
 
-__all__ = ["run_on_ray", "ensure_ray", "make_ray_fit", "make_variance_fn", "per_user_label_stats", "read_records", "run_sweep"]
+__all__ = ["run_on_ray", "ensure_ray", "make_ray_fit", "make_variance_fn", "per_user_label_stats", "read_records",
+           "run_sweep"]

@@ -15,10 +15,11 @@ from typing import Iterator
 import numpy as np
 import ray
 
-from ..convert import ConversionPlan, ConvertConfig
-from ..convert_units import UnitConverter
-from ..fs import StorageOptions
-from ..store import StoreError
+from puma_ray.artifacts.store import StoreError
+from puma_ray.conversion.run import ConversionPlan, ConvertConfig
+from puma_ray.conversion.units import UnitConverter
+from puma_ray.fs import StorageOptions
+
 from .compat import actor_pool, actor_retries, user_error
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import ray
 from ray.data.aggregate import Count, Mean, Std
 
-from ..fs import StorageOptions, pyarrow_filesystem
+from puma_ray.fs import StorageOptions, pyarrow_filesystem
 
 
 def read_records(path: str | list[str], storage: StorageOptions | None = None) -> ray.data.Dataset:

@@ -21,13 +21,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import EngineConfig, ModelConfig
-from ..fit import FitConfig, FitResult
-from ..fs import StorageOptions, pyarrow_filesystem
-from ..metrics import PRIMARY
-from ..training import Cost, describe_epoch
+from puma_ray.artifacts.formats import FIT_BEST, FIT_CURRENT, FIT_DEEPSPEED_TAG, FIT_STATE
+from puma_ray.config import EngineConfig, ModelConfig, TemplateConfig
+from puma_ray.fs import StorageOptions, pyarrow_filesystem
+from puma_ray.models.backbone import load_backbone
+from puma_ray.models.prompted_lm import PromptedLM
+from puma_ray.tasks import get_task
+from puma_ray.training.cost import Cost
+from puma_ray.training.evaluate import evaluate
+from puma_ray.training.fit import FitConfig, FitResult, adapter_param_groups, epoch_orders
+from puma_ray.training.loop import EpochSteps, LoopState, describe_epoch, lr_schedule, run_epochs
+from puma_ray.training.records import RecordSet
 
-_STATE, _BEST, _CURRENT, _DS_TAG = "fit_state.json", "best.safetensors", "current.safetensors", "ds"
+_STATE, _BEST, _CURRENT, _DS_TAG = FIT_STATE, FIT_BEST, FIT_CURRENT, FIT_DEEPSPEED_TAG
+_ROW = "_row"  # the record's position in the driver's frame
 
 
 class _MappingWithHead(nn.Module):
@@ -38,7 +45,7 @@ class _MappingWithHead(nn.Module):
         self.mapping, self.head = mapping, head
 
     def forward(self, plm, sources: list[torch.Tensor], enc: dict, labels: torch.Tensor, task: str):
-        from ..heads import task_loss
+        from puma_ray.models.heads import task_loss
         logits = plm.label_logits(self.mapping(*sources), enc)
         return task_loss(task, self.head, logits, labels)[0]
 
@@ -66,15 +73,11 @@ def _save_weights(module: _MappingWithHead, path: str) -> None:
 
 
 def _worker_loop(cfg: dict) -> None:
+    """One Train worker: the fit's epochs on training/loop.py's loop (as fit.fit_mapping runs them in process),
+    with a DeepSpeed engine doing the step, this worker's shard of the records, a checkpoint + report per epoch."""
     import ray.train as rt
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg["use_gpu"] else "cpu")
     import deepspeed
-
-    from ..backbone import load_backbone
-    from ..config import TemplateConfig
-    from ..metrics import PRIMARY, better
-    from ..prompted_lm import PromptedLM
-    from ..training import RecordSet, epoch_record, evaluate
 
     torch.set_num_threads(cfg["threads"])
     ctx = rt.get_context()
@@ -89,29 +92,30 @@ def _worker_loop(cfg: dict) -> None:
     plm = PromptedLM(backbone, TemplateConfig(**cfg["template"]), cfg["l"], cfg["item_texts"])
     fit: FitConfig = cfg["fit"]
     task, users = cfg["task"], pd.Index(cfg["users"])  # indexed once: every batch maps its users through it
+    torch.manual_seed(fit.seed)  # as the in-process fit: the same dropout masks on the same batches
+    # this worker's records, once, in the driver's order (_row): the fit's users are a few percent of all
+    parts = list(rt.get_dataset_shard("train").iter_batches(batch_size=65_536, batch_format="pandas"))
+    shard = pd.concat(parts).sort_values(_ROW) if parts else cfg["valid"].iloc[:0]
+    train_set, valid_set = RecordSet.from_frame(shard, users), RecordSet.from_frame(cfg["valid"], users)
     module = _MappingWithHead(cfg["mapping"], cfg["head"])
-    groups = [{"params": list(module.head.parameters()), "lr": fit.head_lr}]
-    mapping_params = [p for p in module.mapping.parameters() if p.requires_grad]
-    if mapping_params:
-        groups.insert(0, {"params": mapping_params, "lr": fit.lr, "weight_decay": fit.weight_decay})
+    groups = adapter_param_groups(module.mapping, module.head, fit)
     optimizer = torch.optim.AdamW(groups) if cfg["optimizer"] == "torch_adamw" else None
-    steps = fit.epochs * max(1, math.ceil(cfg["train_rows"] / world / fit.batch_size))
-
-    def schedule(opt):
-        return (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if fit.schedule == "cosine"
-                else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-
-    engine, _, _, scheduler = deepspeed.initialize(
+    total_steps = fit.epochs * max(1, math.ceil(len(train_set) / fit.batch_size))
+    engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, model_parameters=None if optimizer else groups,
-        config=_deepspeed_config(cfg), lr_scheduler=schedule)
+        config=_deepspeed_config(cfg), lr_scheduler=lambda opt: lr_schedule(opt, fit.schedule, total_steps))
     dtype = next(engine.module.parameters()).dtype
     tables = [torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in cfg["inputs"]]
 
-    def prompts_for(idx):
-        return engine.module.mapping(*[t[idx].to(device=device, dtype=dtype) for t in tables])
+    def sources(idx: torch.Tensor) -> list[torch.Tensor]:
+        return [t[idx].to(device=device, dtype=dtype) for t in tables]
 
-    state = {"epoch": -1, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "world_size": world,
-             "resumed_from": None, "counts": [0, 0, 0, 0]}
+    def prompts_for(idx):
+        return engine.module.mapping(*sources(idx))
+
+    cost = Cost(flops_per_token=2.0 * (plm.backbone.identity.num_params or 0))
+    flops_per_vector = getattr(module.mapping, "flops_per_vector", lambda: 0.0)()
+    state = LoopState()
     checkpoint = rt.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -121,67 +125,52 @@ def _worker_loop(cfg: dict) -> None:
                 engine.load_checkpoint(d, tag=_DS_TAG)
             else:  # ZeRO optimizer partitions are per rank: keep the weights, restart the moments
                 engine.module.load_state_dict(load_file(os.path.join(d, _CURRENT)))
-            best_weights = load_file(os.path.join(d, _BEST))
-        state.update(saved, world_size=world, resumed_from=saved["epoch"])
-    else:
-        best_weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            state = LoopState.from_json(saved["loop"], best_state=load_file(os.path.join(d, _BEST)))
+        state.resumed_from = state.epoch
+        cost = Cost(**saved["cost"])
+    order = epoch_orders(len(train_set), fit.seed)  # resuming at epoch e draws (and drops) epochs 0..e-1 first
 
-    metric = PRIMARY[task][0]
-    valid_set = RecordSet.from_frame(cfg["valid"], users)
-    shard = rt.get_dataset_shard("train")
-    for epoch in range(state["epoch"] + 1, fit.epochs):
-        start = time.perf_counter()
-        engine.train()
-        losses = []
-        for batch_df in shard.iter_batches(batch_size=fit.batch_size, batch_format="pandas",
-                                           local_shuffle_buffer_size=16 * fit.batch_size,
-                                           local_shuffle_seed=fit.seed + epoch):
-            batch = RecordSet.from_frame(batch_df, users)
-            enc = plm.encode(batch.item_ids, batch.histories)
-            idx = torch.from_numpy(batch.user_index)
-            loss = engine(plm, [t[idx].to(device=device, dtype=dtype) for t in tables], enc,
-                          torch.from_numpy(batch.labels).to(device), task)
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.item()))
-            state["counts"][0] += len(batch)
-            state["counts"][1] += int(enc["attention_mask"].sum())
-        engine.eval()
-        eval_cost = Cost()
-        valid_metrics = evaluate(plm, engine.module.head, task, prompts_for, valid_set, fit.eval_batch_size,
-                                 eval_cost)
-        state["counts"][2] += eval_cost.forward_records
-        state["counts"][3] += eval_cost.tokens_forward
-        score = valid_metrics[metric]
-        if state["best"] is None or better(task, score, state["best"]):
-            state.update(best=score, best_epoch=epoch, bad_epochs=0)
-            best_weights = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["history"].append(epoch_record(epoch, losses, valid_metrics, start, workers=world))
+    def step(batch: RecordSet) -> tuple[float, int]:
+        enc = plm.encode(batch.item_ids, batch.histories)
+        loss = engine(plm, sources(torch.from_numpy(batch.user_index)), enc,
+                      torch.from_numpy(batch.labels).to(device), task)
+        engine.backward(loss)
+        engine.step()
+        cost.extra_flops += 3 * flops_per_vector * len(batch) * plm.l  # adapter forward + backward
+        return float(loss.item()), int(enc["attention_mask"].sum())
+
+    def save_and_report(epoch: int, state: LoopState) -> None:
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=_DS_TAG)  # every rank: ZeRO state is partitioned
             if rank == 0:
                 _save_weights(engine.module, os.path.join(d, _CURRENT))
-                save_file({k: v.contiguous() for k, v in best_weights.items()}, os.path.join(d, _BEST))
+                save_file({k: v.contiguous() for k, v in state.best_state.items()}, os.path.join(d, _BEST))
                 with open(os.path.join(d, _STATE), "w") as f:
-                    json.dump(state, f)
-            rt.report({"epoch": epoch, metric: score, "train_loss": state["history"][-1]["train_loss"]},
-                      checkpoint=rt.Checkpoint.from_directory(d))
+                    json.dump({"loop": state.to_json(), "cost": cost.state(), "world_size": world}, f)
+            entry = state.history[-1]
+            rt.report({"epoch": epoch, get_task(task).primary: entry[f"valid_{get_task(task).primary}"],
+                       "train_loss": entry["train_loss"]}, checkpoint=rt.Checkpoint.from_directory(d))
         if cfg.get("pid_dir"):  # after the report: a fault-injection test kills a worker with a checkpoint to go to
             with open(os.path.join(cfg["pid_dir"], f"rank{rank}.pid"), "w") as f:
                 f.write(f"{os.getpid()} {epoch}")
-        if state["bad_epochs"] > fit.patience:
-            break
+
+    steps = EpochSteps(
+        batches=lambda epoch: train_set.batches(fit.batch_size, order=order(epoch)), step=step,
+        train_mode=engine.train,
+        validate=lambda: evaluate(plm, engine.module.head, task, prompts_for, valid_set, fit.eval_batch_size, cost),
+        snapshot=lambda: {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()})
+    if not state.best_state:  # a fit that never validated keeps its start as the best so far
+        state.best_state = steps.snapshot()
+    run_epochs(steps, task, fit.epochs, fit.patience, cost, backward=True, log=lambda _: None, state=state,
+               on_epoch=save_and_report, entry_extra={"workers": world})
 
 
 def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, storage: StorageOptions | None = None,
                  run_name: str = "puma", pid_dir: str | None = None):
     """A function with fit.fit_mapping's signature that runs the fit on Ray Train + DeepSpeed."""
 
-    def ray_fit(plm, task, mapping, inputs, users, train, valid, head, cfg: FitConfig, log=print, name="fit",
-                on_epoch=None) -> FitResult:
+    def ray_fit(plm, task, mapping, inputs, users, train, valid, head, cfg: FitConfig, log=print,
+                name="fit") -> FitResult:
         import ray
         from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -189,14 +178,13 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
         from .session import ensure_ray
         ensure_ray(engine.address, engine.local_cpus)
         columns = [c for c in ("user_id", "item_id", "label", "history") if c in train.columns]
-        # records arrive grouped by user; shuffled once here (and locally per epoch in the workers), or batches
-        # hold one user each and the fit stalls (seen: train loss flat where the in-process fit learned)
-        order = np.random.default_rng(cfg.seed).permutation(len(train))
-        train_ds = ray.data.from_pandas(train[columns].iloc[order].reset_index(drop=True))
+        # _row keeps the driver's order: a worker sorts its shard by it, then draws the same per-epoch orders as
+        # the in-process fit (one worker: the very same batches; see tests/test_ray_engine.py's parity test)
+        train_ds = ray.data.from_pandas(train[columns].reset_index(drop=True).assign(**{_ROW: np.arange(len(train))}))
         loop_cfg = {
             "model": model, "fingerprint": plm.backbone.identity.fingerprint, "template": vars(plm.template),
-            "l": plm.l, "item_texts": plm._item_text, "task": task, "users": users, "inputs": inputs,
-            "mapping": mapping, "head": head, "fit": cfg, "valid": valid, "train_rows": len(train),
+            "l": plm.l, "item_texts": plm.item_texts, "task": task, "users": users, "inputs": inputs,
+            "mapping": mapping, "head": head, "fit": cfg, "valid": valid,
             "threads": engine.threads_per_worker, "use_gpu": engine.use_gpu, "zero_stage": engine.zero_stage,
             "precision": engine.precision, "optimizer": engine.optimizer, "pid_dir": pid_dir,
         }
@@ -214,21 +202,22 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
         checkpoint: Checkpoint = result.checkpoint
         with checkpoint.as_directory() as d:
             with open(os.path.join(d, _STATE)) as f:
-                state = json.load(f)
+                saved = json.load(f)
             best = load_file(os.path.join(d, _BEST))
+        state = LoopState.from_json(saved["loop"])
         fitted = _MappingWithHead(copy.deepcopy(mapping), copy.deepcopy(head))
         fitted.load_state_dict(best)
         fitted.eval()
-        metric = PRIMARY[task][0]
-        for h in state["history"]:
+        metric = get_task(task).primary
+        for h in state.history:
             log("  " + describe_epoch(h, metric))
-        world = engine.num_workers
-        cost = Cost(wall_s=wall, forward_records=(state["counts"][0] + state["counts"][2]) * world,
-                    backward_records=state["counts"][0] * world,
-                    tokens_forward=(state["counts"][1] + state["counts"][3]) * world,
-                    tokens_backward=state["counts"][1] * world,
-                    flops_per_token=2.0 * (plm.backbone.identity.num_params or 0))
-        return FitResult(fitted.mapping, fitted.head, state["history"], state["best_epoch"],
-                         {"best": state["best"], "resumed_from": state["resumed_from"]}, cost)
+        # every worker counted its own shard and evaluated the validation records: the fit's totals are world x
+        world, counted = saved["world_size"], Cost(**saved["cost"])
+        cost = Cost(wall_s=wall, forward_records=counted.forward_records * world,
+                    backward_records=counted.backward_records * world,
+                    tokens_forward=counted.tokens_forward * world, tokens_backward=counted.tokens_backward * world,
+                    flops_per_token=counted.flops_per_token, extra_flops=counted.extra_flops * world)
+        return FitResult(fitted.mapping, fitted.head, state.history, state.best_epoch,
+                         {"best": state.best, "resumed_from": state.resumed_from}, cost)
 
     return ray_fit

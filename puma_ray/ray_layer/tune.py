@@ -1,5 +1,5 @@
 """The sweep on Ray Tune: each trial a Tune function trainable that selects users, fits the adapter and scores it on
-the validation records (puma_ray.sweep.run_trial); with engine.kind "ray" the fit is a Ray Train + DeepSpeed run
+the validation records (puma_ray.recipes.sweep.run_trial); with engine.kind "ray" the fit is a Ray Train + DeepSpeed run
 started from inside the trial (Train V2: a TorchTrainer's fit() called in the trainable), with "local" the
 in-process fit.
 
@@ -24,14 +24,25 @@ import time
 import ray
 from ray import tune
 
-from ..config import to_dict
-from ..fs import is_remote, join, pyarrow_filesystem
-from ..migration import resolve_foundations
-from ..reference import reference_metrics
-from ..runs import provenance
-from ..sweep import (COST_KEY, SETTING_KEYS, SearchConfig, SweepError, SweepJobConfig, build_report, check_feasible,
-                     maximize, prepare_context, run_trial)
-from ..user_stats import label_variance
+from puma_ray.config import to_dict
+from puma_ray.fs import is_remote, join, pyarrow_filesystem
+from puma_ray.recipes.migrate import resolve_foundations
+from puma_ray.recipes.runs import provenance
+from puma_ray.recipes.sweep import (
+    COST_KEY,
+    SETTING_KEYS,
+    SearchConfig,
+    SweepError,
+    SweepJobConfig,
+    build_report,
+    check_feasible,
+    maximize,
+    prepare_context,
+    run_trial,
+)
+from puma_ray.selection.statistics import label_variance
+from puma_ray.training.reference import reference_metrics
+
 from .data import make_variance_fn
 from .session import ensure_ray
 
@@ -82,7 +93,8 @@ def _trial(config: dict, ctx, cfg: SweepJobConfig, train_storage: str) -> None:
 
     import torch
 
-    from ..fit import fit_mapping
+    from puma_ray.training.fit import fit_mapping
+
     from .train import make_ray_fit
     job = cfg.job
     trial_id = tune.get_context().get_trial_id()
@@ -102,7 +114,7 @@ def _trial(config: dict, ctx, cfg: SweepJobConfig, train_storage: str) -> None:
 
 
 def run_sweep(cfg: SweepJobConfig, output: str, log=print) -> dict:
-    """The whole sweep: shared preparation, the Tune run, the report (puma_ray.sweep.build_report's contract)."""
+    """The whole sweep: shared preparation, the Tune run, the report (recipes.sweep.build_report's contract)."""
     start = time.perf_counter()
     cfg.job = resolve_foundations(cfg.job, log)  # pretrained once here; every trial loads the same folders
     job, search = cfg.job, cfg.search

@@ -1,0 +1,56 @@
+"""One home for every artifact's file names and format id, and the one check of a format id on load.
+
+A reader refuses a format it does not know with one line naming the file (an adapter of a newer version, a
+folder that is not an adapter at all), instead of failing later on a missing key. Format ids are
+"<kind>/<version>"; a version is bumped whenever a reader of the old one would misread the new files.
+"""
+from __future__ import annotations
+
+import hashlib
+
+# ---- prompt store (artifacts/store.py)
+STORE_FORMAT_VERSION = 1  # manifest.json "format_version" (an integer since the first stores)
+STORE_MANIFEST = "manifest.json"  # written last: a folder without it is incomplete
+STORE_HEAD = "head.safetensors"
+STORE_SHARD_DIR = "shards"
+
+# ---- adapter (artifacts/adapter_io.py)
+ADAPTER_FORMAT = "puma_ray.adapter/1"
+ADAPTER_CONFIG = "adapter_config.json"  # written last
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_HEAD = "head.safetensors"  # the target head trained alongside the adapter
+
+# ---- conversion output, besides the store's own files (conversion/units.py)
+CONVERSION_IDENTITY = "_conversion.json"
+CONVERSION_PROGRESS_DIR = "_progress"
+CONVERSION_REJECTS_DIR = "rejects"
+
+# ---- serving export (artifacts/serving.py)
+SERVING_FORMAT = "puma_ray.serving/1"
+SERVING_EXPORT = "export.json"
+
+# ---- foundation model folder (recipes/foundation.py): in the cache key, so a recipe change never reuses a folder
+FOUNDATION_FORMAT = "puma-foundation/2"
+FOUNDATION_CARD = "foundation_card.json"  # written last
+
+# ---- adapter-fit checkpoints on Ray Train (ray_layer/train.py): tensors in safetensors, state in JSON
+FIT_STATE = "fit_state.json"
+FIT_BEST = "best.safetensors"
+FIT_CURRENT = "current.safetensors"
+FIT_DEEPSPEED_TAG = "ds"
+
+# ---- job outputs
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def check_format(found, expected: str, where: str, error: type[Exception]) -> None:
+    """Raises `error` naming `where` unless `found` is exactly the format id this package reads."""
+    if found != expected:
+        raise error(f"{where}: format {found!r} is not one this package reads ({expected!r}); "
+                    "written by another puma_ray version, or not this kind of artifact")
+
+
+def sha256_hex(data: bytes) -> str:
+    """The checksum every manifest, progress record and identity file uses."""
+    return hashlib.sha256(data).hexdigest()

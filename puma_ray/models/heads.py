@@ -1,0 +1,88 @@
+"""Task heads over the label-token logits, and the task losses (METHOD.md, Eq. 1).
+
+rating: a 5→32→12→1 MLP (601 parameters, as the original) predicting a continuous rating;
+        loss = 0.8·MSE(head, r) + 0.2·CE(logits5, r−1).
+ctr:    an affine map of the "Yes" logit (2 parameters); loss = BCE.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from puma_ray.tasks import get_task
+
+MSE_WEIGHT, CE_WEIGHT = 0.8, 0.2  # the paper's mix: MSE fits the rating, CE keeps the 5 logits ordered
+
+
+class RatingHead(nn.Module):
+    def __init__(self, sizes=(5, 32, 12, 1), init_bias: float = 3.5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+        self.sizes = list(sizes)
+        with torch.no_grad():  # start at a typical rating: the first epochs then go to user signal, not the mean
+            self.net[-1].bias.fill_(init_bias)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.net(logits.to(self.net[0].weight.dtype)).squeeze(-1).float()
+
+
+class CTRHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.sizes = [1, 1]
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits.float()[..., 0] * self.scale.float() + self.bias.float())  # a click logit
+
+
+def make_head(task: str, config: dict | None = None) -> nn.Module:
+    if task == "rating":
+        return RatingHead(tuple((config or {}).get("sizes", (5, 32, 12, 1))))
+    if task == "ctr":
+        return CTRHead()
+    raise ValueError(f"unknown task {task!r}")
+
+
+def head_config(task: str, head: nn.Module) -> dict:
+    return {"task": task, "kind": type(head).__name__, "sizes": head.sizes}
+
+
+def load_head(state: dict, config: dict) -> nn.Module:
+    head = make_head(config["task"], config)
+    head.load_state_dict(state)
+    return head
+
+
+def record_losses(task: str, head: nn.Module, logits: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-record loss, predictions): predictions are ratings (rating) or click probabilities (ctr)."""
+    out = head(logits)
+    labels = labels.float()
+    if task == "rating":
+        classes = (labels.round().clamp(1, 5) - 1).long()
+        loss = (MSE_WEIGHT * F.mse_loss(out, labels, reduction="none")
+                + CE_WEIGHT * F.cross_entropy(logits.float(), classes, reduction="none"))
+        return loss, out.detach()
+    loss = F.binary_cross_entropy_with_logits(out, labels, reduction="none")
+    return loss, torch.sigmoid(out.detach())
+
+
+def task_loss(task: str, head: nn.Module, logits: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, predictions)."""
+    loss, pred = record_losses(task, head, logits, labels)
+    return loss.mean(), pred
+
+
+def clamp_predictions(task: str, pred):
+    """Ratings outside 1..5 are never right: clamp before RMSE (the reference predictors get the same)."""
+    low, high = get_task(task).clamp
+    return pred.clip(low, high)

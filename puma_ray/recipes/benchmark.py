@@ -1,0 +1,601 @@
+"""The paper's experiments, reproduced from one config: Tables 2-4 and Figures 3-6 (`jobs/benchmark.py`).
+
+Every experiment is a set of migrations (`migration.run`) that share what they can:
+- each model family's store is trained once (Eq. 1) under `{stores}/<family>`; it is the source system when the
+  family is a source, and "retrained from scratch on that model" when it is a target (the same training, the same
+  data, the same schedule as full retraining);
+- migrations are memoised by their full config: Table 4's PUMA row is Table 2's PUMA run, Figure 4's llama → qwen2
+  cell is that run again, and so on; each lies under `<output>/runs/<name>/` with its report.json and report.md,
+  and a rerun of the benchmark reuses every finished run whose config is unchanged (resume after a crash).
+
+Writes `benchmark.json` (every table and figure's numbers, the machine, the wall time) and `benchmark.md` (the tables
+and the PNGs) into the output folder. Core module: no Ray import; the job passes the Ray fit in when the config's
+engine asks for it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+
+from puma_ray.artifacts.store import MANIFEST, PromptStore
+from puma_ray.config import ConfigError, ModelConfig, PromptTrainConfig, from_dict, to_dict
+from puma_ray.data import load_dataset
+from puma_ray.fs import filesystem, join
+from puma_ray.recipes.migrate import MigrateJobConfig
+from puma_ray.recipes.migrate import run as run_migration
+from puma_ray.recipes.runs import provenance, write_json
+from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, train_store
+from puma_ray.reports.markdown import (
+    REFERENCE_LABELS,
+    ReportWriter,
+    cost_table,
+    fmt,
+    md_table,
+    method_label,
+    metric_name,
+    metrics_table,
+    ordered_methods,
+    plot_bars,
+    plot_chain,
+    plot_gain_heatmap,
+    plot_metric_bars,
+    plot_quality_vs_budget,
+    write_migration_report,
+)
+from puma_ray.selection.strategies import STRATEGIES
+from puma_ray.tasks import get_task
+from puma_ray.training.reference import reference_metrics
+
+# The paper's names for the selection strategies (Table 4)
+STRATEGY_LABELS = {
+    "random": "Random", "variance_bucketing": "Variance Bucketing", "loss_bucketing": "Loss Bucketing",
+    "kmeans_stratified": "K-Means Stratified", "kmeans_pca": "K-Means with PCA", "kmeans_fps": "K-Means + FPS",
+    "kmeans_loss": "K-Means + Loss Stratification", "kmeans_variance": "K-Means + Variance Stratification (PUMA)",
+    "ffn_kmeans": "K-Means (on FFN Activ.)", "ffn_kmeans_loss": "K-Means (on FFN Activ.) + Loss Stratification",
+    "ffn_kmeans_variance": "K-Means (on FFN Activ.) + Variance Stratification",
+}
+# Runs besides Table 2's own evaluate PUMA only (plus the source, one cheap pass over the test records): the
+# other baselines would triple each run and no table reads them
+PUMA_ONLY = {"source": True, "random_init": False, "linear": False, "full_retrain": False}
+
+
+@dataclass
+class ExperimentsConfig:
+    """Which experiments run; a null/empty entry skips that experiment."""
+    main: bool = True  # Table 2 + 3: source → target with every baseline and full retraining
+    strategies: list[str] | str | None = "all"  # Table 4: these strategies ("all": every registered one) at one budget
+    random_multiple: float | None = 3.0  # Table 4's extra row: random selection at this multiple of the budget
+    random_budgets: list[int | float] | None = None  # Figure 3: random selection at these budgets (counts or fractions)
+    cross_family: list[str] | None = None  # Figure 4: every ordered pair of these families (>= 3 in the paper's spirit)
+    chain: list[str] | None = None  # Figure 5: families in chain order; each step's source = the previous target store
+    aggregation: dict | None = None  # Figure 6: {"sources": [a, b], "target": c}
+    # Tables 2 and 4 once per seed (selection + adapter fit); rows report mean ± sd. The stores (source system, full
+    # retraining) are trained once: their seed is prepare.seed, and their rows say n = 1
+    seeds: list[int] = field(default_factory=lambda: [0])
+    shared_prompt: bool = False  # per family, one prompt for all users trained like the store: is it the prompts?
+
+    def __post_init__(self):
+        if isinstance(self.strategies, str) and self.strategies != "all":
+            raise ConfigError("experiments.strategies must be a list of strategy names or 'all'")
+        for name in ([] if self.strategies in (None, "all") else self.strategies):
+            if name not in STRATEGIES:
+                raise ConfigError(f"experiments.strategies: unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+        if not self.seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.seeds) \
+                or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"experiments.seeds must be distinct integers, got {self.seeds!r}")
+        if self.chain is not None and len(self.chain) < 2:
+            raise ConfigError("experiments.chain needs at least two families (one migration)")
+        if self.aggregation is not None:
+            if set(self.aggregation) != {"sources", "target"} or len(self.aggregation["sources"]) < 2:
+                raise ConfigError("experiments.aggregation must be {sources: [a, b, ...], target: c}")
+
+    def families_used(self, source: str, target: str) -> set[str]:
+        used = {source, target, *(self.cross_family or []), *(self.chain or [])}
+        if self.aggregation:
+            used |= {*self.aggregation["sources"], self.aggregation["target"]}
+        return used
+
+
+@dataclass
+class BenchmarkJobConfig:
+    families: dict[str, ModelConfig] = field(default_factory=dict)  # label → model
+    source: str = "llama"  # family label of the main migration's source (Tables 2-4, Figure 3)
+    target: str = "qwen2"
+    prepare: PromptTrainConfig = field(default_factory=PromptTrainConfig)  # every family's store; = full retraining
+    migrate: dict = field(default_factory=dict)  # a migrate config without sources/target: data, selection, fit, ...
+    experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
+    stores: str = "{output}/stores"  # family stores: {stores}/<family>; point at an earlier run's to reuse them
+
+    def __post_init__(self):
+        if not self.families:
+            raise ConfigError("families: name at least the source and the target model")
+        unknown = self.experiments.families_used(self.source, self.target) - set(self.families)
+        if unknown:
+            raise ConfigError(f"families {sorted(unknown)} are used by the experiments but not defined under families")
+        for key in ("sources", "target"):
+            if key in self.migrate:
+                raise ConfigError(f"migrate.{key}: the benchmark sets it per experiment; name models under families")
+        self.migrate_config("check", [("check", self.source)], self.source)  # validates the migrate section now
+
+    def migrate_config(self, name: str, sources: list[tuple[str, str]], target: str, **sections) -> MigrateJobConfig:
+        """The migrate config of one run: the `migrate` section, these (store path, family) sources and target,
+        and per-run section overrides (selection, baselines)."""
+        body = copy.deepcopy(self.migrate)
+        body["sources"] = [{"store": store, "model": to_dict(self.families[fam])} for store, fam in sources]
+        body["target"] = to_dict(self.families[target])
+        for key, value in sections.items():
+            body[key] = {**body.get(key, {}), **value}
+        if body.get("baselines", {}).get("full_retrain"):
+            body["baselines"].setdefault("full_retrain_train", to_dict(self.prepare))
+        return from_dict(MigrateJobConfig, body, f"benchmark run {name}")
+
+
+def over_seeds(runs: list[dict]) -> tuple[dict, dict, int]:
+    """(mean, sample sd, n) of each metric over one row's runs; sd is 0.0 for a single run (said by n = 1)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, float)]
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    sd = {k: float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in keys}
+    if "records" in runs[0]:
+        mean["records"] = runs[0]["records"]
+    return mean, sd, len(runs)
+
+
+def _seed_tag(seed: int | None, base: MigrateJobConfig) -> str:
+    return "" if seed is None or seed == base.selection.seed else f"-s{seed}"
+
+
+def _seed_sections(seed: int | None, base: MigrateJobConfig, selection: dict) -> dict:
+    """Per-run config sections for `seed`: the selection's and the adapter fit's seed (nothing when it is the base's
+    own, so seed-0 runs keep their names and memo keys)."""
+    if seed is None or seed == base.selection.seed:
+        return {"selection": selection}
+    return {"selection": {**selection, "seed": seed}, "fit": {"seed": seed}}
+
+
+def machine() -> dict:
+    """What the figures were measured on (the docs quote it)."""
+    import torch
+    return {"cpus": len(os.sched_getaffinity(0)), "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def _key(cfg: MigrateJobConfig) -> str:
+    return json.dumps(to_dict(cfg), sort_keys=True, default=str)
+
+
+def _budget_times(budget: float, factor: float) -> float:
+    return round(budget * factor, 6) if budget < 1 else int(round(budget * factor))  # 0.1 * 3 must be 0.3
+
+
+class Benchmark:
+    """Runs the experiments of one config into `output`; `engine(cfg, run_dir) -> dict` gives the fit functions
+    (`{}`: in this process)."""
+
+    def __init__(self, cfg: BenchmarkJobConfig, output: str, log=print, engine: Callable = lambda c, o: {}):
+        self.cfg, self.output, self.log, self.engine = cfg, output, log, engine
+        self.base = cfg.migrate_config("base", [("base", cfg.source)], cfg.source)
+        self.stores_dir = cfg.stores.format(output=output)
+        self.stores: dict[str, dict] = {}  # family → {"path", "methods", "cost"}
+        self.runs: dict[str, dict] = {}  # run name → report
+        self.keys: dict[str, str] = {}  # a run's config (as JSON) → its name: identical runs happen once
+        self._dataset = None
+
+    # ---- family stores ----------------------------------------------------------------------------------------
+    def store(self, family: str) -> dict:
+        """The family's trained store: trained now when missing, else read (its test metrics from the report
+        saved beside it, or from the store's own provenance)."""
+        if family in self.stores:
+            return self.stores[family]
+        self.resolve(family)
+        path = join(self.stores_dir, family)
+        report_file = join(self.stores_dir, f"{family}.report.json")
+        fs, root = filesystem(path, self.base.storage)
+        if not fs.exists(join(root, MANIFEST)):
+            self.log(f"[store {family}] training every user's prompt on {self.cfg.families[family].name}")
+            job = TrainPromptsJobConfig(model=self.cfg.families[family], data=self.base.data,
+                                        template=self.base.template, train=self.cfg.prepare, store=self.base.store,
+                                        storage=self.base.storage)
+            report, _ = train_store(job, self.dataset(), path, log=lambda m: self.log("  " + m))
+            write_json(report_file, report, self.base.storage)
+        rfs, rroot = filesystem(report_file, self.base.storage)
+        if rfs.exists(rroot):
+            with rfs.open(rroot) as f:
+                report = json.load(f)
+            entry = {"methods": report["methods"]["store"], "cost": report["cost"]["train_prompts"],
+                     "reference": {k: v for k, v in report["methods"].items() if k != "store"}}
+        else:  # a store made elsewhere: its manifest still says how it tested
+            entry = {"methods": PromptStore.open(path, self.base.storage).manifest.provenance.get("test", {}),
+                     "cost": {}}
+        self.stores[family] = {"path": path, "model": self.cfg.families[family].name, **entry}
+        return self.stores[family]
+
+    def shared_store(self, family: str) -> dict:
+        """The control of `experiments.shared_prompt`: one prompt for every user on `family`, trained like its store
+        (same schedule, data and seed); tested like it. Listed as `<family>/shared` beside the stores."""
+        key = f"{family}/shared"
+        if key in self.stores:
+            return self.stores[key]
+        self.resolve(family)
+        path = join(self.stores_dir, f"{family}-shared")
+        report_file = join(self.stores_dir, f"{family}-shared.report.json")
+        rfs, rroot = filesystem(report_file, self.base.storage)
+        if not rfs.exists(rroot):
+            self.log(f"[store {key}] one shared prompt for every user on {self.cfg.families[family].name}")
+            job = TrainPromptsJobConfig(model=self.cfg.families[family], data=self.base.data,
+                                        template=self.base.template, train=replace(self.cfg.prepare, shared=True),
+                                        store=replace(self.base.store, overwrite=True), storage=self.base.storage)
+            report, _ = train_store(job, self.dataset(), path, log=lambda m: self.log("  " + m))
+            write_json(report_file, report, self.base.storage)
+        with rfs.open(rroot) as f:
+            report = json.load(f)
+        self.stores[key] = {"path": path, "model": self.cfg.families[family].name,
+                            "methods": report["methods"]["store"], "cost": report["cost"]["train_prompts"]}
+        return self.stores[key]
+
+    def resolve(self, *families: str) -> None:
+        """foundation:<family> models → their pretrained folders (pretrained now when not cached), before the
+        family's first store or run: every run and store then names the same frozen weights. Families are pretrained
+        when first needed, so Table 2 does not wait for the figures' families."""
+        from puma_ray.recipes.foundation import resolve_model
+        for family in families:
+            self.cfg.families[family] = resolve_model(self.cfg.families[family], self.dataset(), self.base.template,
+                                                      lambda m: self.log("  " + m))
+
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = load_dataset(self.base.data, self.base.storage)
+        return self._dataset
+
+    # ---- migrations -------------------------------------------------------------------------------------------
+    def migrate(self, name: str, sources: list[tuple[str, str]], target: str, **sections) -> dict:
+        """One migration, memoised by config: in this benchmark, and on disk across reruns of it."""
+        self.resolve(target, *(family for _, family in sources))
+        cfg = self.cfg.migrate_config(name, sources, target, **sections)
+        key = _key(cfg)
+        if key in self.keys:
+            return self.runs[self.keys[key]]
+        run_dir = join(self.output, "runs", name)
+        report = self._finished(run_dir, key)
+        if report is None:
+            self.log(f"[run {name}] {' + '.join(f for _, f in sources)} → {target}")
+            report = run_migration(cfg, run_dir, log=lambda m: self.log("  " + m), **self.engine(cfg, run_dir))
+            report.update(benchmark_key=key, benchmark_run=name)
+            write_json(join(run_dir, "report.json"), report, cfg.storage)
+            write_migration_report(report, run_dir, cfg.storage)
+            metric = report["primary_metric"]
+            self.log(f"[run {name}] PUMA {metric} {report['methods']['puma'][metric]:.4f} in {report['wall_s']:.0f}s")
+        self.runs[name], self.keys[key] = report, name
+        return report
+
+    def _finished(self, run_dir: str, key: str) -> dict | None:
+        fs, root = filesystem(join(run_dir, "report.json"), self.base.storage)
+        if not fs.exists(root):
+            return None
+        with fs.open(root) as f:
+            report = json.load(f)
+        return report if report.get("benchmark_key") == key else None
+
+    def puma(self, source: str, target: str, strategy: str | None = None, budget: float | None = None,
+             store: str | None = None, tag: str = "", seed: int | None = None) -> dict:
+        """PUMA (or another selection) from one family's store (or `store`, made on that family) to a target;
+        `seed` (selection + fit) other than the config's own runs under a `-s<seed>` name."""
+        sel = self.base.selection
+        strategy, budget = strategy or sel.strategy, sel.budget if budget is None else budget
+        path = store or self.store(source)["path"]
+        name = f"{tag}{source}-to-{target}-{strategy}-b{budget:g}{_seed_tag(seed, self.base)}"
+        return self.migrate(name, [(path, source)], target, baselines=PUMA_ONLY,
+                            **_seed_sections(seed, self.base, {"strategy": strategy, "budget": budget}))
+
+    # ---- experiments ------------------------------------------------------------------------------------------
+    def table2(self) -> dict:
+        """Table 2 + 3: the main migration with every baseline, once per seed (full retraining with the first seed
+        only: it does not depend on the selection/fit seed)."""
+        c = self.cfg
+        self.store(c.target)  # trained first so the Figure 4/5 references never retrain it inside a run
+        sel = self.base.selection
+        per_seed, first = {}, None
+        for i, seed in enumerate(c.experiments.seeds):
+            baselines = {"source": True, "random_init": True, "linear": True, "full_retrain": i == 0}
+            sections = _seed_sections(seed, self.base, {"strategy": sel.strategy, "budget": sel.budget})
+            report = self.migrate(f"main-{c.source}-to-{c.target}{_seed_tag(seed, self.base)}",
+                                  [(self.store(c.source)["path"], c.source)], c.target, baselines=baselines,
+                                  **sections)
+            # Table 4 / Figures 3-6 ask for PUMA at the base budget without the other baselines: the same PUMA fit
+            # (it runs first, from the same seeds), so they read it from the main run instead of fitting it again
+            alias = self.cfg.migrate_config("alias", [(self.store(c.source)["path"], c.source)], c.target,
+                                            baselines=PUMA_ONLY, **sections)
+            self.keys[_key(alias)] = report["benchmark_run"]
+            per_seed[seed] = report["methods"]
+            first = first or report
+        names = list(first["methods"])
+        mean, spread, n = {}, {}, {}
+        for name in names:
+            mean[name], spread[name], n[name] = over_seeds([m[name] for m in per_seed.values() if name in m])
+        return {"run": first["benchmark_run"], "task": first["task"], "methods": mean, "spread": spread, "n": n,
+                "seeds": list(per_seed), "per_seed": per_seed, "reference": first.get("reference", {}),
+                "cost": first["cost"],
+                "cost_ratio_full_retrain_over_puma": first.get("cost_ratio_full_retrain_over_puma"),
+                "selection": first["selection"]}
+
+    def table4(self) -> list[dict]:
+        c, ex, budget = self.cfg, self.cfg.experiments, self.base.selection.budget
+        names = list(STRATEGIES) if ex.strategies == "all" else ex.strategies
+
+        def row(label: str, strategy: str, b: float) -> dict:
+            return self._row(label, strategy, b, [self.puma(c.source, c.target, strategy, b, seed=seed)
+                                                  for seed in ex.seeds])
+
+        rows = [row(STRATEGY_LABELS.get(s, s), s, budget) for s in names]
+        if ex.random_multiple:
+            big = _budget_times(budget, ex.random_multiple)
+            rows.insert(0, row(f"Random ({ex.random_multiple:g}x budget)", "random", big))
+        return rows
+
+    @staticmethod
+    def _row(label: str, strategy: str, budget: float, reports: list[dict]) -> dict:
+        """One strategy's row over the seeds' runs: metrics as mean, with sd and n beside them."""
+        mean, sd, n = over_seeds([r["methods"]["puma"] for r in reports])
+        first = reports[0]
+        return {"label": label, "strategy": strategy, "budget": budget,
+                "users": first["selection"]["users_selected"], "metrics": mean, "spread": sd, "n": n,
+                "per_seed": [r["methods"]["puma"] for r in reports],
+                "llm_record_passes": first["cost"]["puma"]["llm_record_passes"],
+                "wall_s": round(float(np.mean([r["cost"]["puma"]["wall_s"] for r in reports])), 2)}
+
+    def figure3(self) -> dict:
+        c = self.cfg
+        metric = self.metric()
+        points = []
+        for b in self.cfg.experiments.random_budgets:
+            r = self.puma(c.source, c.target, "random", b)
+            points.append({"budget": b, "users": r["selection"]["users_selected"],
+                           "value": r["methods"]["puma"][metric],
+                           "llm_record_passes": r["cost"]["puma"]["llm_record_passes"]})
+        main = self.puma(c.source, c.target)
+        return {"metric": metric, "random": points,
+                "puma": {"users": main["selection"]["users_selected"], "value": main["methods"]["puma"][metric]},
+                "retrained": self.store(c.target)["methods"].get(metric)}
+
+    def figure4(self) -> dict:
+        """gain = retrained / migrated for lower-is-better metrics (migrated / retrained otherwise): > 1 means the
+        migrated prompts beat retraining every prompt on the target, as the paper's Figure 4."""
+        metric, fams = self.metric(), self.cfg.experiments.cross_family
+        cells = []
+        for s in fams:
+            for t in fams:
+                if s == t:
+                    continue
+                migrated = self.puma(s, t)["methods"]["puma"][metric]
+                retrained = self.store(t)["methods"][metric]
+                gain = retrained / migrated if metric in ("rmse", "mae") else migrated / retrained
+                cells.append({"source": s, "target": t, "migrated": migrated, "retrained": retrained,
+                              "source_on_source": self.store(s)["methods"][metric], "gain": gain})
+        return {"metric": metric, "families": fams, "cells": cells}
+
+    def figure5(self) -> dict:
+        metric, chain = self.metric(), self.cfg.experiments.chain
+        first = self.store(chain[0])
+        steps = [{"model": chain[0], "migrated": first["methods"][metric], "retrained": first["methods"][metric],
+                  "store": first["path"], "run": None}]
+        for i, (s, t) in enumerate(zip(chain, chain[1:])):
+            store = None if i == 0 else steps[-1]["store"]  # step 1 starts from the trained store
+            r = self.puma(s, t, store=store, tag="" if i == 0 else f"chain{i + 1}-")
+            steps.append({"model": t, "migrated": r["methods"]["puma"][metric],
+                          "retrained": self.store(t)["methods"][metric], "store": r["store"],
+                          "run": r["benchmark_run"]})
+        return {"metric": metric, "steps": steps}
+
+    def figure6(self) -> dict:
+        metric, agg = self.metric(), self.cfg.experiments.aggregation
+        srcs, tgt = agg["sources"], agg["target"]
+        bars = {f"{s} alone": self.puma(s, tgt)["methods"]["puma"][metric] for s in srcs}
+        sel = self.base.selection
+        both = self.migrate(f"{'+'.join(srcs)}-to-{tgt}-{sel.strategy}-b{sel.budget:g}",
+                            [(self.store(s)["path"], s) for s in srcs], tgt, baselines=PUMA_ONLY)
+        bars[" + ".join(srcs)] = both["methods"]["puma"][metric]
+        return {"metric": metric, "target": tgt, "bars": bars, "retrained": self.store(tgt)["methods"][metric]}
+
+    def metric(self) -> str:
+        return get_task(self.dataset().task).primary
+
+    def run(self, on_progress: Callable[[dict], None] | None = None) -> dict:
+        """All the experiments the config asks for; `on_progress(result so far)` after each one (a long benchmark
+        shows its first tables while the rest runs)."""
+        t0 = time.perf_counter()
+        ex = self.cfg.experiments
+        ds = self.dataset()
+        result = {"task": ds.task, "data": ds.summary(), "machine": machine(),
+                  # the LLM-free rows every table is read against (the same test records as every method)
+                  "reference": reference_metrics(ds.task, ds.split("train"), ds.split("test"))}
+        self.resolve(self.cfg.source, self.cfg.target)
+        if ex.shared_prompt:  # first: the control is cheap and the stores table reads it
+            for family in (self.cfg.source, self.cfg.target):
+                self.store(family)
+                self.shared_store(family)
+        plan = [("table2", ex.main, self.table2), ("table4", ex.strategies, self.table4),
+                ("figure3", ex.random_budgets, self.figure3), ("figure4", ex.cross_family, self.figure4),
+                ("figure5", ex.chain, self.figure5), ("figure6", ex.aggregation, self.figure6)]
+        for key, wanted, fn in plan:
+            if wanted:
+                self.log(f"== {key}")
+                result[key] = fn()
+                if on_progress:
+                    on_progress(self._summary(result, t0, done=False))
+        return self._summary(result, t0, done=True)
+
+    def _summary(self, result: dict, t0: float, done: bool) -> dict:
+        return {**result, "complete": done, "stores": self.stores,
+                "runs": {n: {"path": join(self.output, "runs", n), "puma": r["methods"]["puma"], "wall_s": r["wall_s"]}
+                         for n, r in self.runs.items()},
+                "wall_s": round(time.perf_counter() - t0, 1), "provenance": provenance(to_dict(self.cfg))}
+
+
+# ---------------------------------------------------------------------------------------------- benchmark.md
+def _ranked_marks(values: list[float], lower: bool) -> list[str]:
+    """Table 4's marks: best in bold, second best underlined."""
+    order = sorted(range(len(values)), key=lambda i: values[i] if lower else -values[i])
+    marks = [""] * len(values)
+    if order:
+        marks[order[0]] = "best"
+    if len(order) > 1:
+        marks[order[1]] = "second"
+    return marks
+
+
+def _mark(value: float, mark: str) -> str:
+    return {"best": f"**{fmt(value)}**", "second": f"<u>{fmt(value)}</u>"}.get(mark, fmt(value))
+
+
+def _pm(text: str, sd: float | None, n: int | None) -> str:
+    """A cell "mean ± sd" when the row has several seeds; a single run stays a plain number."""
+    return f"{text} ± {sd:.4f}" if n and n > 1 and sd is not None else text
+
+
+def table4_markdown(rows: list[dict], task: str) -> str:
+    cols = get_task(task).metrics
+    ranked = [r for r in rows if not r["label"].startswith("Random (")]  # baselines are not ranked (the paper's rule)
+    marks = {c: dict(zip(map(id, ranked), _ranked_marks([r["metrics"][c] for r in ranked], c in ("rmse", "mae"))))
+             for c in cols}
+    body = [[r["label"], r["users"], *[_pm(_mark(r["metrics"][c], marks[c].get(id(r), "")),
+                                           r.get("spread", {}).get(c), r.get("n")) for c in cols],
+             r.get("n", 1), r["llm_record_passes"], fmt(float(r["wall_s"]), 1)] for r in rows]
+    return md_table(["strategy", "users", *[metric_name(c) for c in cols], "seeds", "LLM record passes",
+                     "wall (s)"], body)
+
+
+def reference_line(reference: dict | None, task: str) -> str:
+    """The reference rows as one line under a table whose rows are not methods (strategies, budgets, pairs)."""
+    if not reference:
+        return ""
+    metric = get_task(task).primary
+    return ("Reference rows (no LLM, fitted on the train split, the same test records): " + ", ".join(
+        f"{REFERENCE_LABELS.get(n, n).replace(' (no LLM)', '')} {fmt(m.get(metric))}" for n, m in reference.items())
+        + f" ({metric_name(metric)}).")
+
+
+def seeded_metrics_table(table: dict, task: str) -> str:
+    """Table 2 over seeds: mean ± sd per method and n, then the reference rows (no LLM, the same test records)."""
+    cols = get_task(task).metrics
+    rows = [[method_label(name), *[_pm(fmt(m.get(c)), table.get("spread", {}).get(name, {}).get(c),
+                                       table.get("n", {}).get(name)) for c in cols], table.get("n", {}).get(name, 1)]
+            for name, m in ((n, table["methods"][n]) for n in ordered_methods(table["methods"]))]
+    rows += [[REFERENCE_LABELS.get(name, name), *[fmt(m.get(c)) for c in cols], "–"]
+             for name, m in table.get("reference", {}).items()]
+    return md_table(["method", *[metric_name(c) for c in cols], "seeds"], rows)
+
+
+def spread_notes(table: dict, metric: str, pairs: list[tuple[str, str]]) -> str:
+    """Says plainly which of `pairs` of rows differ by less than their spread (the larger of the two sds)."""
+    notes = []
+    for a, b in pairs:
+        ma, mb = table["methods"].get(a), table["methods"].get(b)
+        if not ma or not mb:
+            continue
+        gap = abs(ma[metric] - mb[metric])
+        sd = max(table["spread"].get(a, {}).get(metric, 0.0), table["spread"].get(b, {}).get(metric, 0.0))
+        verdict = "**within the spread: no difference shown**" if gap <= sd else "larger than the spread"
+        notes.append(f"- {method_label(a)} vs {method_label(b)}: {metric_name(metric)} gap {gap:.4f}, "
+                     f"spread (larger sd) {sd:.4f}: {verdict}")
+    return "\n".join(notes)
+
+
+def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str | None = None) -> str:
+    task = result["task"]
+    m = result["machine"]
+    parts = ["# PUMA benchmark", "\n".join([
+             f"- data: {result['data'].get('name')}: {fmt(result['data'].get('users'))} users, "
+             f"{fmt(result['data'].get('items'))} items",
+             f"- machine: {m['cpus']} CPU core(s) ({m['cpu']}), GPU: {m['gpu'] or 'none'}",
+             f"- wall time: {result['wall_s'] / 60:.1f} min" + ("" if result.get("complete", True) else
+                                                                " so far (**still running**: partial results)"),
+             *([f"- command: `{command}`"] if command else []),
+             "- every run's own report: `runs/<name>/report.md`; all numbers: [benchmark.json](benchmark.json)"])]
+    figure = (lambda name, png, caption: writer.figure(name, png, caption)) if writer else (lambda *a: "")
+    ref_line = reference_line(result.get("reference"), task)
+    if "table2" in result:
+        t = result["table2"]
+        metric = get_task(task).primary
+        parts += ["## Table 2: quality (test split of all users)",
+                  f"Seeds (selection + adapter fit): {t.get('seeds', [0])}; mean ± sample sd. Full retraining and "
+                  "the source model do not depend on that seed (n = 1). Reference rows: no LLM, fitted on the "
+                  "train split, scored on the same test records.",
+                  seeded_metrics_table(t, task) if "spread" in t else metrics_table(t["methods"], task),
+                  spread_notes(t, metric, [("puma", "linear"), ("puma", "full_retrain"), ("puma", "random_init")])
+                  if "spread" in t else "",
+                  figure("table2.png", plot_metric_bars(t["methods"], get_task(task).metrics, "Table 2: test metrics"),
+                         "Table 2 as bars"),
+                  "## Table 3: cost", cost_table(t["cost"], t.get("cost_ratio_full_retrain_over_puma"))]
+    if "table4" in result:
+        parts += ["## Table 4: selection strategies at one budget", table4_markdown(result["table4"], task), ref_line]
+    if "figure3" in result:
+        f = result["figure3"]
+        refs = {"retrained on the target": f["retrained"], f"PUMA at {f['puma']['users']} users": f["puma"]["value"]}
+        series = {"random selection": [(p["users"], p["value"]) for p in f["random"]]}
+        parts += ["## Figure 3: random selection, quality vs budget",
+                  md_table(["users", metric_name(f["metric"]), "LLM record passes"],
+                           [[p["users"], p["value"], p["llm_record_passes"]] for p in f["random"]]),
+                  figure("figure3.png", plot_quality_vs_budget(series, f["metric"], refs, "users fitted on (budget)",
+                                                               "Figure 3: random selection vs budget"),
+                         "Figure 3: test metric of random selection at each budget"), ref_line]
+    if "figure4" in result:
+        f = result["figure4"]
+        gains: dict = {}
+        for c in f["cells"]:
+            gains.setdefault(c["source"], {})[c["target"]] = c["gain"]
+        parts += ["## Figure 4: migrations across model families",
+                  md_table(["source → target", f"migrated {metric_name(f['metric'])}", "retrained on target",
+                            "source on its own model", "gain"],
+                           [[f"{c['source']} → {c['target']}", c["migrated"], c["retrained"], c["source_on_source"],
+                             c["gain"]] for c in f["cells"]]),
+                  figure("figure4.png", plot_gain_heatmap(f["families"], gains),
+                         "Figure 4: gain = retrained / migrated (> 1: migration beats retraining)"), ref_line]
+    if "figure5" in result:
+        f = result["figure5"]
+        parts += ["## Figure 5: chain migration",
+                  md_table(["step", "model", f"{metric_name(f['metric'])} (migrated along the chain)",
+                            "retrained on it"],
+                           [[i, s["model"], s["migrated"], s["retrained"]] for i, s in enumerate(f["steps"])]),
+                  figure("figure5.png", plot_chain([{"model": s["model"], "migrated": s["migrated"],
+                                                     "retrained": s["retrained"]} for s in f["steps"]], f["metric"],
+                                                   "Figure 5: chain migration (step 0: the trained source)"),
+                         "Figure 5: each step's prompts come from the previous step's migrated store"), ref_line]
+    if "figure6" in result:
+        f = result["figure6"]
+        parts += [f"## Figure 6: aggregated migration to {f['target']}",
+                  md_table(["source prompts", metric_name(f["metric"])], [[k, v] for k, v in f["bars"].items()]),
+                  figure("figure6.png", plot_bars(f["bars"], f["metric"],
+                                                  f"Figure 6: aggregated migration to {f['target']}",
+                                                  "source prompts fed to the adapter",
+                                                  {f"retrained on {f['target']}": f["retrained"]}),
+                         "Figure 6: one source alone vs two sources aggregated"), ref_line]
+    if result.get("stores"):
+        cols = get_task(task).metrics
+        rows = [[f, os.path.basename(s["model"].rstrip("/")), *[s["methods"].get(c) for c in cols],
+                 fmt(float(s["cost"].get("wall_s", float("nan"))), 1), s["cost"].get("llm_record_passes")]
+                for f, s in result["stores"].items()]
+        refs = next((s.get("reference") for s in result["stores"].values() if s.get("reference")), {})
+        rows += [[REFERENCE_LABELS.get(n, n), "no LLM", *[m.get(c) for c in cols], "–", "–"] for n, m in refs.items()]
+        parts += ["## Family stores (each family's prompts trained from scratch by Eq. 1)",
+                  "`<family>/shared` rows: one prompt for every user, trained the same way (the control: is the "
+                  "personalization in the prompts or in the foundation?).",
+                  md_table(["family", "model", *[metric_name(c) for c in cols], "wall (s)", "LLM record passes"],
+                           rows)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def write_benchmark(result: dict, output: str, storage=None, command: str | None = None) -> str:
+    """benchmark.json + benchmark.md (+ PNGs) into output; returns benchmark.md's path."""
+    write_json(join(output, "benchmark.json"), result, storage)
+    writer = ReportWriter(output, storage)
+    return writer.write("benchmark.md", benchmark_markdown(result, writer, command))
+
+
+__all__ = ["BenchmarkJobConfig", "ExperimentsConfig", "Benchmark", "benchmark_markdown", "write_benchmark"]

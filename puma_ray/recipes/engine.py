@@ -1,0 +1,26 @@
+"""Where a recipe's heavy stages run: the `engine` section picks the local runners (this process) or the Ray ones.
+
+`engine_functions(cfg, output)` returns the keyword arguments `migrate.run` (and the benchmark, per migration)
+takes: `fit_fn` (the adapter fit), `variance_fn` (per-user label statistics), `convert_runner` (the conversion's
+units). Empty for engine.kind "local": the recipes' own in-process defaults. Ray is imported only here and in
+`puma_ray.ray_layer`, and only when the engine is Ray.
+"""
+from __future__ import annotations
+
+import os
+
+from puma_ray.fs import join
+
+
+def engine_functions(cfg, output: str) -> dict:
+    """engine.kind "ray": fits on Ray Train + DeepSpeed, per-user statistics by Ray Data aggregation, conversion
+    on a Ray Data actor pool (a local Ray unless an address is known); "local": the library's defaults, here."""
+    if cfg.engine.kind == "local":
+        return {}
+    from puma_ray.ray_layer import ensure_ray, make_ray_fit, make_variance_fn, run_on_ray
+    ensure_ray(cfg.engine.address, cfg.engine.local_cpus)
+    storage_path = cfg.engine.storage_path or join(output, "train")
+    name = cfg.engine.run_name or os.path.basename(output.rstrip("/"))
+    records = cfg.data.paths.get("records") if cfg.data.name == "parquet" else None
+    return {"fit_fn": make_ray_fit(cfg.engine, cfg.target, storage_path, cfg.storage, run_name=name),
+            "variance_fn": make_variance_fn(records, cfg.storage), "convert_runner": run_on_ray}

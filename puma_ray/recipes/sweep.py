@@ -1,0 +1,320 @@
+"""The sweep's Ray-free part: its config, the shared context every trial reads, one trial (select → fit →
+evaluate on the validation split), the Pareto front over (quality, cost) and the recommendation.
+
+A trial's quality is the primary metric (RMSE, or AUC for CTR) of the fitted adapter on the *validation* records of
+every user: the same users for every trial (so trials compare), never the test records (the final report's). Its
+cost is what the migration would spend with that setting: the LLM record passes of the per-user statistics its
+strategy reads, plus those of the fit (training passes + early-stopping evaluation).
+
+The recommendation is the cheapest trial (fewest LLM record passes) whose quality is within `tolerance` (relative)
+of the best trial's; it is always on the Pareto front. The Tune part (trials as Ray Tune trials, each fit a Ray
+Train run) lives in ray_layer/tune.py.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import torch
+
+from puma_ray.config import ConfigError, TemplateConfig, from_dict
+from puma_ray.data import Dataset
+from puma_ray.errors import SweepError
+from puma_ray.fs import is_remote
+from puma_ray.models.adapter import PromptAdapter
+from puma_ray.models.backbone import load_backbone
+from puma_ray.models.heads import load_head
+from puma_ray.models.prompted_lm import PromptedLM
+from puma_ray.recipes.migrate import (
+    MigrateJobConfig,
+    load_sources,
+    new_head,
+    prompt_rms,
+    split_users,
+    statistics_cost,
+    user_statistics,
+)
+from puma_ray.selection.statistics import label_variance
+from puma_ray.selection.strategies import NEEDS, STRATEGIES, SelectionInput, resolve_budget, select
+from puma_ray.tasks import metric_direction
+from puma_ray.training.cost import Cost
+from puma_ray.training.evaluate import evaluate
+from puma_ray.training.fit import fit_mapping, mapped_prompts
+from puma_ray.training.records import RecordSet
+
+SETTING_KEYS = ("strategy", "k", "budget", "lr")  # what a trial varies; everything else is the migrate section's
+COST_KEY = "llm_record_passes"  # the cost objective
+
+
+@dataclass
+class SearchConfig:
+    # "grid": every combination (tune.grid_search); "optuna": multi-objective Optuna (TPE)
+    kind: Literal["grid", "optuna"] = "grid"
+    # names in selection.STRATEGIES
+    strategies: list[str] = field(default_factory=lambda: ["kmeans_variance", "random"])
+    ks: list[int] = field(default_factory=lambda: [15])  # the paper's K
+    # each a user count (>= 1) or a fraction of all users
+    budgets: list[int | float] = field(default_factory=lambda: [0.1])
+    # adapter learning rates (fit.lr); optuna: sampled log-uniformly between the smallest and the largest
+    lrs: list[float] = field(default_factory=lambda: [0.01])
+    num_samples: int = 1  # grid: repeats of the whole grid; optuna: the number of trials
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs hold (see ray_layer/tune.py)
+    tolerance: float = 0.02  # recommended: the cheapest trial within this relative distance of the best quality
+    seed: int = 0  # optuna's sampler
+    cpus_per_trial: float = 1.0  # engine "local": the trial process runs the fit itself
+    driver_cpus: float = 0.1  # engine "ray": the trial process only selects and evaluates; its fit is a Train run
+    storage_path: str | None = None  # Tune's experiment folder; None: <output>/tune
+
+    def __post_init__(self):
+        for name in ("strategies", "ks", "budgets", "lrs"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"search.{name} must be a non-empty list, got {value!r}")
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown:
+            raise ConfigError(f"search.strategies: unknown {unknown}; known: {sorted(STRATEGIES)}")
+        for k in self.ks:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ConfigError(f"search.ks: each K must be an integer >= 1, got {k!r}")
+        for b in self.budgets:
+            resolve_budget(b, 1_000_000)  # a count or a fraction: the same check as selection.budget
+        for lr in self.lrs:
+            if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr > 0:
+                raise ConfigError(f"search.lrs: each learning rate must be a number > 0, got {lr!r}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ConfigError(f"search.num_samples must be an integer >= 1, got {self.num_samples!r}")
+        if self.max_concurrent_trials is not None and (not isinstance(self.max_concurrent_trials, int)
+                                                       or self.max_concurrent_trials < 1):
+            raise ConfigError(f"search.max_concurrent_trials must be an integer >= 1 or null, "
+                              f"got {self.max_concurrent_trials!r}")
+        if not isinstance(self.tolerance, numbers.Real) or not 0 <= self.tolerance < 1:
+            raise ConfigError(f"search.tolerance must be a fraction in [0, 1), got {self.tolerance!r}")
+        if not self.cpus_per_trial > 0 or not self.driver_cpus > 0:
+            raise ConfigError("search.cpus_per_trial and search.driver_cpus must be > 0")
+
+    def grid_size(self) -> int:
+        return len(self.strategies) * len(self.ks) * len(self.budgets) * len(self.lrs)
+
+
+@dataclass
+class SweepJobConfig:
+    migrate: dict = field(default_factory=dict)  # a jobs/migrate.py config (validated as MigrateJobConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    job: MigrateJobConfig | None = field(default=None, init=False, repr=False, compare=False)  # migrate, validated
+
+    def __post_init__(self):
+        if not isinstance(self.migrate, dict) or not self.migrate:
+            raise ConfigError("migrate: the migration to sweep (a jobs/migrate.py config) is needed")
+        self.job = from_dict(MigrateJobConfig, copy.deepcopy(self.migrate), "migrate")
+
+
+# ---------------------------------------------------------------------------------------------- shared context
+@dataclass
+class SweepContext:
+    """What every trial reads, computed once by the driver (shipped to trials as one object-store reference)."""
+    ds: Dataset  # users without a prompt already dropped
+    task: str
+    metric: str
+    users: np.ndarray  # the joined users, in prompt-table order
+    prompts: list  # per source, (n, l, d_s)
+    template: TemplateConfig
+    l: int
+    texts: dict
+    head_state: dict
+    head_cfg: dict
+    source_dims: list
+    scales: list
+    inputs: SelectionInput  # every per-user feature any swept strategy reads
+    feature_costs: dict  # feature -> Cost of computing it once
+    source_stores: list  # resolved source store paths (what the recommended config points at)
+    source_training: dict  # store path -> its training report, for stores trained by this sweep
+
+
+def prepare_context(cfg: MigrateJobConfig, strategies: list[str], output: str, log=print,
+                    variance_fn=label_variance) -> SweepContext:
+    """Data, source stores (trained first when missing, as migration.run does) and the per-user features of every
+    strategy in the sweep: once, before any trial."""
+    src = load_sources(cfg, output, log)
+    needs = sorted({n for s in strategies for n in NEEDS[s]})
+    source_head = load_head(src.head_state, src.head_cfg)
+    t0 = time.perf_counter()
+    inputs, feature_costs = user_statistics(cfg.selection, needs, src.joined, src.ds, src.source_plm, source_head,
+                                            src.task, variance_fn)
+    log(f"per-user features {needs or '(none)'} for {len(src.joined.users)} users: {time.perf_counter() - t0:.1f}s")
+    return SweepContext(
+        ds=src.ds, task=src.task, metric=src.metric, users=src.joined.users, prompts=src.joined.prompts,
+        template=src.template, l=src.l, texts=src.texts, head_state=src.head_state, head_cfg=src.head_cfg,
+        source_dims=[b.hidden_size for b in src.backbones], scales=[prompt_rms(p) for p in src.joined.prompts],
+        inputs=inputs, feature_costs=feature_costs, source_stores=[s.path for s in src.stores],
+        source_training={p: {"methods": r["methods"], "cost": r["cost"]} for p, r in src.reports.items()})
+
+
+def check_feasible(search: SearchConfig, ctx: SweepContext) -> None:
+    """Settings no trial could run are config errors, found before any trial starts."""
+    n = len(ctx.users)
+    for b in search.budgets:
+        if resolve_budget(b, n) > n:
+            raise SweepError(f"search.budgets: {b} users is more than the {n} users with a prompt")
+    too_big = [k for k in search.ks if k > n]
+    if too_big:
+        raise SweepError(f"search.ks: K={too_big[0]} clusters is impossible with {n} users")
+    if not (ctx.ds.records["split"] == "valid").any():
+        raise SweepError("the data has no validation records (data.valid_frac = 0): trials have nothing to score")
+
+
+# ---------------------------------------------------------------------------------------------- one trial
+def trial_config(cfg: MigrateJobConfig, setting: dict) -> MigrateJobConfig:
+    """The migrate config a trial's setting stands for."""
+    sel = replace(cfg.selection, strategy=setting["strategy"], k=int(setting["k"]), budget=setting["budget"])
+    return replace(cfg, selection=sel, fit=replace(cfg.fit, lr=float(setting["lr"])))
+
+
+def run_trial(ctx: SweepContext, cfg: MigrateJobConfig, setting: dict, fit_fn=fit_mapping, log=print) -> dict:
+    """select → fit (fit_fn: fit.fit_mapping or the Ray layer's Train run) → evaluate on every user's validation
+    records. Returns the trial's record for the report."""
+    cfg = trial_config(cfg, setting)
+    sel, n_users = cfg.selection, len(ctx.users)
+    budget = resolve_budget(sel.budget, n_users)
+    t0 = time.perf_counter()
+    chosen = select(sel.strategy, ctx.inputs, budget, sel.k, sel.seed)
+    cost = statistics_cost(ctx.feature_costs, sel.strategy)
+    cost.wall_s += time.perf_counter() - t0
+    split = split_users(sel, ctx.users, ctx.ds, chosen)
+    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed)
+    plm = PromptedLM(target, ctx.template, ctx.l, ctx.texts)
+    torch.manual_seed(cfg.fit.seed)  # the adapter's initial weights: the same in a fresh or a reused trial process
+    mapping = PromptAdapter(ctx.source_dims, target.hidden_size, cfg.adapter, ctx.scales, plm.embed_rms)
+    result = fit_fn(plm, ctx.task, mapping, [p[split.fit_idx] for p in ctx.prompts], split.fit_users, split.train,
+                    split.valid, new_head(ctx.head_state, ctx.head_cfg, ctx.task), cfg.fit, log=log, name="puma")
+    cost = cost.merge(result.cost)
+    eval_cost = Cost(flops_per_token=result.cost.flops_per_token)
+    valid = RecordSet.from_frame(ctx.ds.split("valid"), ctx.users)
+    metrics = evaluate(plm, result.head, ctx.task, mapped_prompts(result.mapping, ctx.prompts), valid,
+                       cfg.fit.eval_batch_size, eval_cost)
+    return {"config": dict(setting), "quality": float(metrics[ctx.metric]), "metric": ctx.metric,
+            "cost": cost.to_dict(), "valid_metrics": metrics, "users_selected": int(budget),
+            "validation_users": int(len(split.valid_idx)), "train_records": int(len(split.train)),
+            "best_epoch": result.best_epoch, "epochs": len(result.history), "eval_cost": eval_cost.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------- Pareto + pick
+def maximize(metric: str) -> bool:
+    """Is a higher value of this quality metric better (AUC) or a lower one (RMSE)?"""
+    return metric_direction(metric)
+
+
+def _cost(trial: dict) -> float:
+    return float(trial["cost"][COST_KEY])
+
+
+def _loss(trial: dict, up: bool) -> float:
+    """Quality as a value to minimise."""
+    return -trial["quality"] if up else trial["quality"]
+
+
+def dominates(a: dict, b: dict, up: bool = False) -> bool:
+    """a is at least as good as b in quality and cost, and strictly better in one."""
+    qa, qb, ca, cb = _loss(a, up), _loss(b, up), _cost(a), _cost(b)
+    return qa <= qb and ca <= cb and (qa < qb or ca < cb)
+
+
+def pareto_front(trials: list[dict], up: bool = False) -> list[int]:
+    """Indices of the trials no other trial dominates, cheapest first. Trials tied on both objectives are all on
+    the front (none dominates another)."""
+    front = [i for i, t in enumerate(trials) if not any(dominates(o, t, up) for o in trials)]
+    return sorted(front, key=lambda i: (_cost(trials[i]), _loss(trials[i], up), i))
+
+
+def within_tolerance(quality: float, best: float, tolerance: float, up: bool = False) -> bool:
+    margin = tolerance * abs(best)
+    return quality >= best - margin if up else quality <= best + margin
+
+
+def recommend(trials: list[dict], tolerance: float, up: bool = False) -> int:
+    """Index of the cheapest trial within `tolerance` (relative) of the best quality; cost ties go to the better
+    quality, then to the earlier trial. On the front: whatever dominated it would be as good and cheaper."""
+    if not trials:
+        raise SweepError("no trial finished: nothing to recommend")
+    best = min(_loss(t, up) for t in trials)
+    best = -best if up else best
+    ok = [i for i, t in enumerate(trials) if within_tolerance(t["quality"], best, tolerance, up)]
+    return min(ok, key=lambda i: (_cost(trials[i]), _loss(trials[i], up), i))
+
+
+def build_report(trials: list[dict], tolerance: float, failed: list[dict] | None = None, **extra) -> dict:
+    """report.json of a sweep: every finished trial; "pareto" (trial dicts, cheapest first) and "pareto_indices";
+    "recommended" (a trial dict) and its index; "best" the best-quality trial's index. Trials whose quality is not
+    a finite number count as failed."""
+    failed = list(failed or [])
+    done = []
+    for t in trials:
+        if isinstance(t.get("quality"), numbers.Real) and math.isfinite(t["quality"]):
+            done.append(t)
+        else:
+            failed.append({**t, "error": t.get("error") or f"quality {t.get('quality')!r} is not a finite number"})
+    if not done:
+        raise SweepError(f"every trial failed ({len(failed)}): "
+                         + "; ".join(f"{f.get('config')}: {f.get('error')}" for f in failed[:3]))
+    metric = done[0]["metric"]
+    up = maximize(metric)
+    front = pareto_front(done, up)
+    rec = recommend(done, tolerance, up)
+    best = min(range(len(done)), key=lambda i: (_loss(done[i], up), _cost(done[i]), i))
+    return {"metric": metric, "maximize": up, "cost_key": COST_KEY, "tolerance": tolerance, "trials": done,
+            "pareto": [done[i] for i in front], "pareto_indices": front, "recommended": done[rec],
+            "recommended_index": rec, "best_index": best, "failed": failed, **extra}
+
+
+# ---------------------------------------------------------------------------------------------- the result
+def _absolute(path: str) -> str:
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+def recommended_migrate_config(migrate: dict, setting: dict, source_stores: list[str]) -> dict:
+    """The sweep's migrate section with the recommended setting in place, and the source store paths pinned to
+    the stores the sweep used (trained once: a migrate run elsewhere reuses them instead of training again)."""
+    out = copy.deepcopy(migrate)
+    out.setdefault("selection", {}).update(strategy=setting["strategy"], k=int(setting["k"]), budget=setting["budget"])
+    out.setdefault("fit", {})["lr"] = float(setting["lr"])
+    for src, path in zip(out["sources"], source_stores):
+        src["store"] = _absolute(path)
+    return out
+
+
+def recommended_header(report: dict, path: str) -> str:
+    rec = report["recommended"]
+    c = rec["config"]
+    return (f"# python jobs/migrate.py --config {path}\n"
+            f"# Recommended by a sweep: strategy {c['strategy']}, K={c['k']}, budget {c['budget']}, lr {c['lr']}: "
+            f"validation {report['metric']} {rec['quality']:.4f} at {int(_cost(rec)):,} LLM record passes "
+            "(the cheapest "
+            f"of {len(report['trials'])} trials within {report['tolerance']:.1%} of the best).\n")
+
+
+def write_outputs(report: dict, migrate: dict, output: str, storage=None, log=print) -> dict:
+    """report.json, recommended.yaml (a config jobs/migrate.py --config accepts) and report.md into `output`."""
+    import yaml
+
+    from puma_ray.fs import filesystem, join
+    from puma_ray.recipes.runs import report_path, write_json
+    config = recommended_migrate_config(migrate, report["recommended"]["config"], report["source_stores"])
+    report["recommended_config"] = config
+    paths = {"report": report_path(output), "recommended": join(output, "recommended.yaml")}
+    write_json(paths["report"], report, storage)
+    fs, inner = filesystem(paths["recommended"], storage)
+    with fs.open(inner, "w") as f:
+        f.write(recommended_header(report, paths["recommended"]))
+        yaml.safe_dump(config, f, sort_keys=False)
+    try:
+        from puma_ray.reports.markdown import write_sweep_report
+    except ImportError as e:  # written by another part of the project; the sweep's results stand without it
+        log(f"note: report.md skipped ({e})")
+    else:
+        paths["markdown"] = write_sweep_report(report, output, storage)
+    return paths

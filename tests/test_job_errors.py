@@ -1,0 +1,59 @@
+"""A mistake in a config is one `error:` line and exit 2 from every job, before any work is written."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from puma_ray.data import save_dataset
+from puma_ray.recipes.jobs import JOBS
+
+REPO = Path(__file__).resolve().parents[1]
+# "one star" is several tokens for every tokenizer here: a label must be exactly one (its own id is read out)
+BAD_TEMPLATE = {"labels": ["one star", "2", "3", "4", "5"]}
+
+
+@pytest.fixture(scope="module")
+def toy_data(toy_dataset, tmp_path_factory):
+    paths = save_dataset(toy_dataset, str(tmp_path_factory.mktemp("toy_data")))
+    return {"name": "parquet", "paths": {"records": paths["records"], "items": paths["items"]}}
+
+
+def _migrate(data: dict) -> dict:
+    return {"sources": [{"store": "{output}/source-store", "model": {"name": "tiny:llama"},
+                         "prepare": {"epochs": 1, "batch_size": 64}}],
+            "target": {"name": "tiny:qwen2"}, "data": data, "template": BAD_TEMPLATE,
+            "selection": {"k": 3, "budget": 8, "valid_users": 5}, "fit": {"epochs": 1}, "engine": {"kind": "local"},
+            "threads": 1}
+
+
+def _configs(data: dict) -> dict[str, dict]:
+    migrate = _migrate(data)
+    return {
+        "migrate": migrate,
+        "train_prompts": {"model": {"name": "tiny:llama"}, "data": data, "template": BAD_TEMPLATE,
+                          "train": {"epochs": 1}, "threads": 1},
+        "sweep": {"migrate": migrate, "search": {"strategies": ["random"], "ks": [3], "budgets": [8]}},
+        "benchmark": {"families": {"llama": {"name": "tiny:llama"}, "qwen2": {"name": "tiny:qwen2"}},
+                      "prepare": {"epochs": 1},
+                      "migrate": {k: v for k, v in migrate.items() if k not in ("sources", "target")},
+                      "experiments": {"strategies": None}},
+    }
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_multi_token_label_is_one_line_and_exit_2(job, toy_data, tmp_path):
+    config = tmp_path / f"{job}.yaml"
+    config.write_text(yaml.safe_dump(_configs(toy_data)[job]))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, JOBS[job].script, "--config", str(config), "--output", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert lines and lines[-1].startswith("error: ") and "'one star'" in lines[-1], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "report.json").exists()

@@ -1,0 +1,102 @@
+"""The package layout holds: dependencies point one way (no import cycle, type-only ones included), no module
+imports another's private name, jobs never patch sys.path, the core imports no Ray, and the public surface of
+`puma_ray` resolves without importing torch."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import puma_ray
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "puma_ray"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module imported, names taken from it) for every import in the file, at any depth (lazy ones too)."""
+    tree, here = ast.parse(path.read_text()), _module_name(path)
+    package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            out.append((base, [alias.name for alias in node.names]))
+    return out
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for name, path in MODULES.items():
+        deps = set()
+        for module, names in _imports(path):
+            for candidate in [module, *(f"{module}.{n}" for n in names)]:
+                if candidate in MODULES and candidate != name and candidate != "puma_ray":
+                    deps.add(candidate)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycle():
+    graph, state, stack, cycles = _graph(), {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert len(graph) > 40 and sum(map(len, graph.values())) > 100  # the walk really saw the package
+    assert not cycles, cycles
+
+
+def test_no_private_names_across_modules():
+    crossings = []
+    for name, path in MODULES.items():
+        for module, names in _imports(path):
+            if module.startswith("puma_ray") and module != name:
+                crossings += [f"{name} imports {module}.{n}" for n in names if n.startswith("_") and n != "__version__"]
+    assert not crossings, crossings
+
+
+def test_core_imports_no_ray():
+    """Only ray_layer/ imports Ray (recipes/engine.py reaches it through ray_layer, lazily)."""
+    offenders = [name for name, path in MODULES.items() if not name.startswith("puma_ray.ray_layer")
+                 and any(m == "ray" or m.startswith("ray.") for m, _ in _imports(path))]
+    assert not offenders, offenders
+
+
+def test_jobs_and_package_never_patch_sys_path():
+    out = subprocess.run(["git", "grep", "-n", "sys.path", "--", "jobs", "puma_ray"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and not out.stdout, out.stdout  # 1: git grep found nothing
+
+
+def test_public_surface_resolves_without_torch():
+    code = ("import sys, puma_ray; assert 'torch' not in sys.modules, 'import puma_ray loaded torch'; "
+            "[getattr(puma_ray, n) for n in puma_ray.__all__]; print(len(puma_ray.__all__))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout) == len(puma_ray.__all__) > 30
