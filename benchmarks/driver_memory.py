@@ -15,7 +15,7 @@ Memory, not time, is the figure: on a shared 2-core machine wall times are only 
 The data and source store of a size are kept under --workdir and reused by a rerun.
 Measured 2026-11 (2 shared cores, ~12 records/user): before two fixes, 10k users 893 MB / 159 s, 100k users
 2,455 MB / 1,708 s (1,550 s in np.setdiff1d over object-dtype user ids, O(users^2); the peak in the test
-evaluation, glibc keeping freed activations). After (unicode id arrays, puma_ray/memory.py trimming every 32
+evaluation, glibc keeping freed activations). After (unicode id arrays, puma_ray/training/memory.py trimming every 32
 batches): 10k 908 MB / 120 s, 100k 1,268 MB / 185 s.
 """
 from __future__ import annotations

@@ -20,8 +20,8 @@ from puma_ray.artifacts.store import StoreError
 from puma_ray.artifacts.verify import verify_store
 from puma_ray.conversion.run import MISSING_POLICIES, ConvertConfig, convert, run_locally
 from puma_ray.errors import ConfigError, PumaError
-from puma_ray.fs import StorageOptions
-from puma_ray.recipes.runs import exit_job
+from puma_ray.fs import StorageOptions, redact_text
+from puma_ray.recipes.runs import describe_error, exit_job
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="append", default=None,
                    help="source store; repeat for aggregated conversion (order = the adapter's sources)")
     p.add_argument("--output", help="target store to write")
+    p.add_argument("--model", help="--verify: also check the store's fingerprint against this model's weights "
+                                   "(hub id or local folder, loaded like the jobs load it)")
     p.add_argument("--to", help="export folder")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="export dtype")
     p.add_argument("--engine", default="ray", choices=("ray", "local"))
@@ -77,9 +79,9 @@ def main(argv=None) -> int:
     try:
         if args.verify:
             try:
-                summary = verify_store(args.verify, args.source, storage)
+                summary = verify_store(args.verify, args.source, storage, model=args.model)
             except StoreError as e:
-                print(f"verify FAILED: {e}", file=sys.stderr)
+                print(f"verify FAILED: {redact_text(str(e))}", file=sys.stderr)
                 return 1
             print(f"verify ok: {json.dumps(summary)}")
             return 0
@@ -90,8 +92,8 @@ def main(argv=None) -> int:
             print(f"exported {export['users']} users in {len(export['files'])} file(s) → {args.to}")
             return 0
         return _convert(args, storage)
-    except (PumaError, FileNotFoundError, IsADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (PumaError, OSError) as e:
+        print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2
 
 

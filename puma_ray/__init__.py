@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 # The public surface, imported on first use (PEP 562): `import puma_ray` stays light (no torch, no Ray), and
 # everything not listed here is internal and may move.
 _PUBLIC = {
-    "puma_ray.errors": ["PumaError", "ConfigError", "DataError", "StoreError", "AdapterError", "TemplateError",
-                        "SelectionError", "SweepError"],
+    "puma_ray.errors": ["PumaError", "ConfigError", "DataError", "StoreError", "AdapterError", "CheckpointError",
+                        "TemplateError", "SelectionError", "SweepError"],
     "puma_ray.tasks": ["TASKS", "Task", "get_task"],
     "puma_ray.config": ["ModelConfig", "FoundationConfig", "DataConfig", "TemplateConfig", "PromptTrainConfig",
                         "StoreConfig", "EngineConfig", "from_dict", "to_dict", "load_yaml"],

@@ -26,6 +26,10 @@ class AdapterError(PumaError):
     """An adapter artifact that is incomplete, of an unknown format, or does not fit the stores/models given."""
 
 
+class CheckpointError(PumaError):
+    """A fit checkpoint holding anything but the safetensors and JSON files a fit writes (never unpickled)."""
+
+
 class TemplateError(PumaError):
     """A template that a tokenizer cannot serve (e.g. a label that is not exactly one token)."""
 
@@ -38,5 +42,5 @@ class SweepError(PumaError):
     """A sweep whose search space or trials cannot produce a result."""
 
 
-__all__ = ["PumaError", "ConfigError", "DataError", "StoreError", "AdapterError", "TemplateError", "SelectionError",
-           "SweepError"]
+__all__ = ["PumaError", "ConfigError", "DataError", "StoreError", "AdapterError", "CheckpointError", "TemplateError",
+           "SelectionError", "SweepError"]

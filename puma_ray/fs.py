@@ -6,7 +6,8 @@ environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), which 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import fsspec
 
@@ -14,8 +15,8 @@ import fsspec
 @dataclass
 class StorageOptions:
     endpoint_url: str | None = None  # None: botocore's default chain (AWS_ENDPOINT_URL, then AWS itself)
-    key: str | None = None  # None: AWS_ACCESS_KEY_ID / instance profile
-    secret: str | None = None
+    key: str | None = field(default=None, repr=False)  # None: AWS_ACCESS_KEY_ID / instance profile
+    secret: str | None = field(default=None, repr=False)  # never in a repr, a log line or an output file
     region: str | None = None
 
     def fsspec_kwargs(self) -> dict:
@@ -35,6 +36,32 @@ class StorageOptions:
         return kw
 
 
+# ---- secrets: credentials never reach an output (report, manifest, adapter config, provenance, log line)
+REDACTED = "***"
+# keys whose values are credentials, wherever they sit in a config or record (storage.key, storage.secret, AWS_*)
+_SECRET_KEYS = re.compile(r"^(key|secret|token|password|passwd|credentials?|session_token|security_token"
+                          r"|access_key(_id)?|secret(_access)?_key)$|^aws_", re.I)
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+
+
+def redact_text(text: str) -> str:
+    """`scheme://user:pass@host/...` → `scheme://***@host/...` anywhere in the text."""
+    return _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+
+
+def redact(value):
+    """A copy of a config / record with every credential masked: values under secret-looking keys (non-empty) and
+    credentials inside URLs. What every file we write and every config we log goes through."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if isinstance(k, str) and _SECRET_KEYS.search(k) and v not in (None, "")
+                    else redact(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
 def filesystem(path: str, storage: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a local path or URL; S3 options apply only to s3:// paths."""
     protocol = path.split("://", 1)[0] if "://" in path else "file"
@@ -45,6 +72,35 @@ def filesystem(path: str, storage: StorageOptions | None = None) -> tuple[fsspec
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def plain_name(name, what: str, error: type[Exception] = ValueError) -> str:
+    """`name` itself when it is a plain file name, what may be joined under a folder and stay inside it, locally
+    and on S3 alike: a non-empty string without a path separator, not "." or "..", without control characters or
+    surrounding blanks. Names read from artifacts (manifests, progress records, exports) are untrusted: anything
+    else is one `error` naming `what` (the file and field it came from)."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip()
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise error(f"{what}: {name!r} is not a plain file name; a name read from an artifact must stay inside "
+                    "its folder (tampered or corrupt artifact?)")
+    return name
+
+
+def child(folder: str, name, what: str, error: type[Exception] = ValueError) -> str:
+    """folder/name, with `name` checked by plain_name: the one way a name read from an artifact becomes a path."""
+    return join(folder, plain_name(name, what, error))
+
+
+def write_file(fs, path: str, data: bytes) -> None:
+    """Writes a whole file; a failure (full disk, size limit, permissions) is an OSError naming the file it hit
+    (what a job prints as its one error line)."""
+    try:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), path) from e
+        raise
 
 
 def is_remote(path: str) -> bool:

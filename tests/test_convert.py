@@ -231,8 +231,11 @@ def test_verify_finds_tampering(case, tmp_path):
     gone = manifest["shards"].pop(3)
     manifest["num_users"] -= gone["rows"]
     manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"shards/part-00003.parquet is not listed in its manifest.json"):
+        verify_store(target)  # the folder holds a shard the manifest no longer lists
+    (Path(target) / "shards" / gone["name"]).unlink()
     with pytest.raises(StoreError, match=r"source user 'user00000150' is neither converted nor rejected \(50 "):
-        verify_store(target)
+        verify_store(target)  # and without it, its users are missing
     bad = subprocess.run([sys.executable, "jobs/convert.py", "--verify", target], cwd=ROOT, capture_output=True,
                          text=True)
     assert bad.returncode == 1 and "verify FAILED" in bad.stderr

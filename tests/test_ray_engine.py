@@ -143,3 +143,61 @@ def test_streaming_user_stats_match_pandas(local_ray, toy_dataset, tmp_path, s3_
     np.testing.assert_allclose(from_s3, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(from_frame, expected, rtol=1e-5, atol=1e-6)
     assert expected.std() > 0  # the toy users really differ
+
+
+class _Payload:
+    """Unpickling this creates `marker`: proof that code from a checkpoint ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_folder_accepts_only_safetensors_and_json(tmp_path):
+    import json
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    from puma_ray.errors import CheckpointError
+    from puma_ray.ray_layer.train import check_checkpoint_folder
+    folder = tmp_path / "checkpoint_x"
+    folder.mkdir()
+    (folder / "fit_state.json").write_text(json.dumps({"loop": {}}))
+    for name in ("best.safetensors", "current.safetensors", "optimizer-rank0.safetensors"):
+        save_file({"w": torch.zeros(2)}, str(folder / name))
+    check_checkpoint_folder(str(folder))  # what a fit writes passes
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(str(marker)))
+    (folder / "ds").mkdir()
+    (folder / "ds" / "mp_rank_00_model_states.pt").write_bytes(payload)
+    with pytest.raises(CheckpointError, match=r"'ds/mp_rank_00_model_states.pt' is not a file this fit writes"):
+        check_checkpoint_folder(str(folder))
+    (folder / "ds" / "mp_rank_00_model_states.pt").unlink()
+    (folder / "current.safetensors").write_bytes(payload)  # a pickle under a trusted name
+    with pytest.raises(CheckpointError, match="current.safetensors is not valid safetensors"):
+        check_checkpoint_folder(str(folder))
+    assert not marker.exists()
+
+
+def test_planted_pickle_never_runs_and_the_resume_fails_with_one_line(local_ray, fit_case, tmp_path):
+    import pickle
+
+    from puma_ray.errors import CheckpointError
+    first = _fit(fit_case, tmp_path, 1, "planted", epochs=2)
+    assert first.valid["resumed_from"] is None
+    run = tmp_path / "train" / "planted-fit"
+    checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    assert checkpoints
+    written = {p.relative_to(c).as_posix() for c in checkpoints for p in c.rglob("*") if p.is_file()}
+    assert written == {"fit_state.json", "best.safetensors", "current.safetensors", "optimizer-rank0.safetensors"}
+    marker = tmp_path / "pwned"
+    (checkpoints[-1] / "ds").mkdir()
+    (checkpoints[-1] / "ds" / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(CheckpointError) as e:
+        _fit(fit_case, tmp_path, 1, "planted", epochs=3)  # same name + storage: a resume
+    assert "\n" not in str(e.value) and "is not a file this fit writes" in str(e.value)
+    assert not marker.exists()

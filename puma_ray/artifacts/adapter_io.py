@@ -16,7 +16,7 @@ from puma_ray import __version__
 from puma_ray.artifacts.formats import ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_HEAD, ADAPTER_WEIGHTS, check_format
 from puma_ray.config import from_dict
 from puma_ray.errors import AdapterError
-from puma_ray.fs import StorageOptions, filesystem, join
+from puma_ray.fs import StorageOptions, filesystem, join, redact
 from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
 from puma_ray.models.heads import load_head
 
@@ -40,7 +40,7 @@ def save_adapter(folder: str, adapter: PromptAdapter, head: nn.Module, head_cfg:
         "num_parameters": num_parameters(adapter), "head": head_cfg, **meta,
     }
     with fs.open(join(root, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=1, default=str)
+        json.dump(redact(config), f, indent=1, default=str)
     return folder
 
 

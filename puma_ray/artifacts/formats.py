@@ -37,7 +37,7 @@ FOUNDATION_CARD = "foundation_card.json"  # written last
 FIT_STATE = "fit_state.json"
 FIT_BEST = "best.safetensors"
 FIT_CURRENT = "current.safetensors"
-FIT_DEEPSPEED_TAG = "ds"
+FIT_OPTIMIZER_PREFIX = "optimizer-rank"  # + rank + .safetensors: each rank's Adam moments (ZeRO partitions)
 
 # ---- job outputs
 REPORT_JSON = "report.json"

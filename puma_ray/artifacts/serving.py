@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from puma_ray import __version__
 from puma_ray.artifacts.formats import SERVING_EXPORT, SERVING_FORMAT, sha256_hex
 from puma_ray.artifacts.store import MANIFEST, PromptStore, StoreError
-from puma_ray.fs import StorageOptions, filesystem, join
+from puma_ray.fs import StorageOptions, filesystem, join, plain_name, redact
 
 EXPORT_FILE, TENSOR = SERVING_EXPORT, "prompt_embeds"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,7 +57,7 @@ def export_for_serving(store_path: str, out_dir: str, dtype: str = "float32",
               "users": store.manifest.num_users, "files": files,
               "store": {"path": store_path, "manifest_sha256": store_sha}}
     with fs.open(join(root, EXPORT_FILE), "w") as f:
-        json.dump(export, f, indent=1)
+        json.dump(redact(export), f, indent=1)
     return export
 
 
@@ -72,6 +72,7 @@ class ServingPrompts:
             self.export = json.load(f)
         self.folder, self._where = folder, {}
         for entry in self.export["files"]:
+            plain_name(entry.get("file"), f"export {folder} {EXPORT_FILE} files", StoreError)
             with safe_open(os.path.join(folder, entry["file"]), "pt") as f:
                 ids = json.loads(f.metadata()["user_ids"])
             self._where.update({u: (entry["file"], row) for row, u in enumerate(ids)})

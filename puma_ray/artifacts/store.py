@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 from puma_ray import __version__
 from puma_ray.artifacts.formats import STORE_FORMAT_VERSION, STORE_HEAD, STORE_MANIFEST, STORE_SHARD_DIR, sha256_hex
 from puma_ray.errors import StoreError
-from puma_ray.fs import StorageOptions, filesystem, join
+from puma_ray.fs import StorageOptions, child, filesystem, join, plain_name, redact, write_file
 from puma_ray.models.identity import ModelIdentity
 
 FORMAT_VERSION, MANIFEST, HEAD, SHARD_DIR = STORE_FORMAT_VERSION, STORE_MANIFEST, STORE_HEAD, STORE_SHARD_DIR
@@ -43,6 +43,7 @@ class Manifest:
     shards: list[dict]  # {"name", "rows", "sha256"}
     lineage: dict = field(default_factory=dict)  # {"kind": "trained"|"migrated", "sources": [...], "adapter": ...}
     provenance: dict = field(default_factory=dict)  # data, config, metrics that made it
+    head_sha256: str | None = None  # the head file's checksum (None: a store written before heads were checksummed)
     format_version: int = FORMAT_VERSION
     created_by: str = f"puma_ray {__version__}"
     created_at: str = ""
@@ -50,6 +51,18 @@ class Manifest:
     @property
     def identity(self) -> ModelIdentity:
         return ModelIdentity.from_dict(self.model)
+
+
+def check_manifest_names(manifest: Manifest, where: str) -> None:
+    """Every file name a manifest lists (shards, rejects) is a plain, unique name: the store's files stay inside
+    its folder whatever the manifest says (it is input: a shared store may have been tampered with)."""
+    if not isinstance(manifest.shards, list) or not all(isinstance(e, dict) for e in manifest.shards):
+        raise StoreError(f"{where}: shards must be a list of entries")
+    for key, entries in (("shards", manifest.shards),
+                         ("lineage.rejects.files", (manifest.lineage.get("rejects") or {}).get("files", []))):
+        names = [plain_name(e.get("name"), f"{where} {key}", StoreError) for e in entries]
+        if len(set(names)) != len(names):
+            raise StoreError(f"{where}: {key} lists a file twice")
 
 
 def prompts_table(user_ids, prompts: np.ndarray) -> pa.Table:
@@ -85,7 +98,7 @@ def write_manifest(fs, root: str, manifest: Manifest) -> None:
     """The last write of every store: before it exists, readers refuse the store as incomplete."""
     manifest.created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     with fs.open(join(root, MANIFEST), "w") as f:
-        json.dump(asdict(manifest), f, indent=1, default=str)
+        json.dump(redact(asdict(manifest)), f, indent=1, default=str)
 
 
 def finite_rows(prompts: np.ndarray) -> np.ndarray:
@@ -143,23 +156,23 @@ class StoreWriter:
             raise StoreError(f"store {self.path}: user {str(dup[0])!r} written twice")
         self._seen.update(user_ids.tolist())
         data, sha = encode_shard(user_ids, prompts)
-        with self.fs.open(join(self.root, SHARD_DIR, name), "wb") as f:
-            f.write(data)
+        write_file(self.fs, join(self.root, SHARD_DIR, name), data)
         entry = {"name": name, "rows": len(user_ids), "sha256": sha}
         self.shards.append(entry)
         return entry
 
     def write_head(self, state_dict: dict[str, torch.Tensor], head_config: dict) -> None:
-        with self.fs.open(join(self.root, HEAD), "wb") as f:
-            f.write(encode_head(state_dict, head_config, self.model))
-        self._head_written = True
+        data = encode_head(state_dict, head_config, self.model)
+        write_file(self.fs, join(self.root, HEAD), data)
+        self._head_written, self._head_sha256 = True, sha256_hex(data)
 
     def close(self) -> Manifest:
         if not self._head_written:
             raise StoreError(f"store {self.path}: the task head was not written; no manifest")
         manifest = Manifest(model=asdict(self.model), prompt_length=self.l, hidden_size=self.model.hidden_size,
                             template=self.template, task=self.task, num_users=len(self._seen),
-                            shards=self.shards, lineage=self.lineage, provenance=self.provenance)
+                            shards=self.shards, lineage=self.lineage, provenance=self.provenance,
+                            head_sha256=self._head_sha256)
         write_manifest(self.fs, self.root, manifest)
         return manifest
 
@@ -195,6 +208,7 @@ class PromptStore:
         if manifest.format_version > FORMAT_VERSION:
             raise StoreError(f"store {path}: format {manifest.format_version} is newer than this package reads "
                              f"({FORMAT_VERSION})")
+        check_manifest_names(manifest, f"store {path} {MANIFEST}")
         return cls(path, manifest, fs, root)
 
     @property
@@ -216,13 +230,7 @@ class PromptStore:
         """(user_ids, prompts (n, l, d)) of one shard, verified: checksum, rows, width, and (unless `finite` is
         False: conversion rejects such users one by one instead) finite values."""
         where = f"store {self.path} shard {entry['name']}"
-        try:
-            with self.fs.open(join(self.root, SHARD_DIR, entry["name"]), "rb") as f:
-                data = f.read()
-        except FileNotFoundError as e:
-            raise StoreError(f"{where}: missing") from e
-        if sha256_hex(data) != entry["sha256"]:
-            raise StoreError(f"{where}: checksum mismatch (corrupt or replaced after the manifest was written)")
+        data = self.read_listed(SHARD_DIR, entry, where)
         try:
             table = pq.read_table(pa.BufferReader(data))
         except pa.ArrowException as e:
@@ -239,9 +247,22 @@ class PromptStore:
             check_finite(user_ids, prompts, where)
         return user_ids, prompts
 
+    def read_listed(self, folder: str, entry: dict, where: str) -> bytes:
+        """The bytes of a file the manifest lists under `folder` ({"name", "sha256"}), checked: its name stays in
+        the folder, it exists, its checksum is the manifest's."""
+        try:
+            with self.fs.open(child(join(self.root, folder), entry.get("name"), where, StoreError), "rb") as f:
+                data = f.read()
+        except FileNotFoundError as e:
+            raise StoreError(f"{where}: missing") from e
+        if sha256_hex(data) != entry.get("sha256"):
+            raise StoreError(f"{where}: checksum mismatch (corrupt or replaced after the manifest was written)")
+        return data
+
     def read_user_ids(self, entry: dict) -> np.ndarray:
         """Only the user_id column of one shard (parquet reads that column alone): cheap planning and checks."""
-        with self.fs.open(join(self.root, SHARD_DIR, entry["name"]), "rb") as f:
+        with self.fs.open(child(join(self.root, SHARD_DIR), entry["name"], f"store {self.path} shards",
+                                StoreError), "rb") as f:
             return _id_array(pq.read_table(f, columns=["user_id"]).column("user_id"))
 
     def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -265,9 +286,18 @@ class PromptStore:
         return ids, prompts
 
     def read_head(self) -> tuple[dict[str, torch.Tensor], dict]:
-        with self.fs.open(join(self.root, HEAD), "rb") as f:
-            data = f.read()
-        # the head's config lives in the safetensors header metadata: 8-byte length, then JSON
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
-        return st_load(data), json.loads(meta["head_config"])
+        """(head weights, head config), checked against the manifest's checksum."""
+        where = f"store {self.path} {HEAD}"
+        try:
+            with self.fs.open(join(self.root, HEAD), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise StoreError(f"{where}: missing") from None
+        if self.manifest.head_sha256 is not None and sha256_hex(data) != self.manifest.head_sha256:
+            raise StoreError(f"{where}: checksum mismatch (corrupt or replaced after the manifest was written)")
+        try:  # the head's config lives in the safetensors header metadata: 8-byte length, then JSON
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+            return st_load(data), json.loads(meta["head_config"])
+        except Exception as e:  # untrusted bytes: any parse failure is the same one line
+            raise StoreError(f"{where}: not a head file this package writes ({type(e).__name__})") from None

@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from puma_ray.artifacts.formats import CONVERSION_REJECTS_DIR as REJECTS_DIR
 from puma_ray.artifacts.formats import sha256_hex
-from puma_ray.artifacts.store import MANIFEST, PromptStore, StoreError
+from puma_ray.artifacts.store import MANIFEST, SHARD_DIR, PromptStore, StoreError
 from puma_ray.fs import StorageOptions, join
 
 
@@ -26,13 +27,7 @@ def _rejected_ids(store: PromptStore) -> np.ndarray:
     parts = []
     for entry in store.manifest.lineage.get("rejects", {}).get("files", []):
         where = f"store {store.path} rejects file {entry['name']}"
-        try:
-            with store.fs.open(join(store.root, "rejects", entry["name"]), "rb") as f:
-                data = f.read()
-        except FileNotFoundError as e:
-            raise StoreError(f"{where}: missing") from e
-        if sha256_hex(data) != entry["sha256"]:
-            raise StoreError(f"{where}: checksum mismatch")
+        data = store.read_listed(REJECTS_DIR, entry, where)
         table = pq.read_table(pa.BufferReader(data))
         if table.num_rows != entry["rows"]:
             raise StoreError(f"{where}: {table.num_rows} rows, manifest says {entry['rows']}")
@@ -40,8 +35,36 @@ def _rejected_ids(store: PromptStore) -> np.ndarray:
     return np.concatenate(parts) if parts else np.array([], dtype=str)
 
 
-def verify_store(path: str, sources: list[str] | None = None, storage: StorageOptions | None = None) -> dict:
+def _check_listing(store: PromptStore) -> None:
+    """The store's folders hold exactly the files its manifest lists: nothing missing, nothing extra."""
+    rejects = (store.manifest.lineage.get("rejects") or {}).get("files", [])
+    for sub, listed in ((SHARD_DIR, {e["name"] for e in store.manifest.shards}),
+                        (REJECTS_DIR, {e["name"] for e in rejects})):
+        folder = join(store.root, sub)
+        present = ({p.rstrip("/")[len(folder) + 1:] for p in store.fs.find(folder)} if store.fs.exists(folder)
+                   else set())
+        extra, missing = sorted(present - listed), sorted(listed - present)
+        if extra:
+            raise StoreError(f"store {store.path}: {sub}/{extra[0]} is not listed in its {MANIFEST} "
+                             f"({len(extra)} such file(s)): a store holds exactly what its manifest lists")
+        if missing:
+            raise StoreError(f"store {store.path}: {sub}/{missing[0]} is listed in its {MANIFEST} but missing")
+
+
+def verify_store(path: str, sources: list[str] | None = None, storage: StorageOptions | None = None,
+                 model: str | None = None) -> dict:
+    """Re-reads the store in full: every shard and rejects file against its checksum and row count, the head
+    against its checksum, the folder against the manifest (nothing more, nothing less), the users against the
+    sources', and, given `model` (an id or folder), the store's fingerprint against that model's weights."""
     store = PromptStore.open(path, storage)
+    _check_listing(store)
+    if store.manifest.head_sha256 is None:
+        raise StoreError(f"store {path}: its {MANIFEST} has no head checksum (written by an older puma_ray); "
+                         "the head cannot be verified")
+    store.read_head()
+    if model is not None:
+        from puma_ray.models.backbone import load_backbone
+        store.check_model(load_backbone(model).identity)
     converted = np.concatenate([store.read_shard(e)[0] for e in store.manifest.shards] or [np.array([], str)])
     if len(converted) != store.manifest.num_users:
         raise StoreError(f"store {path}: {len(converted)} users in shards, manifest says {store.manifest.num_users}")
@@ -75,4 +98,4 @@ def verify_store(path: str, sources: list[str] | None = None, storage: StorageOp
             raise StoreError(f"store {path}: user {str(extra[0])!r} is in no source store "
                              f"({len(extra)} user(s) in all)")
     return {"store": path, "users": int(len(converted)), "rejected": int(len(rejected)),
-            "shards": len(store.manifest.shards), "sources_checked": list(sources)}
+            "shards": len(store.manifest.shards), "sources_checked": list(sources), "model_checked": model}

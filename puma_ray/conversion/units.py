@@ -37,7 +37,7 @@ from puma_ray.artifacts.store import (
     write_manifest,
 )
 from puma_ray.conversion.plan import ConversionPlan, ConvertConfig
-from puma_ray.fs import StorageOptions, filesystem, join
+from puma_ray.fs import StorageOptions, filesystem, is_remote, join, plain_name, redact, write_file
 from puma_ray.models.adapter import PromptAdapter
 from puma_ray.models.identity import ModelIdentity
 
@@ -47,11 +47,6 @@ IDENTITY_FILE, PROGRESS_DIR, REJECTS_DIR = CONVERSION_IDENTITY, CONVERSION_PROGR
 def read_bytes(fs, path: str) -> bytes:
     with fs.open(path, "rb") as f:
         return f.read()
-
-
-def write_bytes(fs, path: str, data: bytes) -> None:
-    with fs.open(path, "wb") as f:
-        f.write(data)
 
 
 @torch.no_grad()
@@ -112,7 +107,7 @@ class UnitConverter:
 
     def __call__(self, unit: dict) -> dict:
         self.hooks.on_unit()
-        started, name = time.time(), unit["name"]
+        started, name = time.time(), plain_name(unit["name"], "conversion unit", StoreError)
         ids, prompts, reasons = self._aligned(unit)
         ok = reasons == ""
         # indexing copies a whole shard: only when some row is left out (memory per actor ~ a few shards)
@@ -124,7 +119,7 @@ class UnitConverter:
         keep = np.flatnonzero(ok)[good]
         data, sha = encode_shard(ids[keep], out if good.all() else out[good])
         del out
-        write_bytes(self.fs, join(self.root, SHARD_DIR, name), data)
+        write_file(self.fs, join(self.root, SHARD_DIR, name), data)
         rejected = np.flatnonzero(reasons != "")
         record = {"name": name, "rows": int(len(keep)), "bytes": len(data), "sha256": sha,
                   "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -132,7 +127,7 @@ class UnitConverter:
                   "reasons": {str(r): int(c) for r, c in zip(*np.unique(reasons[rejected], return_counts=True))}}
         if len(rejected):
             rej = _rejects_table(ids[rejected].tolist(), reasons[rejected].tolist())
-            write_bytes(self.fs, join(self.root, REJECTS_DIR, name), rej)
+            write_file(self.fs, join(self.root, REJECTS_DIR, name), rej)
             record["rejects_sha256"] = sha256_hex(rej)
         if record["rows"] + record["rejects"] != record["source_rows"]:  # cannot happen; guards the invariant
             raise StoreError(f"unit {name}: {record['rows']} converted + {record['rejects']} rejected "
@@ -163,38 +158,98 @@ class _FaultHooks:
 
 
 # ---------------------------------------------------------------------------------------------- output state
-def _clear(fs, root: str) -> None:
+def _location(path: str) -> str:
+    """A comparable form of a folder: the real absolute path locally, the URL without its trailing / remotely."""
+    if is_remote(path):
+        return path.replace("s3a://", "s3://", 1).rstrip("/")
+    return os.path.realpath(os.path.abspath(path.removeprefix("file://")))
+
+
+def check_output_location(plan: ConversionPlan) -> None:
+    """The output may not be, contain or sit inside a source store or the adapter: a conversion that writes
+    there would overwrite (or, with overwrite, delete) what it reads."""
+    out = _location(plan.target)
+    for kind, path in [*(("source store", s) for s in plan.sources), ("adapter", plan.adapter)]:
+        other = _location(path)
+        relation = ("is" if out == other else "contains" if other.startswith(out + "/")
+                    else "is inside" if out.startswith(other + "/") else None)
+        if relation:
+            raise StoreError(f"output {plan.target} {relation} the {kind} {path}: write the target store to a "
+                             "folder of its own (a new or empty one)")
+
+
+def _our_files(fs, root: str, plan: ConversionPlan) -> set[str]:
+    """Every file this output's own state names: the identity file, progress records and the shards and rejects
+    they list, the shards/rejects/progress names the plan's units write, the manifest's shards, head, rejects."""
+    ours = {join(root, IDENTITY_FILE), join(root, MANIFEST), join(root, HEAD),
+            join(root, REJECTS_DIR, "_extra.parquet")}
+    names = {u["name"] for u in plan.units}
+    for entry in _listing(fs, join(root, PROGRESS_DIR), False):
+        name = os.path.basename(entry)
+        if name.endswith(".json"):
+            names.add(name[:-len(".json")])
     if fs.exists(join(root, MANIFEST)):
-        fs.rm(join(root, MANIFEST))  # first: from here on the old store reads as incomplete
-    for sub in (SHARD_DIR, REJECTS_DIR, PROGRESS_DIR, HEAD, IDENTITY_FILE):
-        if fs.exists(join(root, sub)):
-            fs.rm(join(root, sub), recursive=True)
+        with fs.open(join(root, MANIFEST), "r") as f:
+            manifest = json.load(f)
+        names.update(e.get("name") for e in manifest.get("shards", []) if isinstance(e, dict))
+    for name in names:
+        plain_name(name, f"output {plan.target}", StoreError)
+        ours |= {join(root, SHARD_DIR, name), join(root, REJECTS_DIR, name), join(root, PROGRESS_DIR, name + ".json")}
+    return ours
+
+
+def _files_under(fs, root: str) -> set[str]:
+    return {p.rstrip("/") for p in fs.find(root)} if fs.exists(root) else set()
+
+
+def _remove_ours(fs, root: str, ours: set[str]) -> None:
+    """Removes the files our state lists, manifest first (from then on the old store reads as incomplete); never
+    anything else, so a folder left with a file of someone else's keeps it."""
+    present = _files_under(fs, root)
+    if join(root, MANIFEST) in present:
+        fs.rm(join(root, MANIFEST))
+    for path in sorted((present & ours) - {join(root, MANIFEST)}):
+        fs.rm(path)
 
 
 def prepare_output(plan: ConversionPlan, cfg: ConvertConfig, storage=None) -> tuple[list[dict], list[dict]] | None:
     """(units done, units to do) — or None when the target is already this very conversion, complete.
-    Refuses a target holding another store or another conversion unless `overwrite`."""
+
+    Refuses an output that is, holds or sits in a source or the adapter, and an existing folder that holds files
+    this output's own state does not name (not ours: never deleted, never overwritten, whatever `overwrite`
+    says). A folder of another conversion (or an interrupted one) is replaced only with `overwrite`, and then only
+    the files its state names are removed."""
+    check_output_location(plan)
     fs, root = filesystem(plan.target, storage)
+    present = _files_under(fs, root)
     previous = None
-    if fs.exists(join(root, IDENTITY_FILE)):
+    if present and join(root, IDENTITY_FILE) not in present:
+        raise StoreError(f"output {plan.target} exists and holds files puma_ray did not write there (e.g. "
+                         f"{sorted(present)[0]}); choose a new or empty folder")
+    if present:
         with fs.open(join(root, IDENTITY_FILE), "r") as f:
             previous = json.load(f)
-    complete = fs.exists(join(root, MANIFEST))
-    if not cfg.overwrite and (complete or fs.exists(join(root, SHARD_DIR))):
-        if previous != plan.identity:
+        foreign = present - _our_files(fs, root, plan)
+        if foreign:
+            raise StoreError(f"output {plan.target} holds {sorted(foreign)[0]}, which its conversion state does not "
+                             f"name ({len(foreign)} such file(s)); move it away or choose another folder")
+    complete = join(root, MANIFEST) in present
+    identity = redact(plan.identity)  # as written: the file holds no credential
+    if not cfg.overwrite and present:
+        if previous != identity:
             what = "a store" if complete else "an interrupted conversion of another adapter or other sources"
             raise StoreError(f"{plan.target} already holds {what}; pass overwrite to replace it")
         if complete:
             return None
-    if cfg.overwrite or previous != plan.identity:
-        _clear(fs, root)
+    if present and (cfg.overwrite or previous != identity):
+        _remove_ours(fs, root, _our_files(fs, root, plan))
     for sub in (SHARD_DIR, REJECTS_DIR, PROGRESS_DIR):
         fs.makedirs(join(root, sub), exist_ok=True)
     with fs.open(join(root, IDENTITY_FILE), "w") as f:
-        json.dump(plan.identity, f, indent=1)
+        json.dump(identity, f, indent=1)
     if plan.extra_users:
         reason = f"missing from source {plan.sources[0]}"
-        write_bytes(fs, join(root, REJECTS_DIR, "_extra.parquet"),
+        write_file(fs, join(root, REJECTS_DIR, "_extra.parquet"),
                      _rejects_table(plan.extra_users, [reason] * len(plan.extra_users)))
     done, todo = [], []
     finished = _finished_units(fs, root)
@@ -273,7 +328,8 @@ def finalize(plan: ConversionPlan, records: list[dict], storage=None) -> Manifes
     config = json.loads(read_bytes(adapter_fs, join(adapter_root, CONFIG_FILE)))
     head_state = st_load(read_bytes(adapter_fs, join(adapter_root, HEAD_FILE)))
     target = ModelIdentity.from_dict(config["target"])
-    write_bytes(fs, join(root, HEAD), encode_head(head_state, config["head"], target))
+    head = encode_head(head_state, config["head"], target)
+    write_file(fs, join(root, HEAD), head)
     first = PromptStore.open(plan.sources[0], storage).manifest
     manifest = Manifest(
         model=asdict(target), prompt_length=first.prompt_length, hidden_size=target.hidden_size,
@@ -281,6 +337,6 @@ def finalize(plan: ConversionPlan, records: list[dict], storage=None) -> Manifes
         shards=[{"name": r["name"], "rows": r["rows"], "sha256": r["sha256"]} for r in ordered],
         lineage={**plan.lineage, "conversion": plan.identity,
                  "rejects": {"users": plan.total_users - converted, "by_reason": reasons, "files": reject_files}},
-        provenance=plan.provenance, created_by=f"puma_ray {__version__}")
+        provenance=plan.provenance, created_by=f"puma_ray {__version__}", head_sha256=sha256_hex(head))
     write_manifest(fs, root, manifest)
     return manifest

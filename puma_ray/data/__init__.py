@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from puma_ray.config import DataConfig, from_dict
-from puma_ray.fs import StorageOptions
+from puma_ray.fs import StorageOptions, is_remote
 
 from .records import DataError, Dataset, validate
 
@@ -51,8 +51,9 @@ def _load_parquet(cfg: DataConfig, so: dict) -> Dataset:
     import pandas as pd
     records_path, items_path = _need(cfg, "records", "items")
     try:
-        records = pd.read_parquet(records_path, storage_options=so or None)
-        items = pd.read_parquet(items_path, storage_options=so or None)
+        # S3 options only for s3:// paths: pandas refuses storage_options for a local file
+        records = pd.read_parquet(records_path, storage_options=(so or None) if is_remote(records_path) else None)
+        items = pd.read_parquet(items_path, storage_options=(so or None) if is_remote(items_path) else None)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read parquet data {records_path} / {items_path}: {e}") from e
     task = cfg.options.get("task", "rating")

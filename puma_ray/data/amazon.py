@@ -30,6 +30,8 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from puma_ray.fs import is_remote
+
 from .records import DataError, Dataset, chronological_split, k_core, latest_per_user, normalise, validate
 
 __all__ = ["load_amazon", "iter_lines", "iter_json_lines", "require", "Interner", "decode", "counts", "dataset_name"]
@@ -42,7 +44,8 @@ def iter_lines(path: str, storage_options: dict | None = None) -> Iterator[tuple
     compression="infer" makes `.gz`/`.bz2`/... transparent; blank lines are skipped (a trailing newline at the end
     of a dump is common and is not an error).
     """
-    with fsspec.open(path, "rt", compression="infer", encoding="utf-8", **(storage_options or {})) as f:
+    options = (storage_options or {}) if is_remote(path) else {}  # S3 options mean nothing to a local file
+    with fsspec.open(path, "rt", compression="infer", encoding="utf-8", **options) as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if line.strip():

@@ -51,8 +51,12 @@ class MLPBlock(nn.Module):
 
 class PromptAdapter(nn.Module):
     def __init__(self, source_dims: list[int], target_dim: int, cfg: AdapterConfig,
-                 source_scales: list[float] | None = None, target_scale: float = 1.0):
+                 source_scales: list[float] | None = None, target_scale: float = 1.0, seed: int | None = None):
+        """seed: the initial weights' seed (None: torch's global state, whatever ran before in the process; a
+        recipe always passes one, so a run's numbers do not depend on what was imported or trained first)."""
         super().__init__()
+        if seed is not None:
+            torch.manual_seed(seed)
         self.source_dims, self.target_dim, self.cfg = list(source_dims), target_dim, cfg
         d_in = sum(source_dims)
         if source_scales is not None and len(source_scales) != len(source_dims):

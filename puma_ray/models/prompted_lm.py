@@ -107,7 +107,7 @@ class PromptedLM:
         out = self.model.get_output_embeddings()
         device = out.weight.device
         # only the label rows of the output layer (the full vocabulary would be pure waste), gathered per call:
-        # a few rows, and a foundation being pretrained (puma_ray/foundation.py) trains them through this readout
+        # a few rows, and a foundation being pretrained (recipes/foundation.py) trains them through this readout
         w_label = out.weight[self._label_index.to(device)]
         b_label = out.bias[self._label_index.to(device)] if getattr(out, "bias", None) is not None else None
         ids, mask, slots = (batch[k].to(device) for k in ("input_ids", "attention_mask", "slots"))

@@ -12,18 +12,22 @@ import copy
 import json
 import math
 import os
+import re
 import tempfile
 import time
 
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from puma_ray.artifacts.formats import FIT_BEST, FIT_CURRENT, FIT_DEEPSPEED_TAG, FIT_STATE
+from puma_ray.artifacts.formats import FIT_BEST, FIT_CURRENT, FIT_OPTIMIZER_PREFIX, FIT_STATE
 from puma_ray.config import EngineConfig, ModelConfig, TemplateConfig
-from puma_ray.fs import StorageOptions, pyarrow_filesystem
+from puma_ray.errors import CheckpointError
+from puma_ray.fs import StorageOptions, filesystem, join, pyarrow_filesystem
 from puma_ray.models.backbone import load_backbone
 from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.tasks import get_task
@@ -33,7 +37,7 @@ from puma_ray.training.fit import FitConfig, FitResult, adapter_param_groups, ep
 from puma_ray.training.loop import EpochSteps, LoopState, describe_epoch, lr_schedule, run_epochs
 from puma_ray.training.records import RecordSet
 
-_STATE, _BEST, _CURRENT, _DS_TAG = FIT_STATE, FIT_BEST, FIT_CURRENT, FIT_DEEPSPEED_TAG
+_STATE, _BEST, _CURRENT = FIT_STATE, FIT_BEST, FIT_CURRENT
 _ROW = "_row"  # the record's position in the driver's frame
 
 
@@ -68,6 +72,98 @@ def _deepspeed_config(cfg: dict) -> dict:
     return ds
 
 
+# ---- checkpoints: tensors in safetensors, the rest in JSON; nothing pickled, DeepSpeed's own (torch.save) files
+# are never written or read (torch.load of them would unpickle whatever a shared storage path holds)
+_CHECKPOINT_FILE = re.compile(rf"^({re.escape(_STATE)}|{re.escape(_BEST)}|{re.escape(_CURRENT)}|"
+                              rf"{re.escape(FIT_OPTIMIZER_PREFIX)}\d+\.safetensors)$")
+
+
+def _optimizer_file(rank: int) -> str:
+    return f"{FIT_OPTIMIZER_PREFIX}{rank}.safetensors"
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO wrapper (stage 0: the optimizer itself)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _save_moments(engine, path: str) -> None:
+    """This rank's Adam moments and step counts (over its partition of the flat fp32 parameters)."""
+    opt, tensors, steps = _base_optimizer(engine), {}, {}
+    for g, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            st = opt.state.get(p) or {}
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in st:
+                    tensors[f"{g}.{i}.{name}"] = st[name].detach().float().cpu().contiguous()
+            if "step" in st:
+                steps[f"{g}.{i}"] = float(st["step"])
+    save_file(tensors, path, metadata={"steps": json.dumps(steps)})
+
+
+def _load_moments(engine, path: str) -> None:
+    opt = _base_optimizer(engine)
+    with safe_open(path, "pt") as f:
+        steps = json.loads(f.metadata()["steps"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for g, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            key = f"{g}.{i}"
+            if key in steps and tensors[f"{key}.exp_avg"].shape == p.shape:
+                opt.state[p] = {"step": torch.tensor(steps[key]),
+                                **{n: tensors[f"{key}.{n}"].to(p.device, p.dtype) for n in ("exp_avg", "exp_avg_sq")}}
+
+
+def _json_state(state: dict) -> dict:
+    """A scheduler's state_dict as JSON (its lambdas are code, never saved: the fit rebuilds them)."""
+    if "lr_lambdas" in state:  # LambdaLR: None per lambda, which its load_state_dict skips
+        return {**state, "lr_lambdas": [None] * len(state["lr_lambdas"])}
+    return dict(state)
+
+
+def _read_checkpoint(folder: str) -> tuple[dict, dict, dict]:
+    """(state, current weights, best weights) of one checkpoint folder, after check_checkpoint_folder."""
+    check_checkpoint_folder(folder)
+    with open(os.path.join(folder, _STATE)) as f:
+        saved = json.load(f)
+    return saved, load_file(os.path.join(folder, _CURRENT)), load_file(os.path.join(folder, _BEST))
+
+
+def check_checkpoint_folder(folder: str, fs=None) -> None:
+    """Only the files a fit writes, each parsing as what its name says (JSON; safetensors, whose header is JSON
+    and whose data is raw tensors): anything else, a pickle above all, is refused with one line, never read."""
+    import fsspec
+    fs = fs or fsspec.filesystem("file")
+    names = [p[len(folder.rstrip("/")) + 1:] for p in fs.find(folder)]
+    for name in names:
+        if not _CHECKPOINT_FILE.match(name):
+            raise CheckpointError(f"checkpoint {folder}: {name!r} is not a file this fit writes; only its safetensors "
+                                  "and JSON files are read (nothing is unpickled), so this checkpoint is refused")
+    for name in names:
+        with fs.open(f"{folder.rstrip('/')}/{name}", "rb") as f:
+            data = f.read()
+        try:
+            json.loads(data) if name.endswith(".json") else safetensors_load(data)
+        except Exception as e:  # any parse failure of untrusted bytes is the same refusal
+            kind = "JSON" if name.endswith(".json") else "safetensors"
+            raise CheckpointError(f"checkpoint {folder}: {name} is not valid {kind} ({type(e).__name__})") from None
+    if _STATE not in names:
+        raise CheckpointError(f"checkpoint {folder}: no {_STATE} (incomplete checkpoint)")
+
+
+def check_run_checkpoints(storage_path: str, run: str, storage: StorageOptions | None = None) -> int:
+    """Every checkpoint a resumed run could restore (storage_path/run/checkpoint_*), checked before Ray Train
+    starts: a bad one is one line in the driver instead of a worker failure retried max_failures times."""
+    fs, root = filesystem(join(storage_path, run), storage)
+    if not fs.exists(root):
+        return 0
+    folders = [e["name"] for e in fs.ls(root, detail=True)  # Ray's checkpoint_manager_snapshot.json is its own
+               if e["type"] == "directory" and os.path.basename(e["name"].rstrip("/")).startswith("checkpoint_")]
+    for folder in folders:
+        check_checkpoint_folder(folder, fs)
+    return len(folders)
+
+
 def _save_weights(module: _MappingWithHead, path: str) -> None:
     save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, path)
 
@@ -98,6 +194,11 @@ def _worker_loop(cfg: dict) -> None:
     shard = pd.concat(parts).sort_values(_ROW) if parts else cfg["valid"].iloc[:0]
     train_set, valid_set = RecordSet.from_frame(shard, users), RecordSet.from_frame(cfg["valid"], users)
     module = _MappingWithHead(cfg["mapping"], cfg["head"])
+    checkpoint, saved = rt.get_checkpoint(), None
+    if checkpoint:  # the weights go in before DeepSpeed copies them into its fp32 partitions
+        with checkpoint.as_directory() as d:
+            saved, current, best = _read_checkpoint(d)
+        module.load_state_dict(current)
     groups = adapter_param_groups(module.mapping, module.head, fit)
     optimizer = torch.optim.AdamW(groups) if cfg["optimizer"] == "torch_adamw" else None
     total_steps = fit.epochs * max(1, math.ceil(len(train_set) / fit.batch_size))
@@ -116,16 +217,14 @@ def _worker_loop(cfg: dict) -> None:
     cost = Cost(flops_per_token=2.0 * (plm.backbone.identity.num_params or 0))
     flops_per_vector = getattr(module.mapping, "flops_per_vector", lambda: 0.0)()
     state = LoopState()
-    checkpoint = rt.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            with open(os.path.join(d, _STATE)) as f:
-                saved = json.load(f)
-            if saved["world_size"] == world:
-                engine.load_checkpoint(d, tag=_DS_TAG)
-            else:  # ZeRO optimizer partitions are per rank: keep the weights, restart the moments
-                engine.module.load_state_dict(load_file(os.path.join(d, _CURRENT)))
-            state = LoopState.from_json(saved["loop"], best_state=load_file(os.path.join(d, _BEST)))
+    if saved is not None:
+        if saved["world_size"] == world:  # ZeRO partitions the moments per rank: another world size restarts them
+            with checkpoint.as_directory() as d:
+                _load_moments(engine, os.path.join(d, _optimizer_file(rank)))
+        engine.lr_scheduler.load_state_dict(saved["scheduler"])
+        for group, lr in zip(_base_optimizer(engine).param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr  # the scheduler's position, not its first step's rate
+        state = LoopState.from_json(saved["loop"], best_state=best)
         state.resumed_from = state.epoch
         cost = Cost(**saved["cost"])
     order = epoch_orders(len(train_set), fit.seed)  # resuming at epoch e draws (and drops) epochs 0..e-1 first
@@ -141,12 +240,13 @@ def _worker_loop(cfg: dict) -> None:
 
     def save_and_report(epoch: int, state: LoopState) -> None:
         with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag=_DS_TAG)  # every rank: ZeRO state is partitioned
+            _save_moments(engine, os.path.join(d, _optimizer_file(rank)))  # every rank: ZeRO partitions them
             if rank == 0:
                 _save_weights(engine.module, os.path.join(d, _CURRENT))
                 save_file({k: v.contiguous() for k, v in state.best_state.items()}, os.path.join(d, _BEST))
                 with open(os.path.join(d, _STATE), "w") as f:
-                    json.dump({"loop": state.to_json(), "cost": cost.state(), "world_size": world}, f)
+                    json.dump({"loop": state.to_json(), "cost": cost.state(), "world_size": world,
+                               "scheduler": _json_state(engine.lr_scheduler.state_dict())}, f)
             entry = state.history[-1]
             rt.report({"epoch": epoch, get_task(task).primary: entry[f"valid_{get_task(task).primary}"],
                        "train_loss": entry["train_loss"]}, checkpoint=rt.Checkpoint.from_directory(d))
@@ -188,6 +288,8 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
             "threads": engine.threads_per_worker, "use_gpu": engine.use_gpu, "zero_stage": engine.zero_stage,
             "precision": engine.precision, "optimizer": engine.optimizer, "pid_dir": pid_dir,
         }
+        # a resumed run restores its latest checkpoint: every one of them is checked here first (one line, no pickle)
+        check_run_checkpoints(storage_path, f"{run_name}-{name}", storage)
         fs, path = pyarrow_filesystem(storage_path, storage)
         trainer = TorchTrainer(
             _worker_loop, train_loop_config=loop_cfg,

@@ -333,12 +333,14 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
         fits[name] = result
         return result
 
-    puma = fit_and_test("puma", PromptAdapter(source_dims, target.hidden_size, cfg.adapter, scales, plm.embed_rms),
+    puma = fit_and_test("puma", PromptAdapter(source_dims, target.hidden_size, cfg.adapter, scales, plm.embed_rms,
+                                                    seed=cfg.fit.seed),
                         fit_inputs, joined.prompts)
     costs["puma"] = stats_cost.merge(puma.cost).to_dict()
     if cfg.baselines.linear:
         lin = fit_and_test("linear", PromptAdapter(source_dims, target.hidden_size, AdapterConfig(kind="linear"),
-                                                   scales, plm.embed_rms), fit_inputs, joined.prompts)
+                                                   scales, plm.embed_rms, seed=cfg.fit.seed), fit_inputs,
+                           joined.prompts)
         costs["linear"] = stats_cost.merge(lin.cost).to_dict()
     if cfg.baselines.random_init:
         rng = np.random.default_rng(sel.seed)

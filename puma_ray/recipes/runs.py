@@ -12,7 +12,7 @@ import yaml
 from puma_ray import __version__
 from puma_ray.config import ConfigError, from_dict, load_yaml
 from puma_ray.errors import PumaError
-from puma_ray.fs import StorageOptions, filesystem, is_remote, join
+from puma_ray.fs import StorageOptions, filesystem, is_remote, join, redact, redact_text
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -62,13 +62,13 @@ def write_json(path: str, data: dict, storage: StorageOptions | None = None) -> 
     if not is_remote(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with fs.open(inner, "w") as f:
-        json.dump(data, f, indent=1, default=str)
+        json.dump(redact(data), f, indent=1, default=str)  # reports are shared: no credential in them
 
 
 def provenance(cfg_dict: dict) -> dict:
     return {"package": f"puma_ray {__version__}", "torch": torch.__version__, "python": platform.python_version(),
             "host": platform.node(), "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "config": cfg_dict}
+            "config": redact(cfg_dict)}
 
 
 def set_threads(threads: int | None) -> int:
@@ -83,13 +83,24 @@ def report_path(run_dir: str) -> str:
     return join(run_dir, "report.json")
 
 
+def describe_error(e: BaseException) -> str:
+    """One line for the user: the message (an OSError: its cause and the file), credentials masked."""
+    if isinstance(e, OSError) and not isinstance(e, PumaError) and e.filename is not None:
+        text = f"cannot use {e.filename}: {e.strerror or e}"  # e.g. a full disk or a size limit while writing
+    else:
+        text = str(e)
+    return redact_text(" ".join(text.split()))
+
+
 def user_errors_to_exit_code(body) -> int:
-    """Runs `body()`; a PumaError (bad input the user can fix) or a missing file is one `error:` line and exit 2."""
+    """Runs `body()`; a PumaError (bad input the user can fix) or a failed read/write (OSError: a missing file, a
+    full disk) is one `error:` line and exit 2. Whatever was half-written is not marked done (manifests and
+    progress records are written last), so a rerun recovers."""
     import sys
     try:
         return body()
-    except (PumaError, FileNotFoundError, IsADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (PumaError, OSError) as e:
+        print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
-import torch
 
 from puma_ray.config import ConfigError, TemplateConfig, from_dict
 from puma_ray.data import Dataset
@@ -188,8 +187,9 @@ def run_trial(ctx: SweepContext, cfg: MigrateJobConfig, setting: dict, fit_fn=fi
     split = split_users(sel, ctx.users, ctx.ds, chosen)
     target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed)
     plm = PromptedLM(target, ctx.template, ctx.l, ctx.texts)
-    torch.manual_seed(cfg.fit.seed)  # the adapter's initial weights: the same in a fresh or a reused trial process
-    mapping = PromptAdapter(ctx.source_dims, target.hidden_size, cfg.adapter, ctx.scales, plm.embed_rms)
+    # the adapter's initial weights: the same in a fresh or a reused trial process
+    mapping = PromptAdapter(ctx.source_dims, target.hidden_size, cfg.adapter, ctx.scales, plm.embed_rms,
+                            seed=cfg.fit.seed)
     result = fit_fn(plm, ctx.task, mapping, [p[split.fit_idx] for p in ctx.prompts], split.fit_users, split.train,
                     split.valid, new_head(ctx.head_state, ctx.head_cfg, ctx.task), cfg.fit, log=log, name="puma")
     cost = cost.merge(result.cost)

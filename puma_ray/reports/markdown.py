@@ -24,7 +24,7 @@ from puma_ray.tasks import get_task
 METHOD_ORDER = ("puma", "linear", "random_init", "source", "full_retrain", "shared_prompt")
 METHOD_LABELS = {"puma": "PUMA", "linear": "linear map", "random_init": "random init", "source": "source model",
                  "full_retrain": "full retraining", "shared_prompt": "one shared prompt (target)"}
-# The reference rows (puma_ray/reference.py): LLM-free predictors on the same records, in every quality table
+# The reference rows (puma_ray/training/reference.py): LLM-free predictors on the same records, in every quality table
 REFERENCE_LABELS = {"global_mean": "global mean (no LLM)", "user_mean": "per-user mean (no LLM)",
                     "bias": "user + item bias (no LLM)"}
 LOWER_IS_BETTER = {"rmse": True, "mae": True, "auc": False, "uauc": False}

@@ -83,12 +83,16 @@ def epoch_orders(n_records: int, seed: int):
     """The record order of each epoch, the same wherever the fit runs (here, or a Ray worker resuming at epoch
     e: it draws and drops the orders of epochs 0..e-1 first)."""
     rng = np.random.default_rng(seed)
-    drawn: dict[int, np.ndarray] = {}
+    drawn = [0]  # epochs whose order has been drawn
 
     def order(epoch: int) -> np.ndarray:
-        while len(drawn) <= epoch:
-            drawn[len(drawn)] = rng.permutation(n_records)
-        return drawn.pop(epoch)
+        if epoch < drawn[0]:
+            raise ValueError(f"epoch {epoch}'s order was already drawn (epochs run in order)")
+        while drawn[0] < epoch:  # a resumed fit skips the orders of the epochs it does not run again
+            rng.permutation(n_records)
+            drawn[0] += 1
+        drawn[0] += 1
+        return rng.permutation(n_records)
     return order
 
 

@@ -19,7 +19,7 @@ PromptFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 # glibc keeps the freed activations of batches of varying lengths: +11 KB a record over 131k test records (1.7 GB)
-# before this; trimming every 32 batches kept the peak at the working set, at the same speed (puma_ray/memory.py)
+# before this; trimming every 32 batches kept the peak at the working set, at the same speed (training/memory.py)
 TRIM_EVERY_BATCHES = 32
 
 
