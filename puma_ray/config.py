@@ -47,6 +47,11 @@ class FoundationConfig:
             raise ConfigError("model.foundation.lr and user_lr must be > 0")
 
 
+# the families tiny:<family> and foundation:<family> build (models/tiny.py FAMILIES: a test keeps them equal);
+# named here so a config is refused when it is read, without importing transformers
+MODEL_FAMILIES = ("gemma3", "llama", "phi3", "qwen2", "stablelm")
+
+
 @dataclass
 class ModelConfig:
     # hub id, local folder, "tiny:<family>" (a tiny random model the package builds and caches locally), or
@@ -59,6 +64,9 @@ class ModelConfig:
     foundation: FoundationConfig | None = None  # foundation:<family> only; None: FoundationConfig's defaults
 
     def __post_init__(self):
+        kind, _, family = self.name.partition(":")
+        if kind in ("tiny", "foundation") and family not in MODEL_FAMILIES:
+            raise ConfigError(f"model.name {self.name!r}: unknown family {family!r}; known: {sorted(MODEL_FAMILIES)}")
         if self.foundation is not None and not self.name.startswith("foundation:"):
             raise ConfigError(f"model.foundation is set but model.name {self.name!r} is not foundation:<family>")
 

@@ -104,3 +104,9 @@ def test_union_and_literal_hints():
         convert_value(list[float], [1.0, "y"], "x")
     with pytest.raises(ConfigError, match="x.k must be an integer"):
         convert_value(dict[str, int], {"k": "v"}, "x")
+
+
+def test_model_families_named_in_config_are_the_ones_tiny_builds():
+    from puma_ray.config import MODEL_FAMILIES
+    from puma_ray.models.tiny import FAMILIES
+    assert sorted(MODEL_FAMILIES) == sorted(FAMILIES)

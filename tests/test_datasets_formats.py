@@ -4,6 +4,7 @@ from __future__ import annotations
 import calendar
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -347,6 +348,15 @@ def test_mind_full_history_by_default(tmp_path):
     assert list(last["history"]) == ["N1", "N2", "N3", "N4", "N5"]
 
 
+@pytest.mark.parametrize("max_history, expected", [(4, ["N1", "N2", "N3"]), (5, ["N1", "N2", "N3"]),
+                                                  (2, ["N2", "N3"]), (1, ["N3"])])
+def test_mind_short_history_is_kept_whole(tmp_path, max_history, expected):
+    """3 clicks with max_history 4 or 5 keep all 3 (they kept 2 and 1: a negative slice start counts from the end)."""
+    ds = load_mind(behaviors_tsv(tmp_path), news_tsv(tmp_path), max_history=max_history)
+    first = ds.records[(ds.records["user_id"] == "U1") & (ds.records["item_id"] == "N4")].iloc[0]
+    assert list(first["history"]) == expected
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
@@ -365,3 +375,50 @@ def test_mind_bad_behaviors(tmp_path, line, message):
 def test_mind_bad_news_line(tmp_path):
     with pytest.raises(DataError, match=r"news\.tsv:7: expected 8 tab-separated fields, got 2"):
         load_mind(behaviors_tsv(tmp_path), news_tsv(tmp_path, extra="N7\tsports\n"))
+
+
+# ----------------------------------------------------------------------------------------------- read mistakes
+def test_truncated_gzip_is_one_line(tmp_path):
+    rpath, mpath = amazon_files(tmp_path, gz=True)
+    data = Path(rpath).read_bytes()
+    Path(rpath).write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(DataError, match=r"Movies_and_TV.jsonl.gz: ends in the middle of its compressed stream"):
+        load_amazon(rpath, mpath)
+
+
+def test_gzip_bytes_under_a_plain_name_is_one_line(tmp_path):
+    rpath, mpath = amazon_files(tmp_path, gz=True)
+    plain = tmp_path / "Movies_and_TV.jsonl"
+    plain.write_bytes(Path(rpath).read_bytes())
+    with pytest.raises(DataError, match=r"Movies_and_TV.jsonl:1: not UTF-8 text"):
+        load_amazon(str(plain), mpath)
+
+
+def test_a_folder_given_as_a_file_is_one_line(tmp_path):
+    _, mpath = amazon_files(tmp_path, gz=True)
+    with pytest.raises(DataError, match="is a folder; data.paths names files"):
+        load_amazon(str(tmp_path), mpath)
+
+
+def test_utf8_bom_is_ignored(tmp_path):
+    folder = tmp_path / "bom"
+    folder.mkdir()
+    news = news_tsv(folder)
+    Path(news).write_bytes(b"\xef\xbb\xbf" + Path(news).read_bytes())  # as Windows editors save a TSV
+    ds = load_mind(behaviors_tsv(folder), news)
+    assert "N1" in set(ds.items["item_id"])  # the first id is found, not "\ufeffN1"
+
+
+@pytest.mark.parametrize("name, paths, options, message", [
+    ("yelp", ("reviews", "business"), {"min_user_ratings": 5},
+     r"data.options.min_user_ratings is not an option of the yelp loader; known: \['min_user_reviews', 'keep_"),
+    ("amazon", ("reviews", "meta"), {"valid_frac": 0.2}, "data.options.valid_frac: set data.valid_frac instead"),
+    ("mind", ("behaviors", "news"), {"max_history": "ten"}, "data.options.max_history must be an integer, got 'ten'"),
+])
+def test_loader_options_are_checked_before_reading(tmp_path, name, paths, options, message):
+    from puma_ray.config import DataConfig
+    from puma_ray.data import load_dataset
+    from puma_ray.errors import ConfigError
+    cfg = DataConfig(name=name, paths={p: str(tmp_path / "does-not-exist") for p in paths}, options=options)
+    with pytest.raises(ConfigError, match=message):
+        load_dataset(cfg)

@@ -57,3 +57,31 @@ def test_multi_token_label_is_one_line_and_exit_2(job, toy_data, tmp_path):
     assert lines and lines[-1].startswith("error: ") and "'one star'" in lines[-1], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (out / "report.json").exists()
+
+
+@pytest.mark.parametrize("selection, message", [
+    ({"budget": 500}, "selection.budget 500 asks for 500 users; the data has 40"),
+    ({"budget": 30, "valid_users": 20}, r"selection.valid_users 20 asks for 20 users; only 10 are left"),
+    ({"valid_users": 2.5}, r"selection.valid_users 2.5: give a user count"),
+])
+def test_impossible_selection_is_refused_before_any_training(selection, message, toy_data, tmp_path):
+    """Checked against the users as soon as the data is read: no source store is trained first."""
+    import puma_ray.recipes.migrate as migrate
+    from puma_ray.config import from_dict
+    from puma_ray.errors import ConfigError
+    config = _migrate(toy_data)
+    config["template"] = {}
+    config["selection"] = {**config["selection"], **selection}
+    cfg = from_dict(migrate.MigrateJobConfig, config, "migrate")
+    with pytest.raises(ConfigError, match=message):
+        migrate.run(cfg, str(tmp_path / "out"), log=lambda *_: None)
+    assert not (tmp_path / "out" / "source-store").exists()
+
+
+def test_unknown_model_family_is_refused_at_config_time():
+    from puma_ray.config import ModelConfig, from_dict
+    from puma_ray.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"model.name 'tiny:gpt9': unknown family 'gpt9'; known: \['gemma3'"):
+        from_dict(ModelConfig, {"name": "tiny:gpt9"}, "model")
+    with pytest.raises(ConfigError, match=r"unknown family 'bert'"):
+        from_dict(ModelConfig, {"name": "foundation:bert"}, "model")

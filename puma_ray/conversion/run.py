@@ -20,8 +20,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from safetensors.torch import load as safetensors_load
 
 from puma_ray.artifacts.adapter_io import CONFIG_FILE, HEAD_FILE, WEIGHTS_FILE, check_sources
+from puma_ray.artifacts.formats import ADAPTER_FORMAT, check_format
 from puma_ray.artifacts.store import MANIFEST, Manifest, PromptStore, StoreError
 from puma_ray.conversion.plan import MISSING_POLICIES, ConversionPlan, ConvertConfig
 from puma_ray.conversion.units import UnitConverter, finalize, prepare_output, read_bytes, sha256_hex
@@ -77,8 +79,21 @@ def _adapter_identity(adapter_path: str, storage) -> tuple[dict, dict]:
     if not fs.exists(join(root, CONFIG_FILE)):
         raise AdapterError(f"adapter {adapter_path} has no {CONFIG_FILE} (incomplete or not an adapter)")
     raw = read_bytes(fs, join(root, CONFIG_FILE))
-    sums = {name: sha256_hex(read_bytes(fs, join(root, name))) for name in (WEIGHTS_FILE, HEAD_FILE)}
-    return json.loads(raw), {CONFIG_FILE: sha256_hex(raw), **sums}
+    try:
+        config = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdapterError(f"adapter {adapter_path}: {CONFIG_FILE} is not valid JSON") from None
+    check_format(config.get("format") if isinstance(config, dict) else None, ADAPTER_FORMAT,
+                 f"adapter {adapter_path} ({CONFIG_FILE})", AdapterError)
+    sums = {}
+    for name in (WEIGHTS_FILE, HEAD_FILE):
+        data = read_bytes(fs, join(root, name))
+        try:  # parsed here, in the driver: a garbage file is one line before any unit runs or anything is written
+            safetensors_load(data)
+        except Exception:
+            raise AdapterError(f"adapter {adapter_path}: {name} is not a valid safetensors file") from None
+        sums[name] = sha256_hex(data)
+    return config, {CONFIG_FILE: sha256_hex(raw), **sums}
 
 
 def plan_conversion(adapter_path: str, source_paths: list[str], target_path: str, cfg: ConvertConfig,
@@ -90,6 +105,10 @@ def plan_conversion(adapter_path: str, source_paths: list[str], target_path: str
     config, adapter_sums = _adapter_identity(adapter_path, storage)
     stores = [PromptStore.open(p, storage) for p in source_paths]
     check_sources(config, [s.identity for s in stores])  # an adapter of other source models: refused here
+    widths = [s.manifest.hidden_size for s in stores]
+    if config.get("source_dims") != widths:
+        raise AdapterError(f"adapter {adapter_path} maps prompts of width(s) {config.get('source_dims')}; the source "
+                           f"store(s) hold width(s) {widths}")
     _check_prompt_lengths(stores)
     if config.get("prompt_length") not in (None, stores[0].manifest.prompt_length):
         raise AdapterError(f"adapter {adapter_path} maps l={config['prompt_length']} prompts, the source stores "

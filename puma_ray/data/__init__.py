@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from puma_ray.config import DataConfig, from_dict
+from puma_ray.errors import ConfigError
 from puma_ray.fs import StorageOptions, is_remote
 
 from .records import DataError, Dataset, validate
@@ -18,6 +19,27 @@ def _need(cfg: DataConfig, *keys: str) -> list[str]:
     return [cfg.paths[k] for k in keys]
 
 
+def _loader_options(cfg: DataConfig, loader) -> dict:
+    """data.options checked against the loader's own keyword options: a misspelt or foreign key (Yelp's is
+    min_user_reviews, Amazon's min_user_ratings) or a value of the wrong type is one line naming data.options.<key>
+    and the known keys, before any file is read."""
+    import inspect
+    import typing
+
+    from puma_ray.config import convert_value
+    hints = typing.get_type_hints(loader)
+    known = [p.name for p in inspect.signature(loader).parameters.values()
+             if p.kind is p.KEYWORD_ONLY and p.name not in ("valid_frac", "test_frac", "storage_options")]
+    out = {}
+    for key, value in cfg.options.items():
+        if key in ("valid_frac", "test_frac"):
+            raise ConfigError(f"data.options.{key}: set data.{key} instead (the split is the job's, not the loader's)")
+        if key not in known:
+            raise ConfigError(f"data.options.{key} is not an option of the {cfg.name} loader; known: {known}")
+        out[key] = convert_value(hints[key], value, f"data.options.{key}")
+    return out
+
+
 def load_dataset(cfg: DataConfig, storage: StorageOptions | None = None) -> Dataset:
     so = (storage or StorageOptions()).fsspec_kwargs()
     split = {"valid_frac": cfg.valid_frac, "test_frac": cfg.test_frac}
@@ -26,13 +48,16 @@ def load_dataset(cfg: DataConfig, storage: StorageOptions | None = None) -> Data
         ds = load_movielens100k(cfg.paths.get("folder"), **split)
     elif cfg.name == "amazon":
         from .amazon import load_amazon
-        ds = load_amazon(*_need(cfg, "reviews", "meta"), storage_options=so, **split, **cfg.options)
+        ds = load_amazon(*_need(cfg, "reviews", "meta"), storage_options=so, **split,
+                         **_loader_options(cfg, load_amazon))
     elif cfg.name == "yelp":
         from .yelp import load_yelp
-        ds = load_yelp(*_need(cfg, "reviews", "business"), storage_options=so, **split, **cfg.options)
+        ds = load_yelp(*_need(cfg, "reviews", "business"), storage_options=so, **split,
+                       **_loader_options(cfg, load_yelp))
     elif cfg.name == "mind":
         from .mind import load_mind
-        ds = load_mind(*_need(cfg, "behaviors", "news"), storage_options=so, **split, **cfg.options)
+        ds = load_mind(*_need(cfg, "behaviors", "news"), storage_options=so, **split,
+                       **_loader_options(cfg, load_mind))
     elif cfg.name == "synthetic":
         from .synthetic import SyntheticConfig, generate_synthetic
         ds = generate_synthetic(from_dict(SyntheticConfig, cfg.options, "data.options"), **split)

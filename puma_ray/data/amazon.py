@@ -45,11 +45,24 @@ def iter_lines(path: str, storage_options: dict | None = None) -> Iterator[tuple
     of a dump is common and is not an error).
     """
     options = (storage_options or {}) if is_remote(path) else {}  # S3 options mean nothing to a local file
-    with fsspec.open(path, "rt", compression="infer", encoding="utf-8", **options) as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield lineno, line
+    lineno = 0
+    try:
+        with fsspec.open(path, "rt", compression="infer", encoding="utf-8-sig", **options) as f:  # -sig: a BOM
+            for lineno, line in enumerate(f, start=1):
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield lineno, line
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text (a compressed file without its .gz/.bz2 suffix, or "
+                        "another encoding?)") from None
+    except EOFError:
+        raise DataError(f"{path}: ends in the middle of its compressed stream (an interrupted download?)") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; data.paths names files") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:  # gzip.BadGzipFile and friends: a .gz that is not gzip
+        raise DataError(f"{path}: cannot read it ({e})") from None
 
 
 def iter_json_lines(path: str, storage_options: dict | None = None) -> Iterator[tuple[int, dict]]:

@@ -94,7 +94,8 @@ def _read_behaviors(path: str, known: set[str], max_history: int, storage_option
             raise DataError(f"{path}:{lineno}: empty UserID")
         ts = parse_time(time, path, lineno)
         clicked = [_check_news(n, known, path, lineno, "history") for n in history.split()]
-        histories.append(clicked[len(clicked) - max_history :] if max_history else [])
+        # the last max_history clicks; a shorter history is kept whole (a negative start would count from the end)
+        histories.append(clicked[max(0, len(clicked) - max_history):] if max_history else [])
         user_code = users(user.strip())
         candidates = impressions.split()
         if not candidates:

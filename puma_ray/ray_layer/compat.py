@@ -26,8 +26,9 @@ def actor_retries() -> dict:
 
 
 def user_error(error: BaseException, kind: type) -> BaseException | None:
-    """The user's exception of type `kind` inside the wrappers Ray Data puts around a task's error (RayTaskError
-    with the original as .cause, UserCodeException chaining it as __cause__), or None."""
+    """The user's exception of type `kind` inside the wrappers Ray puts around a task's error (Ray Data:
+    RayTaskError with the original as .cause, UserCodeException chaining it as __cause__; Ray Train v2:
+    TrainingFailedError / WorkerGroupError holding each rank's error in .worker_failures), or None."""
     seen, stack = set(), [error]
     while stack:
         e = stack.pop()
@@ -36,7 +37,9 @@ def user_error(error: BaseException, kind: type) -> BaseException | None:
         seen.add(id(e))
         if isinstance(e, kind):
             return e
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+        failures = getattr(e, "worker_failures", None)
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__,
+                      *(failures.values() if isinstance(failures, dict) else [])])
     return None
 
 

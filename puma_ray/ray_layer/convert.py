@@ -15,9 +15,9 @@ from typing import Iterator
 import numpy as np
 import ray
 
-from puma_ray.artifacts.store import StoreError
 from puma_ray.conversion.run import ConversionPlan, ConvertConfig
 from puma_ray.conversion.units import UnitConverter
+from puma_ray.errors import PumaError
 from puma_ray.fs import StorageOptions
 
 from .compat import actor_pool, actor_retries, user_error
@@ -47,7 +47,7 @@ def run_on_ray(plan: ConversionPlan, units: list[dict], cfg: ConvertConfig,
         for row in converted.iter_rows():
             yield json.loads(row["record"])
     except Exception as e:  # Ray wraps a unit's error in its own exceptions: surface the unit's message alone
-        cause = user_error(e, StoreError)
+        cause = user_error(e, PumaError)
         if cause is not None:
-            raise StoreError(str(cause)) from e
+            raise type(cause)(str(cause)) from e
         raise

@@ -26,7 +26,7 @@ from torch import nn
 
 from puma_ray.artifacts.formats import FIT_BEST, FIT_CURRENT, FIT_OPTIMIZER_PREFIX, FIT_STATE
 from puma_ray.config import EngineConfig, ModelConfig, TemplateConfig
-from puma_ray.errors import CheckpointError
+from puma_ray.errors import CheckpointError, PumaError
 from puma_ray.fs import StorageOptions, filesystem, join, pyarrow_filesystem
 from puma_ray.models.backbone import load_backbone
 from puma_ray.models.prompted_lm import PromptedLM
@@ -36,6 +36,8 @@ from puma_ray.training.evaluate import evaluate
 from puma_ray.training.fit import FitConfig, FitResult, adapter_param_groups, epoch_orders
 from puma_ray.training.loop import EpochSteps, LoopState, describe_epoch, lr_schedule, run_epochs
 from puma_ray.training.records import RecordSet
+
+from .compat import user_error
 
 _STATE, _BEST, _CURRENT = FIT_STATE, FIT_BEST, FIT_CURRENT
 _ROW = "_row"  # the record's position in the driver's frame
@@ -299,7 +301,13 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
                                  failure_config=FailureConfig(max_failures=engine.max_failures)),
             datasets={"train": train_ds})
         start = time.perf_counter()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # a project error in a worker (bad input): the same one line as in process
+            cause = user_error(e, PumaError)
+            if cause is not None:
+                raise type(cause)(str(cause)) from e
+            raise
         wall = time.perf_counter() - start
         checkpoint: Checkpoint = result.checkpoint
         with checkpoint.as_directory() as d:

@@ -44,7 +44,7 @@ from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.recipes.runs import provenance
 from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, item_texts, train_store
 from puma_ray.selection.statistics import ffn_features, label_variance, source_loss
-from puma_ray.selection.strategies import NEEDS, SelectionInput, resolve_budget, select
+from puma_ray.selection.strategies import NEEDS, SelectionInput, check_selection, resolve_budget, select
 from puma_ray.tasks import get_task
 from puma_ray.training.cost import Cost
 from puma_ray.training.evaluate import evaluate
@@ -217,6 +217,8 @@ def load_sources(cfg: MigrateJobConfig, output: str, log=print) -> Sources:
     ds = load_dataset(cfg.data, cfg.storage)
     task, metric = ds.task, get_task(ds.task).primary
     log(f"data {ds.summary()}")
+    sel = cfg.selection  # before any training: an impossible selection is one line now, not after the stores
+    check_selection(sel.budget, sel.valid_users, int(ds.records["user_id"].nunique()))
     source_reports, stores, source_backbones = {}, [], []
     for i, src in enumerate(cfg.sources):
         path = src.store.format(output=output)
@@ -267,7 +269,7 @@ def split_users(sel: SelectionConfig, users: np.ndarray, ds: Dataset, chosen: np
     """`sel.valid_users` validation users drawn (seeded) from those not chosen; all chosen if none is left."""
     n_users = len(users)
     rest = np.setdiff1d(np.arange(n_users), chosen)
-    n_valid = min(len(rest), resolve_budget(sel.valid_users, n_users)) if len(rest) else 0
+    n_valid = min(len(rest), resolve_budget(sel.valid_users, n_users, "selection.valid_users")) if len(rest) else 0
     valid_idx = np.sort(np.random.default_rng(sel.seed + 1).choice(rest, n_valid, replace=False)) if n_valid else chosen
     fit_idx = np.union1d(chosen, valid_idx)
     train_recs = ds.split("train")[ds.split("train")["user_id"].isin(users[chosen])]

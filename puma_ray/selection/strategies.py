@@ -71,16 +71,28 @@ def select(name: str, inputs: SelectionInput, budget: int, k: int = 15, seed: in
     return np.sort(chosen)
 
 
-def resolve_budget(budget: float | int, n_users: int) -> int:
-    """An int is a user count; a float in (0, 1) a fraction of the users."""
+def resolve_budget(budget: float | int, n_users: int, field: str = "selection.budget") -> int:
+    """An int is a user count; a float in (0, 1) a fraction of the users. `field` names the setting in errors."""
     import numbers
     if not isinstance(budget, numbers.Real) or isinstance(budget, bool):
-        raise ConfigError(f"selection.budget {budget!r}: give a user count (>= 1) or a fraction in (0, 1)")
+        raise ConfigError(f"{field} {budget!r}: give a user count (>= 1) or a fraction in (0, 1)")
     if 0 < budget < 1:
         return max(1, int(round(budget * n_users)))
     if budget >= 1 and float(budget).is_integer():
         return int(budget)
-    raise ConfigError(f"selection.budget {budget!r}: give a user count (>= 1) or a fraction in (0, 1)")
+    raise ConfigError(f"{field} {budget!r}: give a user count (>= 1) or a fraction in (0, 1)")
+
+
+def check_selection(budget: float | int, valid_users: float | int, n_users: int) -> None:
+    """Budget and validation users against the users there are: checked as soon as the data is read, before
+    any store is trained (an impossible budget used to surface after the source store's training)."""
+    chosen = resolve_budget(budget, n_users)
+    if chosen > n_users:
+        raise ConfigError(f"selection.budget {budget!r} asks for {chosen} users; the data has {n_users}")
+    held_out = resolve_budget(valid_users, n_users, "selection.valid_users")
+    if chosen < n_users and held_out > n_users - chosen:
+        raise ConfigError(f"selection.valid_users {valid_users!r} asks for {held_out} users; only {n_users - chosen}"
+                          f" are left after selection.budget's {chosen}")
 
 
 # ---- building blocks -----------------------------------------------------------------------------------------
