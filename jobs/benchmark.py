@@ -14,7 +14,14 @@ import sys
 from puma_ray.recipes.benchmark import Benchmark, write_benchmark
 from puma_ray.recipes.engine import engine_functions
 from puma_ray.recipes.jobs import JOBS
-from puma_ray.recipes.runs import exit_job, job_args, new_run_dir, set_threads, user_errors_to_exit_code
+from puma_ray.recipes.runs import (
+    exit_job,
+    job_args,
+    library_logs_to_file,
+    new_run_dir,
+    set_threads,
+    user_errors_to_exit_code,
+)
 
 JOB = JOBS["benchmark"]
 
@@ -23,6 +30,7 @@ def run_benchmark(config: str, output: str | None, overrides: list[str], command
     """Runs the benchmark; benchmark.md is rewritten after each experiment. Returns (benchmark.md, wall seconds)."""
     cfg = JOB.load(config, overrides)
     bench = Benchmark(cfg, new_run_dir(output, "benchmark"), engine=engine_functions)
+    print(f"library and Ray messages: {library_logs_to_file(bench.output, 'benchmark')}")
     set_threads(bench.base.threads)
     storage = bench.base.storage
 
@@ -34,7 +42,8 @@ def run_benchmark(config: str, output: str | None, overrides: list[str], command
 
 
 def main(argv=None) -> int:
-    args = job_args(argv, __doc__, "configs/benchmark_*.yaml", "experiments.chain=null", JOB.default_config)
+    args = job_args(argv, __doc__, "configs/benchmark_*.yaml", "experiments.chain=null", JOB.default_config,
+                    JOB.config_cls())
     words = ["python", "jobs/benchmark.py", *(sys.argv[1:] if argv is None else argv)]
 
     def body() -> int:

@@ -37,17 +37,23 @@ def _parser() -> argparse.ArgumentParser:
                                    "(hub id or local folder, loaded like the jobs load it)")
     p.add_argument("--to", help="export folder")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="export dtype")
-    p.add_argument("--engine", default="ray", choices=("ray", "local"))
+    p.add_argument("--engine", default="ray", choices=("ray", "local"),
+                   help="ray: units on a Ray Data actor pool (a local Ray unless --address or RAY_ADDRESS); "
+                        "local: in this process")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--actors", type=int, default=ConvertConfig.actors)
-    p.add_argument("--cpus-per-actor", type=float, default=ConvertConfig.cpus_per_actor)
-    p.add_argument("--gpus-per-actor", type=float, default=ConvertConfig.gpus_per_actor)
-    p.add_argument("--threads-per-actor", type=int, default=ConvertConfig.threads_per_actor)
-    p.add_argument("--batch-rows", type=int, default=ConvertConfig.batch_rows)
+    p.add_argument("--actors", type=int, default=ConvertConfig.actors, help="actor pool size (one per GPU on GPUs)")
+    p.add_argument("--cpus-per-actor", type=float, default=ConvertConfig.cpus_per_actor,
+                   help="fractional CPUs per actor: leave some for Ray Data's own tasks")
+    p.add_argument("--gpus-per-actor", type=float, default=ConvertConfig.gpus_per_actor,
+                   help="1 on a GPU cluster: the adapter runs there")
+    p.add_argument("--threads-per-actor", type=int, default=ConvertConfig.threads_per_actor,
+                   help="torch threads per actor (actors x threads <= cores)")
+    p.add_argument("--batch-rows", type=int, default=ConvertConfig.batch_rows,
+                   help="rows per adapter forward (bounds activation memory)")
     p.add_argument("--missing-policy", default="error", choices=MISSING_POLICIES,
                    help="aggregated: a user absent from one source fails the run, or goes to the rejects table")
     p.add_argument("--overwrite", action="store_true", help="replace a finished store or another conversion")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no rows/s bar on stderr")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     return p
 

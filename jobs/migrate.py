@@ -15,6 +15,7 @@ from puma_ray.recipes.migrate import format_report, resolve_foundations, run
 from puma_ray.recipes.runs import (
     exit_job,
     job_args,
+    library_logs_to_file,
     new_run_dir,
     report_path,
     set_threads,
@@ -27,12 +28,14 @@ JOB = JOBS["migrate"]
 
 
 def main(argv=None) -> int:
-    args = job_args(argv, __doc__, "configs/", "selection.budget=200", JOB.default_config)
+    args = job_args(argv, __doc__, "configs/", "selection.budget=200", JOB.default_config,
+                    JOB.config_cls())
 
     def body() -> int:
         cfg = JOB.load(args.config, args.overrides)
         set_threads(cfg.threads)
         output = new_run_dir(args.output, "migrate")
+        print(f"library and Ray messages: {library_logs_to_file(output, 'migrate')}")
         cfg = resolve_foundations(cfg)  # before the Ray layer: its Train workers load the pretrained folders
         report = run(cfg, output, **engine_functions(cfg, output))
         write_json(report_path(output), report, cfg.storage)

@@ -11,19 +11,28 @@ With no config it runs configs/sweep_default.yaml (minutes on 2 cores).
 from __future__ import annotations
 
 from puma_ray.recipes.jobs import JOBS
-from puma_ray.recipes.runs import exit_job, job_args, new_run_dir, set_threads, user_errors_to_exit_code
+from puma_ray.recipes.runs import (
+    exit_job,
+    job_args,
+    library_logs_to_file,
+    new_run_dir,
+    set_threads,
+    user_errors_to_exit_code,
+)
 from puma_ray.recipes.sweep import write_outputs
 
 JOB = JOBS["sweep"]
 
 
 def main(argv=None) -> int:
-    args = job_args(argv, __doc__, "configs/sweep_*.yaml", "search.budgets=[20,50]", JOB.default_config)
+    args = job_args(argv, __doc__, "configs/sweep_*.yaml", "search.budgets=[20,50]", JOB.default_config,
+                    JOB.config_cls())
 
     def body() -> int:
         cfg = JOB.load(args.config, args.overrides)
         set_threads(cfg.job.threads)
         output = new_run_dir(args.output, "sweep")
+        print(f"library and Ray messages: {library_logs_to_file(output, 'sweep')}")
         from puma_ray.ray_layer import run_sweep
         report = run_sweep(cfg, output)
         paths = write_outputs(report, cfg.migrate, output, cfg.job.storage)

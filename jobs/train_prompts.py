@@ -13,6 +13,7 @@ from puma_ray.recipes.jobs import JOBS
 from puma_ray.recipes.runs import (
     exit_job,
     job_args,
+    library_logs_to_file,
     new_run_dir,
     report_path,
     set_threads,
@@ -25,12 +26,14 @@ JOB = JOBS["train_prompts"]
 
 
 def main(argv=None) -> int:
-    args = job_args(argv, __doc__, "configs/train_prompts_*.yaml", "train.epochs=3", JOB.default_config)
+    args = job_args(argv, __doc__, "configs/train_prompts_*.yaml", "train.epochs=3", JOB.default_config,
+                    JOB.config_cls())
 
     def body() -> int:
         cfg = JOB.load(args.config, args.overrides)
         set_threads(cfg.threads)
         output = new_run_dir(args.output, "train_prompts")
+        print(f"library and Ray messages: {library_logs_to_file(output, 'train_prompts')}")
         report = run(cfg, output)
         write_json(report_path(output), report, cfg.storage)
         print(f"report: {report_path(output)}\nstore: {report['store']}")

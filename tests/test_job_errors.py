@@ -85,3 +85,13 @@ def test_unknown_model_family_is_refused_at_config_time():
         from_dict(ModelConfig, {"name": "tiny:gpt9"}, "model")
     with pytest.raises(ConfigError, match=r"unknown family 'bert'"):
         from_dict(ModelConfig, {"name": "foundation:bert"}, "model")
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_help_lists_every_config_section(job):
+    import dataclasses
+    proc = subprocess.run([sys.executable, JOBS[job].script, "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0
+    sections = [f.name for f in dataclasses.fields(JOBS[job].config_cls()) if f.init]
+    assert all(f"\n  {name}: " in proc.stdout for name in sections), proc.stdout

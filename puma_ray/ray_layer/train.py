@@ -1,10 +1,11 @@
 """The adapter fit on Ray Train: N workers, each a DeepSpeed engine around adapter + head, the frozen target LLM
 loaded on every worker from its id/path (never checkpointed), training records sharded through Ray Data.
 
-Checkpoints (every epoch, to the run's storage path, local or S3) hold the DeepSpeed state of adapter + head +
-optimizer, the current and best adapter/head weights (safetensors) and the early-stopping state. A run restarted
-with the same name and storage resumes from the latest; a worker failure is retried from it (FailureConfig). With a
-different number of workers the weights resume and the optimizer moments restart (ZeRO partitions them per rank).
+Checkpoints (every epoch, to the run's storage path, local or S3) hold only safetensors and JSON: the current and
+best adapter/head weights, each rank's Adam moments, and the loop state (history, early stopping, cost, the
+schedule's position). A run restarted with the same name and storage resumes from the latest, checked first (no
+pickle is ever read); a worker failure is retried from it (FailureConfig). With a different number of workers the
+weights resume and the optimizer moments restart (ZeRO partitions them per rank).
 """
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ def _worker_loop(cfg: dict) -> None:
         model=module, optimizer=optimizer, model_parameters=None if optimizer else groups,
         config=_deepspeed_config(cfg), lr_scheduler=lambda opt: lr_schedule(opt, fit.schedule, total_steps))
     dtype = next(engine.module.parameters()).dtype
-    tables = [torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in cfg["inputs"]]
+    tables = [torch.from_numpy(np.array(x, dtype=np.float32)) for x in cfg["inputs"]]  # copies: Ray's are read-only
 
     def sources(idx: torch.Tensor) -> list[torch.Tensor]:
         return [t[idx].to(device=device, dtype=dtype) for t in tables]

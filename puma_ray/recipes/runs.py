@@ -5,6 +5,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 
 import torch
 import yaml
@@ -31,10 +32,36 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def job_args(argv, doc: str, configs: str, override_example: str, default_config: str | None = None):
-    """What every job's command line takes: --config, --output and key=value overrides."""
+def config_sections(cls) -> str:
+    """The config's fields and their types, one line each, nested sections indented: what --help lists."""
+    import dataclasses
+    import typing
+
+    def describe(c, indent: str) -> list[str]:
+        hints, lines = typing.get_type_hints(c), []
+        for f in dataclasses.fields(c):
+            if not f.init:
+                continue
+            hint = hints[f.name]
+            name = getattr(hint, "__name__", None) if isinstance(hint, type) else None
+            text = name or re.sub(r"\b(?:typing|puma_ray(?:\.\w+)*)\.(\w+)", r"\1", str(hint))
+            lines.append(f"{indent}{f.name}: {text}")
+            inner = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+            if inner and indent.count(" ") < 6:
+                lines += describe(inner[0], indent + "  ")
+        return lines
+    return "\n".join(describe(cls, "  "))
+
+
+def job_args(argv, doc: str, configs: str, override_example: str, default_config: str | None = None,
+             config_cls: type | None = None):
+    """What every job's command line takes: --config, --output and key=value overrides; --help lists every
+    config section and field (`config_cls`)."""
     import argparse
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    epilog = f"config sections and fields (YAML keys; override any as key.sub=value):\n{config_sections(config_cls)}" \
+        if config_cls is not None else None
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     config_required = default_config is None
     parser.add_argument("--config", required=config_required,
                         help=f"YAML config (see {configs})"
@@ -102,6 +129,33 @@ def user_errors_to_exit_code(body) -> int:
     except (PumaError, OSError) as e:
         print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2
+
+
+# the libraries whose internal messages (deprecations, token-auth notices, progress chatter) go to the log file
+LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "DeepSpeed", "deepspeed", "transformers",
+                   "torch", "py.warnings", "fsspec", "s3fs", "botocore", "urllib3")
+
+
+def library_logs_to_file(run_dir: str, job: str) -> str:
+    """The console shows our progress: the libraries' log records and Python warnings go to
+    `<run_dir>/logs/libraries.log` (a local folder under runs/ when the run folder is remote), and Ray's worker
+    processes keep their output in Ray's own session logs instead of echoing it here (PUMA_RAY_LOG_TO_DRIVER=0,
+    read by ray_layer/session.ensure_ray). Returns the log file's path, which the job prints once."""
+    import logging
+    import warnings
+    folder = os.path.join("runs", f"{job}-{os.getpid()}-logs") if is_remote(run_dir) else os.path.join(run_dir, "logs")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "libraries.log")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")  # every warning once per place, into the file (not the console)
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+    os.environ.setdefault("PUMA_RAY_LOG_TO_DRIVER", "0")
+    return path
 
 
 def exit_job(code: int) -> None:
