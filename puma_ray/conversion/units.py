@@ -178,17 +178,16 @@ def check_output_location(plan: ConversionPlan) -> None:
                              "folder of its own (a new or empty one)")
 
 
-def _our_files(fs, root: str, plan: ConversionPlan) -> set[str]:
+def _our_files(fs, root: str, plan: ConversionPlan, present: set[str]) -> set[str]:
     """Every file this output's own state names: the identity file, progress records and the shards and rejects
-    they list, the shards/rejects/progress names the plan's units write, the manifest's shards, head, rejects."""
+    they list, the shards/rejects/progress names the plan's units write, the manifest's shards, head, rejects.
+    `present`: the folder's files, listed once by the caller."""
     ours = {join(root, IDENTITY_FILE), join(root, MANIFEST), join(root, HEAD),
             join(root, REJECTS_DIR, "_extra.parquet")}
     names = {u["name"] for u in plan.units}
-    for entry in _listing(fs, join(root, PROGRESS_DIR), False):
-        name = os.path.basename(entry)
-        if name.endswith(".json"):
-            names.add(name[:-len(".json")])
-    if fs.exists(join(root, MANIFEST)):
+    progress = join(root, PROGRESS_DIR) + "/"
+    names |= {p[len(progress):-len(".json")] for p in present if p.startswith(progress) and p.endswith(".json")}
+    if join(root, MANIFEST) in present:
         with fs.open(join(root, MANIFEST), "r") as f:
             manifest = json.load(f)
         names.update(e.get("name") for e in manifest.get("shards", []) if isinstance(e, dict))
@@ -200,16 +199,6 @@ def _our_files(fs, root: str, plan: ConversionPlan) -> set[str]:
 
 def _files_under(fs, root: str) -> set[str]:
     return {p.rstrip("/") for p in fs.find(root)} if fs.exists(root) else set()
-
-
-def _remove_ours(fs, root: str, ours: set[str]) -> None:
-    """Removes the files our state lists, manifest first (from then on the old store reads as incomplete); never
-    anything else, so a folder left with a file of someone else's keeps it."""
-    present = _files_under(fs, root)
-    if join(root, MANIFEST) in present:
-        fs.rm(join(root, MANIFEST))
-    for path in sorted((present & ours) - {join(root, MANIFEST)}):
-        fs.rm(path)
 
 
 def prepare_output(plan: ConversionPlan, cfg: ConvertConfig, storage=None) -> tuple[list[dict], list[dict]] | None:
@@ -229,7 +218,7 @@ def prepare_output(plan: ConversionPlan, cfg: ConvertConfig, storage=None) -> tu
     if present:
         with fs.open(join(root, IDENTITY_FILE), "r") as f:
             previous = json.load(f)
-        foreign = present - _our_files(fs, root, plan)
+        foreign = present - _our_files(fs, root, plan, present)
         if foreign:
             raise StoreError(f"output {plan.target} holds {sorted(foreign)[0]}, which its conversion state does not "
                              f"name ({len(foreign)} such file(s)); move it away or choose another folder")
@@ -242,7 +231,9 @@ def prepare_output(plan: ConversionPlan, cfg: ConvertConfig, storage=None) -> tu
         if complete:
             return None
     if present and (cfg.overwrite or previous != identity):
-        _remove_ours(fs, root, _our_files(fs, root, plan))
+        # every file present is ours (checked above): the manifest first, so the old store reads as incomplete
+        for path in sorted(present, key=lambda p: p != join(root, MANIFEST)):
+            fs.rm(path)
     for sub in (SHARD_DIR, REJECTS_DIR, PROGRESS_DIR):
         fs.makedirs(join(root, sub), exist_ok=True)
     with fs.open(join(root, IDENTITY_FILE), "w") as f:
