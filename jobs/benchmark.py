@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from puma_ray.recipes.benchmark import Benchmark, write_benchmark
+from puma_ray.recipes.benchmark import Benchmark
 from puma_ray.recipes.engine import engine_functions
 from puma_ray.recipes.jobs import JOBS
 from puma_ray.recipes.runs import (
@@ -22,6 +22,7 @@ from puma_ray.recipes.runs import (
     set_threads,
     user_errors_to_exit_code,
 )
+from puma_ray.reports.benchmark import write_benchmark
 
 JOB = JOBS["benchmark"]
 

@@ -1,1 +1,2 @@
-"""Reports a person reads: report.md with PNG plots beside report.json, for migrate, sweep and benchmark runs."""
+"""Reports a person reads: report.md with PNG plots beside report.json (markdown.py: migrate, sweep; benchmark.py:
+benchmark.md)."""
