@@ -76,15 +76,18 @@ def test_embedding_rms_includes_family_scaling(family, backbones):
     assert embedding_rms(bb.model) == pytest.approx(scale * raw_rms, rel=0.05)
 
 
+@pytest.mark.parametrize("cache_mib", [0, 64])  # the full left-padded sequence, and the prefix-cached batch
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_prompted_lm_logits(family, backbones, toy_dataset):
+def test_prompted_lm_logits(family, cache_mib, backbones, toy_dataset):
     bb = backbones(family)
-    plm = PromptedLM(bb, TemplateConfig(), prompt_length=2, item_texts=_item_texts(toy_dataset))
+    plm = PromptedLM(bb, TemplateConfig(), prompt_length=2, item_texts=_item_texts(toy_dataset),
+                     prefix_cache_mib=cache_mib)
     assert len(plm.label_ids) == 5 and len(set(plm.label_ids)) == 5
     items = toy_dataset.records["item_id"].to_numpy()[:7]
     batch = plm.encode(items)
     assert batch["slots"].sum(1).tolist() == [2] * 7  # l prompt positions per record
-    assert batch["attention_mask"][:, -1].all()  # left padded: the answer cue is last
+    if not cache_mib:
+        assert batch["attention_mask"][:, -1].all()  # left padded: the answer cue is last
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randn(7, 2, bb.hidden_size, generator=gen) * plm.embed_rms
     logits = plm.label_logits(prompts, batch)
@@ -93,7 +96,7 @@ def test_prompted_lm_logits(family, backbones, toy_dataset):
     # the prompt is read: another user's prompt changes the logits of the same item
     other = plm.label_logits(torch.randn(7, 2, bb.hidden_size, generator=gen) * plm.embed_rms, batch)
     assert not torch.allclose(logits, other)
-    # a record's logits do not depend on what else is in the batch (left padding + position ids)
+    # a record's logits do not depend on what else is in the batch (padding + position ids)
     alone = plm.label_logits(prompts[3:4], plm.encode(items[3:4]))
     torch.testing.assert_close(alone[0], logits[3], rtol=1e-4, atol=1e-4)
 

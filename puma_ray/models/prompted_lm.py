@@ -5,6 +5,10 @@ The template is split at its placeholders once; item texts are tokenized once. A
 is always the answer cue. Token embeddings come from the model's own embedding module (with its family scaling),
 the prompt vectors are scattered into the slots, and only the label tokens' rows of the output layer are applied
 to the last hidden state.
+
+With the prefix cache on (a frozen model: every use but the foundation pretraining), the positions before the
+first slot are not recomputed per record: `encode` looks their keys/values up (models/prefix_cache.py) and the
+batch holds only the slots and what follows them.
 """
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ import torch
 from puma_ray.config import TemplateConfig
 from puma_ray.errors import TemplateError
 from puma_ray.models.backbone import Backbone, embedding_rms
+from puma_ray.models.prefix_cache import DEFAULT_PREFIX_CACHE_MIB, PrefixCache, batch_prefix, fresh_cache
 
 SLOT = -1  # marks a prompt position in a token sequence before embedding
 
 
 class PromptedLM:
-    def __init__(self, backbone: Backbone, template: TemplateConfig, prompt_length: int, item_texts: dict[str, str]):
+    def __init__(self, backbone: Backbone, template: TemplateConfig, prompt_length: int, item_texts: dict[str, str],
+                 prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB):
         self.backbone, self.template, self.l = backbone, template, prompt_length
         self.model, self.tok = backbone.model, backbone.tokenizer
         self.d = backbone.hidden_size
@@ -35,6 +41,8 @@ class PromptedLM:
         self._label_index = torch.tensor(self.label_ids)
         self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self._seq_cache: dict[str, list[int]] = {}
+        # 0 turns it off: a model whose weights train (the foundation pretraining) has no fixed prefix
+        self.prefix_cache = PrefixCache(self.model, prefix_cache_mib * 2 ** 20) if prefix_cache_mib > 0 else None
 
     # ---- tokenization ---------------------------------------------------------------------------------------
     def _label_ids(self, labels) -> list[int]:
@@ -89,7 +97,10 @@ class PromptedLM:
         return seq
 
     def encode(self, item_ids, histories=None) -> dict[str, torch.Tensor]:
+        """A batch for `label_logits`; its "tokens" counts the positions the LLM computes for it."""
         seqs = [self.sequence(i, None if histories is None else list(histories[k])) for k, i in enumerate(item_ids)]
+        if self.prefix_cache is not None:
+            return self._encode_cached(seqs)
         width = max(len(s) for s in seqs)
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -99,7 +110,31 @@ class PromptedLM:
         slots = ids == SLOT
         ids[slots] = self.pad_id
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                "slots": torch.from_numpy(slots)}
+                "slots": torch.from_numpy(slots), "tokens": int(mask.sum())}
+
+    def _encode_cached(self, seqs: list[list[int]]) -> dict:
+        if self.model.get_input_embeddings().weight.requires_grad:
+            raise TemplateError("the prefix cache needs a frozen model: build this PromptedLM with prefix_cache_mib=0 "
+                                "to train its weights")
+        cut = [s.index(SLOT) for s in seqs]  # the prefix: everything before the first prompt slot
+        prefixes = [tuple(s[:c]) for s, c in zip(seqs, cut)]
+        built = self.prefix_cache.stats.positions_built
+        kv_of = self.prefix_cache.lookup(prefixes)
+        prefix_kv, prefix_mask = batch_prefix([kv_of[p] for p in prefixes])
+        suffixes = [s[c:] for s, c in zip(seqs, cut)]
+        width = max(len(s) for s in suffixes)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for row, s in enumerate(suffixes):  # right padding: pads follow the real tokens, which never see them
+            ids[row, :len(s)] = s
+            mask[row, :len(s)] = 1
+        slots = ids == SLOT
+        ids[slots] = self.pad_id
+        computed = int(mask.sum()) + self.prefix_cache.stats.positions_built - built
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                "slots": torch.from_numpy(slots), "tokens": computed, "prefix_kv": prefix_kv,
+                "prefix_mask": prefix_mask, "prefix_lengths": torch.tensor(cut),
+                "last": torch.tensor([len(s) - 1 for s in suffixes])}
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def label_logits(self, prompts: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -113,9 +148,16 @@ class PromptedLM:
         ids, mask, slots = (batch[k].to(device) for k in ("input_ids", "attention_mask", "slots"))
         emb = self.model.get_input_embeddings()(ids)
         emb = emb.masked_scatter(slots.unsqueeze(-1), prompts.to(device=device, dtype=emb.dtype))
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-        hidden = self.model.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state[:, -1]
+        if "prefix_kv" in batch:  # cached prefix: positions continue each row's prefix; read at its last real token
+            position_ids = batch["prefix_lengths"].to(device).unsqueeze(1) + torch.arange(ids.shape[1], device=device)
+            past = {self.prefix_cache.argument: fresh_cache(self.model, batch["prefix_kv"])}
+            hidden = self.model.base_model(inputs_embeds=emb, attention_mask=torch.cat([batch["prefix_mask"], mask], 1),
+                                           position_ids=position_ids, use_cache=True, **past).last_hidden_state
+            hidden = hidden[torch.arange(len(hidden), device=device), batch["last"].to(device)]
+        else:
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+            hidden = self.model.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=position_ids,
+                                           use_cache=False).last_hidden_state[:, -1]
         logits = hidden.float() @ w_label.float().T
         if b_label is not None:
             logits = logits + b_label.float()

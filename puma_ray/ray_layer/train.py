@@ -192,7 +192,7 @@ def _worker_loop(cfg: dict) -> None:
                            f"driver's target (fingerprint {cfg['fingerprint'][:12]})")
     device = rt.torch.get_device() if cfg["use_gpu"] else torch.device("cpu")
     backbone.model.to(device)
-    plm = PromptedLM(backbone, TemplateConfig(**cfg["template"]), cfg["l"], cfg["item_texts"])
+    plm = PromptedLM(backbone, TemplateConfig(**cfg["template"]), cfg["l"], cfg["item_texts"], m.prefix_cache_mib)
     fit: FitConfig = cfg["fit"]
     task, users = cfg["task"], pd.Index(cfg["users"])  # indexed once: every batch maps its users through it
     torch.manual_seed(fit.seed)  # as the in-process fit: the same dropout masks on the same batches
@@ -243,7 +243,7 @@ def _worker_loop(cfg: dict) -> None:
         engine.backward(loss)
         engine.step()
         cost.extra_flops += 3 * flops_per_vector * len(batch) * plm.l  # adapter forward + backward
-        return float(loss.item()), int(enc["attention_mask"].sum())
+        return float(loss.item()), enc["tokens"]
 
     def save_and_report(epoch: int, state: LoopState) -> None:
         with tempfile.TemporaryDirectory() as d:

@@ -54,7 +54,10 @@ def train_item_texts(train: pd.DataFrame, items: pd.DataFrame) -> dict[str, str]
 def cache_key(family: str, seed: int, cfg: FoundationConfig, template: TemplateConfig, task: str,
               train_fp: str, texts: dict[str, str]) -> str:
     texts_fp = hashlib.sha256(json.dumps(sorted(texts.items())).encode()).hexdigest()
-    blob = json.dumps({"format": FORMAT, "family": family, "seed": seed, "config": to_dict(cfg),
+    config = to_dict(cfg)
+    if config.get("tie_embeddings") is None:  # the family's default: the key of the folders made before the field
+        config.pop("tie_embeddings", None)
+    blob = json.dumps({"format": FORMAT, "family": family, "seed": seed, "config": config,
                        "template": to_dict(template), "task": task, "train": train_fp, "items": texts_fp},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -244,7 +244,8 @@ def load_sources(cfg: MigrateJobConfig, output: str, log=print) -> Sources:
     texts = item_texts(ds)
     head_state, head_cfg = stores[0].read_head()
     return Sources(ds, task, metric, source_reports, stores, source_backbones, joined, template, l, texts,
-                   PromptedLM(source_backbones[0], template, l, texts), head_state, head_cfg)
+                   PromptedLM(source_backbones[0], template, l, texts, cfg.sources[0].model.prefix_cache_mib),
+                   head_state, head_cfg)
 
 
 def new_head(head_state: dict, head_cfg: dict, task: str):
@@ -312,7 +313,7 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
 
     # 3. target + fits
     target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed)
-    plm = PromptedLM(target, template, l, texts)
+    plm = PromptedLM(target, template, l, texts, cfg.target.prefix_cache_mib)
     test = RecordSet.from_frame(ds.split("test"), joined.users)
     # the LLM-free predictors on the same test records: does any LLM row personalize at all?
     reference = reference_metrics(task, ds.split("train"), ds.split("test"))
@@ -353,7 +354,8 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     if cfg.baselines.source:
         for i, (store, backbone) in enumerate(zip(stores, source_backbones)):
             name = "source" if i == 0 else f"source_{i}"
-            splm = source_plm if i == 0 else PromptedLM(backbone, template, l, texts)
+            splm = source_plm if i == 0 else PromptedLM(backbone, template, l, texts,
+                                                        cfg.sources[i].model.prefix_cache_mib)
             shead = source_head if i == 0 else load_head(*store.read_head())
             prompts = torch.from_numpy(joined.prompts[i])
             methods[name] = evaluate(splm, shead, task, lambda idx, p=prompts: p[idx], test, cfg.fit.eval_batch_size)

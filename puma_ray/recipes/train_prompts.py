@@ -55,7 +55,7 @@ def train_store(cfg: TrainPromptsJobConfig, ds: Dataset, store_path: str, log=pr
     backbone = load_backbone(cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.model.seed)
     load_s = time.perf_counter() - t0
     log(f"model {backbone.identity.describe()}: {backbone.identity.num_params:,} parameters, loaded in {load_s:.1f}s")
-    plm = PromptedLM(backbone, template, cfg.train.prompt_length, item_texts(ds))
+    plm = PromptedLM(backbone, template, cfg.train.prompt_length, item_texts(ds), cfg.model.prefix_cache_mib)
     users = ds.users
     result = train_prompts(plm, ds.task, ds.split("train"), ds.split("valid"), users, cfg.train, log=log)
     prompts = result.prompts

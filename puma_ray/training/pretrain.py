@@ -29,6 +29,8 @@ def build_model(family: str, cfg: FoundationConfig, seed: int, texts: dict[str, 
     tokenizer = build_tokenizer(list(texts.values()), cfg.vocab_size)
     torch.manual_seed(seed)
     config = family_config(family, cfg.hidden_size, cfg.layers, len(tokenizer), cfg.heads)
+    if cfg.tie_embeddings is not None:
+        config.tie_word_embeddings = cfg.tie_embeddings
     model = AutoModelForCausalLM.from_config(config)
     return model, tokenizer
 
@@ -42,7 +44,7 @@ def pretrain(family: str, cfg: FoundationConfig, seed: int, train: pd.DataFrame,
     identity = ModelIdentity(name=f"{name_prefix}{family} (pretraining)", family=model.config.model_type,
                              hidden_size=cfg.hidden_size, fingerprint="pretraining",
                              num_params=sum(p.numel() for p in model.parameters()))
-    plm = PromptedLM(Backbone(model, tokenizer, identity), template, cfg.prompt_length, texts)
+    plm = PromptedLM(Backbone(model, tokenizer, identity), template, cfg.prompt_length, texts, prefix_cache_mib=0)
     users = np.sort(train["user_id"].unique())
     records = RecordSet.from_frame(train, users)
     rng = np.random.default_rng(seed)

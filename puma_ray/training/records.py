@@ -69,4 +69,4 @@ class RecordSet:
 def forward_batch(plm: PromptedLM, prompts_for: PromptFn, batch: RecordSet) -> tuple[torch.Tensor, int]:
     enc = plm.encode(batch.item_ids, batch.histories)
     prompts = prompts_for(torch.from_numpy(batch.user_index))
-    return plm.label_logits(prompts, enc), int(enc["attention_mask"].sum())
+    return plm.label_logits(prompts, enc), enc["tokens"]
