@@ -39,6 +39,9 @@ class FoundationConfig:
     # input/output embeddings tied or not; None: the family's own choice (Qwen2 and Gemma3 tie). A tied output row of
     # a label token ("4") is also the input embedding of that digit in every title's year ("(1995)")
     tie_embeddings: bool | None = None
+    # share of records whose user vector is zeroed in a step: the model must learn the items' own signal, which a
+    # per-user vector alone can stand in for (some seeds ended at the per-user mean's level: docs/benchmarks.md)
+    user_dropout: float = 0.0
 
     def __post_init__(self):
         for name in ("hidden_size", "layers", "heads", "vocab_size", "prompt_length", "epochs", "batch_size"):
@@ -48,6 +51,8 @@ class FoundationConfig:
             raise ConfigError("model.foundation.vocab_size must be >= 300 (the byte alphabet + special tokens)")
         if self.lr <= 0 or self.user_lr <= 0:
             raise ConfigError("model.foundation.lr and user_lr must be > 0")
+        if not 0.0 <= self.user_dropout < 1.0:
+            raise ConfigError(f"model.foundation.user_dropout must be in [0, 1), got {self.user_dropout}")
 
 
 # the families tiny:<family> and foundation:<family> build (models/tiny.py FAMILIES: a test keeps them equal);

@@ -130,7 +130,7 @@ def test_amazon_paper_filters_gzip(tmp_path):
     c = ds.provenance["counts"]
     assert c["raw"] == {"records": 12 * 22 + 1 + 3 + 20 + 6, "users": 14, "items": 24}
     assert c["after_k_core"] == {"records": 12 * 22, "users": 12, "items": 22}
-    assert c["items_without_title"] == 2
+    assert c["items_without_text"] == 2 and c["items_without_text_share"] == round(2 / 22, 4)
     assert ds.provenance["files"] == {"reviews": rpath, "meta": mpath}
 
 
@@ -230,16 +230,22 @@ def date_of(day: int, minute: int) -> str:
     return (pd.Timestamp("2016-03-09 00:44:15") + pd.Timedelta(days=day, minutes=minute)).strftime("%Y-%m-%d %H:%M:%S")
 
 
+FILLERS = [f"bizF{j:02d}" for j in range(77)]
+
+
 def yelp_files(tmp_path, *, biz_raw_lines=()):
     ids = list(BUSINESSES)
     reviews, k = [], 0
-    # heavy: 80 reviews -> its latest 75 kept; ok: exactly 25 -> kept; short: 24 -> dropped
-    for user, n, which in (("heavy", 80, ids[:3]), ("ok", 25, ids[:2]), ("short", 24, ids)):
+    # heavy: 80 reviews -> its latest 75 kept; ok: exactly 25 -> kept; short: 24 -> dropped. One review per
+    # (user, business) as Yelp keeps them; the named businesses last (the latest reviews)
+    for user, n, named in (("heavy", 80, ids[:3]), ("ok", 25, ids[:2]), ("short", 24, ids[3:])):
+        which = FILLERS[:n - len(named)] + named
         for j in range(n):
-            reviews.append(yelp_review(k, user, which[j % len(which)], 1 + j % 5, date_of(j, len(user))))
+            reviews.append(yelp_review(k, user, which[j], 1 + j % 5, date_of(j, len(user))))
             k += 1
     rpath = write_jsonl(tmp_path / "yelp_academic_dataset_review.json", reviews)
-    biz = [business(b, *BUSINESSES[b]) for b in ids] + [business("bizNever", "Nobody", 5.0, 0, None)]
+    biz = [business(b, *BUSINESSES[b]) for b in ids] + [business(f, f"Filler {f}", 3.0, 5, "Shops") for f in FILLERS]
+    biz += [business("bizNever", "Nobody", 5.0, 0, None)]
     bpath = write_jsonl(tmp_path / "yelp_academic_dataset_business.json", biz, raw_lines=biz_raw_lines)
     return rpath, bpath
 
@@ -251,7 +257,10 @@ def test_yelp_filters_texts_and_split(tmp_path):
     assert ds.task == "rating" and list(ds.users) == ["heavy", "ok"]
     assert r.groupby("user_id").size().to_dict() == {"heavy": 75, "ok": 25}
     # bizBar was only reviewed by the dropped user
-    assert dict(zip(ds.items["item_id"], ds.items["text"])) == {b: TEXTS[b] for b in ("bizDiner", "bizDoc", "bizPark")}
+    texts = dict(zip(ds.items["item_id"], ds.items["text"]))
+    assert {b: texts[b] for b in ("bizDiner", "bizDoc", "bizPark")} == {b: TEXTS[b] for b in ("bizDiner", "bizDoc",
+                                                                                           "bizPark")}
+    assert "bizBar" not in texts and "bizNever" not in texts and set(texts) - set(TEXTS) == set(FILLERS)
     heavy = r[r["user_id"] == "heavy"].sort_values("timestamp")
     expected_first = calendar.timegm(pd.Timestamp(date_of(5, 5)).timetuple())  # its 5 oldest reviews cut
     assert heavy["timestamp"].iloc[0] == expected_first
@@ -262,7 +271,7 @@ def test_yelp_filters_texts_and_split(tmp_path):
     ok = r[r["user_id"] == "ok"]
     assert ok["split"].value_counts().to_dict() == {"train": 21, "valid": 2, "test": 2}
     per_user_split_ok(r)
-    assert ds.provenance["counts"]["raw"] == {"records": 129, "users": 3, "items": 4}
+    assert ds.provenance["counts"]["raw"] == {"records": 129, "users": 3, "items": 81}
 
 
 def test_yelp_malformed_business_line(tmp_path):
@@ -422,3 +431,78 @@ def test_loader_options_are_checked_before_reading(tmp_path, name, paths, option
     cfg = DataConfig(name=name, paths={p: str(tmp_path / "does-not-exist") for p in paths}, options=options)
     with pytest.raises(ConfigError, match=message):
         load_dataset(cfg)
+
+
+# ------------------------------------------------------------------- wrong kind of file, repeated ratings (issue 15)
+def test_amazon_meta_of_another_category_is_refused(tmp_path):
+    rpath, _ = amazon_files(tmp_path)
+    books = write_jsonl(tmp_path / "meta_Books.jsonl", [meta(f"B0BOOK{i}", f"Book {i}") for i in range(30)]
+                        + [meta(item, "A film") for item in CORE_ITEMS[:3]])
+    with pytest.raises(DataError, match=r"meta_Books\.jsonl: 19 of 22 rated items \(86%\) have no title in this file"):
+        load_amazon(rpath, books)
+    # the threshold is the user's: everything may be textless on purpose
+    ds = load_amazon(rpath, books, max_textless_share=1.0)
+    assert ds.provenance["counts"]["items_without_text"] == 19
+
+
+def test_amazon_reviews_given_as_meta_are_refused(tmp_path):
+    """Review lines have parent_asin and a title too ("Great"): they would load as item texts."""
+    rpath, _ = amazon_files(tmp_path, gz=False)
+    with pytest.raises(DataError, match=r"Movies_and_TV\.jsonl:1: a review \(user_id, rating\), not product "
+                                        r"metadata: are the reviews and meta paths swapped\?"):
+        load_amazon(rpath, rpath)
+
+
+def test_amazon_two_variants_of_one_product_are_one_rating(tmp_path):
+    rpath, mpath = amazon_files(tmp_path, gz=False)
+    later = review("AUSER03", CORE_ITEMS[2], 1, T0_MS + 9 * 10**9)  # the Blu-ray after the DVD, rated again
+    later["asin"] = CORE_ITEMS[2] + "BLURAY"
+    with open(rpath, "a") as f:
+        f.write(json.dumps(later) + "\n")
+    r = load_amazon(rpath, mpath).records
+    mine = r[(r["user_id"] == "AUSER03") & (r["item_id"] == CORE_ITEMS[2])]
+    assert len(mine) == 1 and mine["label"].iloc[0] == 1.0  # the latest rating stands, in one split only
+    assert len(r.drop_duplicates(["user_id", "item_id"])) == len(r)
+
+
+def test_yelp_rereview_keeps_the_latest_and_repeated_lines_once(tmp_path):
+    rpath, bpath = yelp_files(tmp_path)
+    lines = Path(rpath).read_text().splitlines()
+    again = json.loads(lines[-30])  # one of ok's reviews, reviewed again later with 1 star
+    again.update(review_id="rev-again", stars=1, date=date_of(400, 0))
+    Path(rpath).write_text("\n".join(lines + [lines[100], lines[100], json.dumps(again)]) + "\n")
+    ds = load_yelp(rpath, bpath)
+    r = ds.records
+    assert len(r.drop_duplicates(["user_id", "item_id"])) == len(r)
+    mine = r[(r["user_id"] == again["user_id"]) & (r["item_id"] == again["business_id"])]
+    assert len(mine) == 1 and mine["label"].iloc[0] == 1.0
+    assert ds.provenance["counts"]["after_dedup"]["records"] == 129
+
+
+def test_yelp_review_file_as_business_file_is_refused(tmp_path):
+    rpath, _ = yelp_files(tmp_path)
+    with pytest.raises(DataError, match=r"review\.json:1: a review or tip \(review_id/user_id\), not a business"):
+        load_yelp(rpath, rpath)
+
+
+def test_yelp_businesses_without_names_are_refused(tmp_path):
+    rpath, _ = yelp_files(tmp_path)
+    nameless = [{"business_id": b, "stars": 3.0} for b in [*BUSINESSES, *FILLERS]]  # e.g. a checkin-like file
+    bpath = write_jsonl(tmp_path / "b.json", nameless)
+    with pytest.raises(DataError, match=r"b\.json: 80 of 80 rated items \(100%\) have no name in this file"):
+        load_yelp(rpath, bpath)
+
+
+def test_mind_repeated_impression_lines(tmp_path):
+    ds = load_mind(behaviors_tsv(tmp_path, BEHAVIORS + [BEHAVIORS[1]]), news_tsv(tmp_path))
+    assert len(ds.records) == 9 and ds.provenance["counts"]["repeated_impression_lines_dropped"] == 1
+    clash = BEHAVIORS[1].replace("N2-1", "N2-0")
+    with pytest.raises(DataError, match=r"behaviors\.tsv:5: impression id '2' appears twice with different content"):
+        load_mind(behaviors_tsv(tmp_path, BEHAVIORS + [clash]), news_tsv(tmp_path))
+
+
+def test_mind_news_without_titles_is_refused(tmp_path):
+    news = tmp_path / "news.tsv"
+    news.write_text("".join(f"{n}\tnews\tworld\t\t\t\t[]\t[]\n" for n in NEWS), encoding="utf-8")
+    with pytest.raises(DataError, match=r"news\.tsv: 6 of 6 rated items \(100%\) have no title"):
+        load_mind(behaviors_tsv(tmp_path), str(news))

@@ -1,16 +1,15 @@
 """`ray job submit` of jobs/migrate.py to a real local Ray head, with data, stores and outputs in a loopback S3.
 
-Starts `ray start --head` (its own temp dir and ports), submits, checks the job succeeded and wrote the target store
-and report to S3, then stops exactly the processes it started (`ray stop` would stop every Ray on the machine).
+Runs the README's recipe (`scripts/ray_local.py start`, `submit -- jobs/migrate.py ...`, `stop`) from another working
+directory and without the venv in the environment, checks the job succeeded and wrote the target store and report to
+S3, and that `stop` left no process of that head (`ray stop` would stop every Ray on the machine).
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -27,45 +26,24 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 pytestmark = pytest.mark.timeout(900)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SCRIPT = [sys.executable, os.path.join(REPO, "scripts", "ray_local.py")]
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    # short temp dir: Ray's unix socket paths must stay under 107 characters
-    temp_dir = f"/tmp/puma-ray-{os.getpid()}"
-    port, dash, agent, client = (_free_port() for _ in range(4))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # Ray 2.60's job server wants a token otherwise
-    # every port our own: a leftover agent of another cluster on a default port makes submissions fail with
-    # "No available agent to submit job"
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-                    f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-                    "--include-dashboard=true", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+def ray_head():
+    """The README's recipe: `scripts/ray_local.py start`, then `stop` (only this head's processes)."""
+    temp_dir = f"/tmp/puma-ray-{os.getpid()}"  # short: Ray's unix socket paths must stay under 107 characters
+    subprocess.run([*SCRIPT, "start", "--temp-dir", temp_dir, "--num-cpus", "2"], check=True, capture_output=True)
     try:
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env}
+        with open(os.path.join(temp_dir, "puma_head.json")) as f:
+            yield {"temp_dir": temp_dir, **json.load(f)}
     finally:
-        # the cluster's processes name its temp dir on their command line; agents retitle themselves
-        # ("ray::DashboardAgent"), so their parents' descendants are collected too
-        ours = set()
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if any(temp_dir in part or f"={client}" in part for part in proc.info["cmdline"] or []):
-                    ours.add(proc)
-                    ours.update(proc.children(recursive=True))
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        for proc in ours:
-            try:
-                proc.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        time.sleep(1)
-        subprocess.run(["rm", "-rf", temp_dir])
+        stopped = subprocess.run([*SCRIPT, "stop", "--temp-dir", temp_dir], capture_output=True, text=True)
+        assert stopped.returncode == 0, stopped.stderr
+        leftover = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+                    if any(temp_dir in part for part in p.info["cmdline"] or [])]
+        subprocess.run(["rm", "-rf", temp_dir])  # the test's own folder
+        assert not leftover, leftover
 
 
 def test_ray_job_submit_migrate_on_s3(ray_head, s3_server, toy_dataset, tmp_path):
@@ -89,18 +67,10 @@ def test_ray_job_submit_migrate_on_s3(ray_head, s3_server, toy_dataset, tmp_path
     }
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text("# ray job submit ... -- python jobs/migrate.py --config job.yaml\n" + yaml.safe_dump(config))
-    runtime_env = {"working_dir": REPO, "excludes": [".venv", "runs", "models", ".git"],
-                   "env_vars": {k: os.environ[k] for k in ("PUMA_MODEL_CACHE", "HF_HUB_OFFLINE", "AWS_ACCESS_KEY_ID",
-                                                           "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                                           "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
-                                if k in os.environ}}
-    cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--runtime-env-json", json.dumps(runtime_env),
-           "--", sys.executable, "jobs/migrate.py", "--config", str(cfg_path), "--output", f"{root}/run"]
-    for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
-        done = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=800)
-        if "No available agent" not in done.stderr + done.stdout:
-            break
-        time.sleep(2)
+    cmd = [*SCRIPT, "submit", "--temp-dir", ray_head["temp_dir"], "--", "jobs/migrate.py", "--config", str(cfg_path),
+           "--output", f"{root}/run"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=800, cwd=str(tmp_path),
+                          env={k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"})  # as from a bare shell
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in (done.stdout + done.stderr)
 

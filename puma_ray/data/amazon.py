@@ -32,7 +32,18 @@ import pandas as pd
 
 from puma_ray.fs import is_remote
 
-from .records import DataError, Dataset, chronological_split, k_core, latest_per_user, normalise, validate
+from .records import (
+    MAX_TEXTLESS_SHARE,
+    DataError,
+    Dataset,
+    check_textless,
+    chronological_split,
+    k_core,
+    latest_per_user,
+    normalise,
+    one_rating_per_user_item,
+    validate,
+)
 
 __all__ = ["load_amazon", "iter_lines", "iter_json_lines", "require", "Interner", "decode", "counts", "dataset_name"]
 
@@ -171,6 +182,9 @@ def _read_titles(path: str, wanted: set[str], storage_options: dict | None) -> d
     """parent_asin -> title for the wanted items only (a metadata file holds every product of the category)."""
     titles: dict[str, str] = {}
     for lineno, obj in iter_json_lines(path, storage_options):
+        if "user_id" in obj and "rating" in obj:  # a review line also has parent_asin and a (review) title
+            raise DataError(f"{path}:{lineno}: a review (user_id, rating), not product metadata: are the reviews "
+                            "and meta paths swapped?")
         pid = str(require(obj, "parent_asin", path, lineno))
         if pid in wanted:
             title = obj.get("title")
@@ -192,13 +206,15 @@ def load_amazon(
     keep_latest: int = 85,
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
+    max_textless_share: float = MAX_TEXTLESS_SHARE,
     storage_options: dict | None = None,
 ) -> Dataset:
     """Reads an Amazon Reviews 2023 category into the records contract with the paper's filters (task "rating")."""
     raw, user_ids, item_ids = _read_reviews(reviews_path, storage_options)
     before = counts(raw)
-    # The dumps hold some verbatim repeated reviews; counting one rating twice would inflate the k-core counts.
-    deduped = raw.drop_duplicates(ignore_index=True)
+    # verbatim repeated reviews and re-ratings of a product (its variants pool under parent_asin): one rating per
+    # (user, item), the latest, before the k-core counts them
+    deduped = one_rating_per_user_item(raw)
     cored = decode(k_core(deduped, min_item_ratings, min_user_ratings), user_ids, item_ids)
     latest = latest_per_user(cored, keep_latest)
     if latest.empty:
@@ -208,6 +224,8 @@ def load_amazon(
         )
     kept_items = np.sort(latest["item_id"].unique())
     titles = _read_titles(meta_path, set(kept_items), storage_options)
+    textless = check_textless(kept_items, sum(1 for i in kept_items if not titles.get(i)), meta_path,
+                              max_textless_share, "title")
     records, items = normalise(latest, item_texts(kept_items, titles))
     records = chronological_split(records, valid_frac, test_frac)
     provenance = {
@@ -217,6 +235,7 @@ def load_amazon(
             "min_item_ratings": min_item_ratings,
             "min_user_ratings": min_user_ratings,
             "keep_latest": keep_latest,
+            "max_textless_share": max_textless_share,
             "valid_frac": valid_frac,
             "test_frac": test_frac,
         },
@@ -226,8 +245,9 @@ def load_amazon(
             "after_dedup": counts(deduped),
             "after_k_core": counts(cored),
             "after_keep_latest": counts(latest),
-            "items_without_title": int(sum(1 for i in kept_items if not titles.get(i))),
+            **textless,
         },
+        "repeated_ratings": "one per (user, item): the latest (data/records.py one_rating_per_user_item)",
     }
     ds = Dataset(records, items, "rating", dataset_name("amazon", reviews_path), provenance)
     return validate(ds, reviews_path)

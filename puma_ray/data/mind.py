@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .amazon import Interner, counts, decode, iter_lines
-from .records import DataError, Dataset, chronological_split, normalise, validate
+from .records import MAX_TEXTLESS_SHARE, DataError, Dataset, check_textless, chronological_split, normalise, validate
 
 __all__ = ["load_mind", "read_news", "parse_time"]
 
@@ -85,11 +85,22 @@ def _read_behaviors(path: str, known: set[str], max_history: int, storage_option
     user_col, item_col, impr_col = array("i"), array("i"), array("i")
     label_col, ts_col = array("f"), array("q")
     histories: list[list[str]] = []
+    seen: dict[str, int] = {}  # impression id -> hash of its line
+    repeated = 0
     for lineno, line in iter_lines(path, storage_options):
         parts = line.split("\t")
         if len(parts) != BEHAVIOR_FIELDS:
             raise DataError(f"{path}:{lineno}: expected {BEHAVIOR_FIELDS} tab-separated fields, got {len(parts)}")
-        _, user, time, history, impressions = parts
+        impression_id, user, time, history, impressions = parts
+        # the rule for repeats (as every loader: a verbatim repeated line is dropped): an impression is one event;
+        # one user shown one news in two impressions is two events and both stay (CTR counts exposures)
+        if impression_id in seen:
+            if seen[impression_id] != hash(line):
+                raise DataError(f"{path}:{lineno}: impression id {impression_id!r} appears twice with different "
+                                "content")
+            repeated += 1
+            continue
+        seen[impression_id] = hash(line)
         if not user.strip():
             raise DataError(f"{path}:{lineno}: empty UserID")
         ts = parse_time(time, path, lineno)
@@ -118,7 +129,7 @@ def _read_behaviors(path: str, known: set[str], max_history: int, storage_option
     history_table = np.empty(len(histories), dtype=object)
     history_table[:] = histories
     frame["history"] = history_table[np.frombuffer(impr_col, dtype=np.int32)]
-    return decode(frame, users.strings(), items.strings()), len(histories)
+    return decode(frame, users.strings(), items.strings()), len(histories), repeated
 
 
 def load_mind(
@@ -126,6 +137,7 @@ def load_mind(
     news_path: str,
     *,
     max_history: int = 10,
+    max_textless_share: float = MAX_TEXTLESS_SHARE,
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
     storage_options: dict | None = None,
@@ -134,20 +146,26 @@ def load_mind(
     if max_history < 0:
         raise DataError(f"max_history must be >= 0, got {max_history}")
     items = read_news(news_path, storage_options)
-    raw, n_impressions = _read_behaviors(behaviors_path, set(items["item_id"]), max_history, storage_options)
+    raw, n_impressions, repeated = _read_behaviors(behaviors_path, set(items["item_id"]), max_history, storage_options)
     if raw.empty:
         raise DataError(f"{behaviors_path}: no impressions")
+    shown = items["item_id"].isin(set(raw["item_id"]))  # the candidates: what is scored
+    textless = check_textless(np.flatnonzero(shown), int((shown & (items["text"] == items["item_id"])).sum()),
+                              news_path, max_textless_share, "title")
     records, items = normalise(raw, items)  # keeps the extra history column as it is
     records = chronological_split(records, valid_frac, test_frac)
     labels = records["label"].to_numpy()
     provenance = {
         "source": "MIND",
         "files": {"behaviors": behaviors_path, "news": news_path},
-        "filters": {"max_history": max_history, "valid_frac": valid_frac, "test_frac": test_frac},
+        "filters": {"max_history": max_history, "max_textless_share": max_textless_share, "valid_frac": valid_frac,
+                    "test_frac": test_frac},
         "timestamp_unit": "s",
         "counts": {
             **counts(raw),
             "impressions": n_impressions,
+            "repeated_impression_lines_dropped": repeated,
+            **textless,
             "news": int(len(items)),
             "click_rate": float(labels.mean()),
         },

@@ -79,6 +79,31 @@ def latest_per_user(records: pd.DataFrame, keep: int) -> pd.DataFrame:
     return df[rank_from_end < keep].reset_index(drop=True)
 
 
+# an item without its own text is read as its id: a few are normal (Amazon: ~1% of products have no title), most
+# mean the metadata file is of another category or another kind, and training would go on reading ids
+MAX_TEXTLESS_SHARE = 0.2
+
+
+def check_textless(item_ids, textless: int, path: str, max_share: float, what: str) -> dict:
+    """Refuses a metadata file that leaves more than `max_share` of the rated items without text; returns the
+    counts for the provenance."""
+    share = textless / max(len(item_ids), 1)
+    if share > max_share:
+        raise DataError(f"{path}: {textless:,} of {len(item_ids):,} rated items ({share:.0%}) have no {what} in this "
+                        f"file (a metadata file of another category or kind?); allowed: {max_share:.0%} "
+                        "(data.options.max_textless_share)")
+    return {"items_without_text": int(textless), "items_without_text_share": round(share, 4)}
+
+
+def one_rating_per_user_item(records: pd.DataFrame) -> pd.DataFrame:
+    """The rule for repeated ratings, the same in every rating loader: a user's latest rating of an item stands
+    (a re-rating replaces the opinion; ties: the later line of the file), earlier ones are dropped. Verbatim
+    repeated lines of a dump are a special case. Without it, one user's ratings of two variants of one product
+    (pooled by parent id) could land in train and test of the same item."""
+    df = records.sort_values("timestamp", kind="stable")
+    return df[~df.duplicated(["user_id", "item_id"], keep="last")].sort_index().reset_index(drop=True)
+
+
 def k_core(records: pd.DataFrame, min_item: int, min_user: int) -> pd.DataFrame:
     """Drops items with < min_item records and users with < min_user, repeated until both hold (a k-core).
 

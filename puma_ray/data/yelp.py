@@ -24,7 +24,18 @@ import numpy as np
 import pandas as pd
 
 from .amazon import Interner, counts, decode, iter_json_lines, require
-from .records import DataError, Dataset, chronological_split, k_core, latest_per_user, normalise, validate
+from .records import (
+    MAX_TEXTLESS_SHARE,
+    DataError,
+    Dataset,
+    check_textless,
+    chronological_split,
+    k_core,
+    latest_per_user,
+    normalise,
+    one_rating_per_user_item,
+    validate,
+)
 
 __all__ = ["load_yelp", "business_text"]
 
@@ -86,6 +97,9 @@ def _read_businesses(path: str, wanted: set[str], storage_options: dict | None) 
     """business_id -> item text, for the wanted businesses only."""
     texts: dict[str, str] = {}
     for lineno, obj in iter_json_lines(path, storage_options):
+        if "review_id" in obj or "user_id" in obj:  # a review or tip line also has business_id
+            raise DataError(f"{path}:{lineno}: a review or tip (review_id/user_id), not a business: are the review "
+                            "and business paths swapped?")
         bid = str(require(obj, "business_id", path, lineno))
         if bid in wanted:
             texts[bid] = business_text(obj)
@@ -100,12 +114,14 @@ def load_yelp(
     keep_latest: int = 75,
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
+    max_textless_share: float = MAX_TEXTLESS_SHARE,
     storage_options: dict | None = None,
 ) -> Dataset:
     """Reads the Yelp Open Dataset into the records contract with the paper's filters (task "rating")."""
     raw, user_ids, item_ids = _read_reviews(review_path, storage_options)
+    deduped = one_rating_per_user_item(raw)  # repeated lines and re-reviews: one per (user, business), the latest
     # min_item=1: the paper filters users only; k_core with it is one pass of the user filter.
-    active = decode(k_core(raw, 1, min_user_reviews), user_ids, item_ids)
+    active = decode(k_core(deduped, 1, min_user_reviews), user_ids, item_ids)
     latest = latest_per_user(active, keep_latest)
     if latest.empty:
         raise DataError(f"{review_path}: no user has >= {min_user_reviews} reviews; nothing left to load")
@@ -117,6 +133,9 @@ def load_yelp(
         raise DataError(
             f"{business_path}: {len(missing)} reviewed business id(s) not in the business file, e.g. {missing[0]!r}"
         )
+    # a business without a name is read as its id (business_text): a file of another kind has no names at all
+    textless = check_textless(kept_items, sum(1 for b in kept_items if texts[b].split(" (")[0] == b), business_path,
+                              max_textless_share, "name")
     items = pd.DataFrame({"item_id": kept_items, "text": [texts[b] for b in kept_items]})
     records, items = normalise(latest, items)
     records = chronological_split(records, valid_frac, test_frac)
@@ -126,11 +145,14 @@ def load_yelp(
         "filters": {
             "min_user_reviews": min_user_reviews,
             "keep_latest": keep_latest,
+            "max_textless_share": max_textless_share,
             "valid_frac": valid_frac,
             "test_frac": test_frac,
         },
         "timestamp_unit": "s",
-        "counts": {"raw": counts(raw), "after_user_filter": counts(active), "after_keep_latest": counts(latest)},
+        "counts": {"raw": counts(raw), "after_dedup": counts(deduped), "after_user_filter": counts(active),
+                   "after_keep_latest": counts(latest), **textless},
+        "repeated_ratings": "one per (user, item): the latest (data/records.py one_rating_per_user_item)",
     }
     ds = Dataset(records, items, "rating", "yelp", provenance)
     return validate(ds, review_path)

@@ -29,6 +29,7 @@ from puma_ray.training.pretrain import pretrain
 PREFIX = "foundation:"
 CARD, FORMAT = FOUNDATION_CARD, FOUNDATION_FORMAT  # in the cache key: a recipe change here must not reuse old folders
 RECORD_COLUMNS = ["user_id", "item_id", "label", "timestamp"]
+ADDED_FIELDS = {"tie_embeddings": None, "user_dropout": 0.0}  # FoundationConfig fields newer than the cached folders
 
 
 def is_foundation(name: str) -> bool:
@@ -55,8 +56,9 @@ def cache_key(family: str, seed: int, cfg: FoundationConfig, template: TemplateC
               train_fp: str, texts: dict[str, str]) -> str:
     texts_fp = hashlib.sha256(json.dumps(sorted(texts.items())).encode()).hexdigest()
     config = to_dict(cfg)
-    if config.get("tie_embeddings") is None:  # the family's default: the key of the folders made before the field
-        config.pop("tie_embeddings", None)
+    for name, default in ADDED_FIELDS.items():  # at their defaults: the keys of the folders made before the fields
+        if config.get(name) == default:
+            config.pop(name, None)
     blob = json.dumps({"format": FORMAT, "family": family, "seed": seed, "config": config,
                        "template": to_dict(template), "task": task, "train": train_fp, "items": texts_fp},
                       sort_keys=True)

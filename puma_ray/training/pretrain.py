@@ -69,8 +69,14 @@ def pretrain(family: str, cfg: FoundationConfig, seed: int, train: pd.DataFrame,
     total_steps = cfg.epochs * math.ceil(per_epoch / cfg.batch_size)
     sched = lr_schedule(opt, "warmup_cosine", total_steps, int(cfg.warmup_frac * total_steps))
 
+    drop = torch.Generator().manual_seed(seed)
+
     def prompts_for(idx: torch.Tensor) -> torch.Tensor:
-        return users_table(idx).view(-1, l, d) * scale  # `scale` read at call time: the latest step's
+        vectors = users_table(idx).view(-1, l, d) * scale  # `scale` read at call time: the latest step's
+        if cfg.user_dropout and model.training:  # some records without their user: the item alone must predict
+            keep = torch.rand(len(idx), 1, 1, generator=drop) >= cfg.user_dropout
+            vectors = vectors * keep
+        return vectors
 
     def step(batch: RecordSet) -> tuple[float, int]:
         nonlocal scale
