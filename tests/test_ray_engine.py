@@ -41,7 +41,7 @@ def fit_case(toy_dataset):
             "train": toy_dataset.split("train"), "valid": toy_dataset.split("valid")}
 
 
-def _fit(case, tmp_path, workers, name, epochs=3, pid_dir=None, storage=None):
+def _fit(case, tmp_path, workers, name, epochs=3, pid_dir=None, storage=None, log=lambda m: None):
     from puma_ray.config import EngineConfig
     from puma_ray.ray_layer import make_ray_fit
     from puma_ray.training.fit import FitConfig
@@ -51,7 +51,7 @@ def _fit(case, tmp_path, workers, name, epochs=3, pid_dir=None, storage=None):
     adapter, head = case["make"]()
     cfg = FitConfig(epochs=epochs, batch_size=16, lr=3e-3, head_lr=3e-3, patience=5)
     return fit_fn(case["plm"], "rating", adapter, [case["sources"]], case["users"], case["train"], case["valid"],
-                  head, cfg, log=lambda m: None, name="fit")
+                  head, cfg, log=log, name="fit")
 
 
 def _valid_rmse(result):
@@ -64,7 +64,14 @@ def test_one_ray_worker_runs_the_in_process_fit(local_ray, fit_case, tmp_path):
     import torch
 
     from puma_ray.training.fit import FitConfig, fit_mapping
-    ray_result = _fit(fit_case, tmp_path, 1, "parity")
+    lines = []
+    ray_result = _fit(fit_case, tmp_path, 1, "parity", log=lambda m: lines.append((time.perf_counter(), m)))
+    returned = time.perf_counter()
+    epochs = [(t, m) for t, m in lines if "train loss" in m]
+    assert [m.split(":")[0].strip() for _, m in epochs] == ["epoch 0", "epoch 1", "epoch 2"], lines
+    # live: epoch 0's line reached the driver while epochs 1 and 2 still ran, not in a batch after the fit
+    later = ray_result.history[1]["wall_s"] + ray_result.history[2]["wall_s"]
+    assert returned - epochs[0][0] >= 0.5 * later, (returned - epochs[0][0], later)
     adapter, head = fit_case["make"]()
     cfg = FitConfig(epochs=3, batch_size=16, lr=3e-3, head_lr=3e-3, patience=5)
     local = fit_mapping(fit_case["plm"], "rating", adapter, [fit_case["sources"]], fit_case["users"],
@@ -201,3 +208,25 @@ def test_planted_pickle_never_runs_and_the_resume_fails_with_one_line(local_ray,
         _fit(fit_case, tmp_path, 1, "planted", epochs=3)  # same name + storage: a resume
     assert "\n" not in str(e.value) and "is not a file this fit writes" in str(e.value)
     assert not marker.exists()
+
+
+def test_long_epochs_say_how_far_they_are():
+    """run_epochs logs records so far and records/s inside an epoch longer than progress_every_s."""
+    from puma_ray.training.cost import Cost
+    from puma_ray.training.loop import EpochSteps, run_epochs
+
+    class Batch(list):
+        pass
+
+    def step(batch):
+        time.sleep(0.02)
+        return 1.0, 10
+
+    lines = []
+    steps = EpochSteps(batches=lambda epoch: (Batch(range(8)) for _ in range(20)), step=step,
+                       train_mode=lambda on: None)
+    run_epochs(steps, "rating", 1, 0, Cost(), backward=False, log=lines.append, progress_every_s=0.1)
+    progress = [m for m in lines if "records/s" in m]
+    assert len(progress) >= 2 and progress[0].startswith("epoch 0: ") and "train loss" in lines[-1]
+    counts = [int(m.split(": ")[1].split(" records")[0].replace(",", "")) for m in progress]
+    assert counts == sorted(counts) and counts[-1] <= 160

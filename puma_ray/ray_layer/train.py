@@ -34,10 +34,11 @@ from puma_ray.tasks import get_task
 from puma_ray.training.cost import Cost
 from puma_ray.training.evaluate import evaluate
 from puma_ray.training.fit import FitConfig, FitResult, adapter_param_groups, epoch_orders
-from puma_ray.training.loop import EpochSteps, LoopState, describe_epoch, lr_schedule, run_epochs
+from puma_ray.training.loop import EpochSteps, LoopState, lr_schedule, run_epochs
 from puma_ray.training.records import RecordSet
 
 from .compat import user_error
+from .progress import LiveLines, sender
 
 _STATE, _BEST, _CURRENT = FIT_STATE, FIT_BEST, FIT_CURRENT
 _ROW = "_row"  # the record's position in the driver's frame
@@ -268,8 +269,10 @@ def _worker_loop(cfg: dict) -> None:
         snapshot=lambda: {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()})
     if not state.best_state:  # a fit that never validated keeps its start as the best so far
         state.best_state = steps.snapshot()
-    run_epochs(steps, task, fit.epochs, fit.patience, cost, backward=True, log=lambda _: None, state=state,
-               on_epoch=save_and_report, entry_extra={"workers": world})
+    # rank 0's epoch and progress lines reach the driver's console live (progress.py); the other ranks' are theirs
+    say = sender(cfg["progress"]) if cfg.get("progress") is not None and rank == 0 else (lambda _: None)
+    run_epochs(steps, task, fit.epochs, fit.patience, cost, backward=True, log=say, state=state,
+               on_epoch=save_and_report, entry_extra={"workers": world}, log_prefix="  ")
 
 
 def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, storage: StorageOptions | None = None,
@@ -295,6 +298,8 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
             "threads": engine.threads_per_worker, "use_gpu": engine.use_gpu, "zero_stage": engine.zero_stage,
             "precision": engine.precision, "optimizer": engine.optimizer, "pid_dir": pid_dir,
         }
+        lines = LiveLines(log)  # the workers' epoch lines, on the console as they happen
+        loop_cfg["progress"] = lines.queue
         # a resumed run restores its latest checkpoint: every one of them is checked here first (one line, no pickle)
         check_run_checkpoints(storage_path, f"{run_name}-{name}", storage)
         fs, path = pyarrow_filesystem(storage_path, storage)
@@ -307,7 +312,8 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
             datasets={"train": train_ds})
         start = time.perf_counter()
         try:
-            result = trainer.fit()
+            with lines:
+                result = trainer.fit()
         except Exception as e:  # a project error in a worker (bad input): the same one line as in process
             cause = user_error(e, PumaError)
             if cause is not None:
@@ -323,9 +329,6 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
         fitted = _MappingWithHead(copy.deepcopy(mapping), copy.deepcopy(head))
         fitted.load_state_dict(best)
         fitted.eval()
-        metric = get_task(task).primary
-        for h in state.history:
-            log("  " + describe_epoch(h, metric))
         # every worker counted its own shard and evaluated the validation records: the fit's totals are world x
         world, counted = saved["world_size"], Cost(**saved["cost"])
         cost = Cost(wall_s=wall, forward_records=counted.forward_records * world,

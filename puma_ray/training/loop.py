@@ -86,23 +86,34 @@ class EpochSteps:
     snapshot: Callable[[], dict] | None = None  # the state to keep when validation improves
 
 
+# a long epoch says how far it is this often (Eq. 1 epochs over all records take minutes on CPU)
+PROGRESS_EVERY_S = 15.0
+
+
 def run_epochs(steps: EpochSteps, task: str, epochs: int, patience: int, cost: Cost, backward: bool,
                log: Callable[[str], None] = print, state: LoopState | None = None,
                on_epoch: Callable[[int, LoopState], None] | None = None, log_prefix: str = "",
-               entry_extra: dict | None = None) -> LoopState:
+               entry_extra: dict | None = None, progress_every_s: float = PROGRESS_EVERY_S) -> LoopState:
     """Runs epochs state.epoch + 1 .. epochs - 1 and returns the state; `state.best_state` is the snapshot of the
     best validation epoch (empty without validation). backward: whether gradients flow back through the LLM
-    (counted as LLM record passes). on_epoch(epoch, state) runs after each epoch's bookkeeping."""
+    (counted as LLM record passes). on_epoch(epoch, state) runs after each epoch's bookkeeping. An epoch longer
+    than progress_every_s logs a progress line (records so far, records/s) that often."""
     state = state or LoopState()
     rules = get_task(task)
     for epoch in range(state.epoch + 1, epochs):
-        start = time.perf_counter()
+        start = last_line = time.perf_counter()
         steps.train_mode(True)
-        losses = []
+        losses, records = [], 0
         for batch in steps.batches(epoch):
             loss, tokens = steps.step(batch)
             cost.add_batch(batch, tokens, backward=backward)
             losses.append(loss)
+            records += len(batch)
+            now = time.perf_counter()
+            if now - last_line >= progress_every_s:
+                last_line = now
+                log(f"{log_prefix}epoch {epoch}: {records:,} records, {records / (now - start):,.0f} records/s, "
+                    f"loss {sum(losses) / len(losses):.4f}")
         steps.train_mode(False)
         cost.wall_s += time.perf_counter() - start
         valid = steps.validate() if steps.validate is not None else None
