@@ -107,6 +107,9 @@ class TemplateConfig:
     history_placeholder: str = "<History>"
     max_item_tokens: int = 32  # item text is cut, the answer cue never is
     max_history_tokens: int = 96  # CTR history keeps the most recent titles that fit
+    # a named wording of the task's template instead of `text`: "paper" (Section 4.1) or "item_first" (the same
+    # words with the user's feature last: the prefix cache then computes all but ~5 positions once per item)
+    wording: Literal["paper", "item_first"] | None = None
 
     def __post_init__(self):
         if self.text.count(self.user_placeholder) != 1:
@@ -119,7 +122,18 @@ class TemplateConfig:
     @classmethod
     def for_task(cls, task: str, wording: str = "paper") -> "TemplateConfig":
         spec = get_task(task)
-        return cls(text=spec.wording(wording), labels=list(spec.labels))
+        return cls(text=spec.wording(wording), labels=list(spec.labels), wording=wording)
+
+
+def task_template(template: TemplateConfig | None, task: str) -> TemplateConfig:
+    """The template a job uses: the task's paper wording when none is configured; a configured `wording` filled
+    with that task's text and labels (its other fields kept); else the configured text as it is."""
+    if template is None:
+        return TemplateConfig.for_task(task)
+    if template.wording is None:
+        return template
+    spec = get_task(task)
+    return dataclasses.replace(template, text=spec.wording(template.wording), labels=list(spec.labels))
 
 
 @dataclass

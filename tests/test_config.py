@@ -110,3 +110,16 @@ def test_model_families_named_in_config_are_the_ones_tiny_builds():
     from puma_ray.config import MODEL_FAMILIES
     from puma_ray.models.tiny import FAMILIES
     assert sorted(MODEL_FAMILIES) == sorted(FAMILIES)
+
+
+def test_template_wording_names_the_task_text():
+    from puma_ray.config import TemplateConfig, task_template
+    from puma_ray.tasks import CTR_ITEM_FIRST_TEMPLATE, RATING_ITEM_FIRST_TEMPLATE, RATING_TEMPLATE
+    assert task_template(None, "rating").text == RATING_TEMPLATE
+    chosen = from_dict(TemplateConfig, {"wording": "item_first", "max_item_tokens": 16}, "template")
+    rating, ctr = task_template(chosen, "rating"), task_template(chosen, "ctr")
+    assert rating.text == RATING_ITEM_FIRST_TEMPLATE and rating.max_item_tokens == 16
+    assert ctr.text == CTR_ITEM_FIRST_TEMPLATE and ctr.labels == ["Yes"]
+    assert rating.text.index("<ItemTitle>") < rating.text.index("<UserID>")  # the user's feature last
+    with pytest.raises(ConfigError, match=r"template.wording must be one of \['paper', 'item_first'\]"):
+        from_dict(TemplateConfig, {"wording": "items_first"}, "template")

@@ -22,7 +22,7 @@ import shutil
 import pandas as pd
 
 from puma_ray.artifacts.formats import FOUNDATION_CARD, FOUNDATION_FORMAT
-from puma_ray.config import FoundationConfig, ModelConfig, TemplateConfig, to_dict
+from puma_ray.config import FoundationConfig, ModelConfig, TemplateConfig, task_template, to_dict
 from puma_ray.models.backbone import quiet_library_progress, weight_fingerprint
 from puma_ray.training.pretrain import pretrain
 
@@ -59,8 +59,10 @@ def cache_key(family: str, seed: int, cfg: FoundationConfig, template: TemplateC
     for name, default in ADDED_FIELDS.items():  # at their defaults: the keys of the folders made before the fields
         if config.get(name) == default:
             config.pop(name, None)
+    words = to_dict(template)
+    words.pop("wording", None)  # its name: the text it resolved to is in the key
     blob = json.dumps({"format": FORMAT, "family": family, "seed": seed, "config": config,
-                       "template": to_dict(template), "task": task, "train": train_fp, "items": texts_fp},
+                       "template": words, "task": task, "train": train_fp, "items": texts_fp},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -122,5 +124,5 @@ def resolve_model(model: ModelConfig, ds, template: TemplateConfig | None, log=p
         return model
     family = model.name[len(PREFIX):]
     folder = ensure_foundation(family, model.seed, model.foundation or FoundationConfig(), ds.split("train"),
-                               ds.items, template or TemplateConfig.for_task(ds.task), ds.task, ds.name, log=log)
+                               ds.items, task_template(template, ds.task), ds.task, ds.name, log=log)
     return dataclasses.replace(model, name=folder, foundation=None)

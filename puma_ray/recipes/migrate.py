@@ -32,6 +32,7 @@ from puma_ray.config import (
     StoreConfig,
     TemplateConfig,
     from_dict,
+    task_template,
     to_dict,
 )
 from puma_ray.conversion.run import ConvertConfig, JoinedSources, convert, join_sources, run_locally
@@ -238,8 +239,8 @@ def load_sources(cfg: MigrateJobConfig, output: str, log=print) -> Sources:
             raise StoreError(f"user {without_prompt[0]!r} has records but no prompt in the source store(s) "
                              f"({len(without_prompt)} user(s) in all)")
         ds = Dataset(ds.records[ds.records["user_id"].isin(joined.users)], ds.items, ds.task, ds.name, ds.provenance)
-    template = cfg.template or from_dict(TemplateConfig, stores[0].manifest.template,
-                                         f"store {stores[0].path} template")
+    template = task_template(cfg.template, task) if cfg.template else from_dict(
+        TemplateConfig, stores[0].manifest.template, f"store {stores[0].path} template")
     l = stores[0].manifest.prompt_length
     texts = item_texts(ds)
     head_state, head_cfg = stores[0].read_head()

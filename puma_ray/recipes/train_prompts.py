@@ -16,6 +16,7 @@ from puma_ray.config import (
     PromptTrainConfig,
     StoreConfig,
     TemplateConfig,
+    task_template,
     to_dict,
 )
 from puma_ray.data import Dataset, load_dataset
@@ -50,7 +51,7 @@ def item_texts(ds: Dataset) -> dict[str, str]:
 def train_store(cfg: TrainPromptsJobConfig, ds: Dataset, store_path: str, log=print,
                 extra_provenance: dict | None = None) -> tuple[dict, PromptTrainResult]:
     """Trains every user's prompt of `ds` on cfg.model and writes the store; returns (report, result)."""
-    template = cfg.template or TemplateConfig.for_task(ds.task)
+    template = task_template(cfg.template, ds.task)
     t0 = time.perf_counter()
     backbone = load_backbone(cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.model.seed)
     load_s = time.perf_counter() - t0
