@@ -1,0 +1,71 @@
+"""Evaluation on a Ray Data actor pool (ray_layer/evaluate.py) = the in-process evaluation, rating and CTR."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("_model_cache")]
+
+
+def _ctr_dataset(rating):
+    """The toy users as clicks (label >= 4) with their earlier items as the history."""
+    from puma_ray.data.records import Dataset, validate
+    records = rating.records.sort_values(["user_id", "timestamp"]).copy()
+    records["label"] = (records["label"] >= 4).astype(np.float32)
+    records["history"] = [list(g.iloc[max(0, k - 3):k]) for _, g in records.groupby("user_id")["item_id"]
+                          for k in range(len(g))]
+    return validate(Dataset(records.reset_index(drop=True), rating.items, "ctr", "toy-ctr", {}))
+
+
+@pytest.fixture(scope="module", params=["rating", "ctr"])
+def trained(request, toy_dataset, tmp_path_factory):
+    from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, train_store
+    ds = toy_dataset if request.param == "rating" else _ctr_dataset(toy_dataset)
+    cfg = TrainPromptsJobConfig()
+    cfg.model.name = "tiny:qwen2"
+    cfg.train.epochs, cfg.train.batch_size = 1, 32
+    path = str(tmp_path_factory.mktemp("eval") / "store")
+    train_store(cfg, ds, path, log=lambda m: None)
+    return ds, cfg.model, path
+
+
+def _in_process(ds, model, path, split):
+    from puma_ray.artifacts.store import PromptStore
+    from puma_ray.config import TemplateConfig
+    from puma_ray.models.backbone import load_backbone
+    from puma_ray.models.heads import load_head
+    from puma_ray.models.prompted_lm import PromptedLM
+    from puma_ray.recipes.train_prompts import item_texts
+    from puma_ray.training.evaluate import evaluate
+    from puma_ray.training.records import RecordSet
+    store = PromptStore.open(path)
+    ids, prompts = store.read_all()
+    plm = PromptedLM(load_backbone(model.name), TemplateConfig(**store.manifest.template), 1, item_texts(ds))
+    table = torch.from_numpy(prompts)
+    return evaluate(plm, load_head(*store.read_head()), ds.task, lambda idx: table[idx],
+                    RecordSet.from_frame(ds.split(split), ids), 64)
+
+
+def test_ray_evaluation_equals_in_process(local_ray, trained, split="test"):
+    from puma_ray.ray_layer.evaluate import evaluate_store_on_ray
+    from puma_ray.recipes.train_prompts import item_texts
+    ds, model, path = trained
+    want = _in_process(ds, model, path, split)
+    got = evaluate_store_on_ray(path, model, ds.split(split), item_texts(ds), ds.task, actors=2, cpus_per_actor=0.5,
+                                blocks_per_actor=3, batch_size=16)
+    assert got["records"] == want["records"] == len(ds.split(split))
+    for metric in want:
+        assert got[metric] == pytest.approx(want[metric], abs=1e-6), (metric, got, want)
+
+
+@pytest.mark.parametrize("trained", ["rating"], indirect=True)
+def test_a_user_without_prompt_is_one_line(local_ray, trained):
+    from puma_ray.errors import StoreError
+    from puma_ray.ray_layer.evaluate import evaluate_store_on_ray
+    from puma_ray.recipes.train_prompts import item_texts
+    ds, model, path = trained
+    records = pd.concat([ds.split("test"), ds.split("test").iloc[:1].assign(user_id="stranger")])
+    with pytest.raises(StoreError, match=r"user 'stranger' of the records has no prompt"):
+        evaluate_store_on_ray(path, model, records, item_texts(ds), ds.task, actors=1, cpus_per_actor=0.5)
