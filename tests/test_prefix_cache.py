@@ -115,3 +115,14 @@ def test_a_batch_runs_twice_the_same():
     batch = plm.encode(ITEMS)
     prompts = torch.randn(len(ITEMS), 1, bb.hidden_size) * plm.embed_rms
     torch.testing.assert_close(plm.label_logits(prompts, batch), plm.label_logits(prompts, batch), rtol=0, atol=0)
+
+
+def test_the_stated_size_is_the_memory_held():
+    """items x layers x prefix positions x kv width x bytes: what `describe` states is what the store holds."""
+    bb = load_backbone("tiny:gemma3")
+    plm = PromptedLM(bb, TemplateConfig.for_task("rating", "item_first"), 1, TEXTS)
+    plm.encode(ITEMS)
+    stats = plm.prefix_cache.stats
+    assert stats.bytes == stats.positions * stats.layers * stats.kv_width * 4  # float32
+    assert stats.positions == sum(plm.sequence(i).index(-1) for i in ITEMS)
+    assert f"{stats.prefixes:,} prefixes ({stats.positions:,} positions) x 2 layers" in stats.describe()

@@ -37,6 +37,7 @@ def cache_argument(model: torch.nn.Module) -> str:
 @dataclass
 class PrefixCacheStats:
     prefixes: int = 0  # stored
+    positions: int = 0  # stored prefixes' positions, summed
     bytes: int = 0  # stored keys + values
     positions_built: int = 0  # prefix positions computed, stored or not (FLOPs: these and the suffixes)
     built_on_the_fly: int = 0  # prefixes computed for one batch because the bound was reached
@@ -45,8 +46,8 @@ class PrefixCacheStats:
     kv_width: int = 0  # floats per position and layer, keys + values
 
     def describe(self) -> str:
-        return (f"prefix cache: {self.prefixes:,} prefixes x {self.layers} layers x positions x {self.kv_width} kv "
-                f"floats = {self.bytes / 2 ** 20:.1f} MiB, built in {self.build_s:.1f}s"
+        return (f"prefix cache: {self.prefixes:,} prefixes ({self.positions:,} positions) x {self.layers} layers x "
+                f"{self.kv_width} kv values = {self.bytes / 2 ** 20:.1f} MiB, built in {self.build_s:.1f}s"
                 + (f", {self.built_on_the_fly:,} computed on the fly (bound reached)" if self.built_on_the_fly else ""))
 
 
@@ -94,6 +95,7 @@ class PrefixCache:
                     self._store[p] = [(k.clone(), v.clone()) for k, v in kv]
                     self.stats.bytes += size
                     self.stats.prefixes += 1
+                    self.stats.positions += len(p)
                 else:
                     self.stats.built_on_the_fly += 1
         self.stats.build_s += time.perf_counter() - start

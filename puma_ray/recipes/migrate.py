@@ -386,6 +386,8 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
                          provenance={**provenance(to_dict(cfg)), "test": methods["puma"]}, log=log)
     costs["puma"]["convert_wall_s"] = conversion["wall_s"]
     log(f"converted {conversion['users']} users → {target_path} ({conversion['rows_per_s']} rows/s)")
+    if plm.prefix_cache is not None:  # this process's: the target's (Ray Train workers hold their own)
+        log(f"target {plm.prefix_cache.stats.describe()}")
     report = {
         "task": task, "source": meta["sources"][0], "sources": meta["sources"], "target": meta["target"],
         "selection": {"strategy": sel.strategy, "k": sel.k, "budget": budget, "users_selected": int(len(chosen)),

@@ -68,6 +68,8 @@ def train_store(cfg: TrainPromptsJobConfig, ds: Dataset, store_path: str, log=pr
     test = ds.split("test")
     test_metrics = evaluate(plm, result.head, ds.task, prompts_for, RecordSet.from_frame(test, users),
                             cfg.train.eval_batch_size)
+    if plm.prefix_cache is not None:
+        log(plm.prefix_cache.stats.describe())
     refs = reference_metrics(ds.task, ds.split("train"), test)
     metric = get_task(ds.task).primary
     report = {
