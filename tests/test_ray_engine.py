@@ -230,3 +230,19 @@ def test_long_epochs_say_how_far_they_are():
     assert len(progress) >= 2 and progress[0].startswith("epoch 0: ") and "train loss" in lines[-1]
     counts = [int(m.split(": ")[1].split(" records")[0].replace(",", "")) for m in progress]
     assert counts == sorted(counts) and counts[-1] <= 160
+
+
+def test_live_lines_lost_with_their_queue_never_fail_the_caller(local_ray):
+    import ray
+
+    from puma_ray.ray_layer.progress import LiveLines, sender
+    got = []
+    with LiveLines(got.append) as lines:
+        send = sender(lines.queue)
+        send("epoch 0: train loss 1.0")
+        deadline = time.time() + 20
+        while not got and time.time() < deadline:
+            time.sleep(0.1)
+        ray.kill(lines.queue.actor)  # as a lost node would take it
+        send("epoch 1: train loss 0.9")  # a worker's put into a dead queue is dropped, not raised
+    assert got == ["epoch 0: train loss 1.0"] and lines.lost  # ray_fit then logs the history from the checkpoint

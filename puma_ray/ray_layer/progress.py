@@ -15,18 +15,22 @@ class LiveLines:
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # hard affinity: a lost worker node must not take the queue with it (the driver's node going ends the job)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._log, self._stop = log, threading.Event()
+        self.lost = False  # the queue actor died: the caller logs the fit's history afterwards instead
         self._thread = threading.Thread(target=self._relay, daemon=True, name="puma-live-lines")
 
     def _relay(self) -> None:
         from ray.util.queue import Empty
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self.lost:
             try:
                 self._log(self.queue.get(timeout=0.5))
             except Empty:
                 pass
+            except Exception:  # noqa: BLE001 - the queue actor is gone: lines are lost, never the fit
+                self.lost = True
 
     def __enter__(self) -> "LiveLines":
         self._thread.start()
@@ -35,9 +39,12 @@ class LiveLines:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        while not self.queue.empty():  # what arrived after the last poll
-            self._log(self.queue.get_nowait())
-        self.queue.shutdown()
+        try:
+            while not self.lost and not self.queue.empty():  # what arrived after the last poll
+                self._log(self.queue.get_nowait())
+            self.queue.shutdown()
+        except Exception:  # noqa: BLE001 - as in _relay
+            self.lost = True
 
 
 def sender(queue) -> Callable[[str], None]:

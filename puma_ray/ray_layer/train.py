@@ -34,7 +34,7 @@ from puma_ray.tasks import get_task
 from puma_ray.training.cost import Cost
 from puma_ray.training.evaluate import evaluate
 from puma_ray.training.fit import FitConfig, FitResult, adapter_param_groups, epoch_orders
-from puma_ray.training.loop import EpochSteps, LoopState, lr_schedule, run_epochs
+from puma_ray.training.loop import EpochSteps, LoopState, describe_epoch, lr_schedule, run_epochs
 from puma_ray.training.records import RecordSet
 
 from .compat import user_error
@@ -326,6 +326,9 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
                 saved = json.load(f)
             best = load_file(os.path.join(d, _BEST))
         state = LoopState.from_json(saved["loop"])
+        if lines.lost:  # the live lines stopped with their queue: the whole history, as the checkpoint holds it
+            for h in state.history:
+                log("  " + describe_epoch(h, get_task(task).primary))
         fitted = _MappingWithHead(copy.deepcopy(mapping), copy.deepcopy(head))
         fitted.load_state_dict(best)
         fitted.eval()
