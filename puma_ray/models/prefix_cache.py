@@ -110,9 +110,9 @@ def batch_prefix(kvs: list[KV]) -> tuple[KV, torch.Tensor]:
     mask = torch.zeros(len(kvs), longest, dtype=torch.long, device=first[0][0].device)
     for row, kv in enumerate(kvs):
         mask[row, longest - kv[0][0].shape[1]:] = 1
-    layers = []
+    layers, shared = [], all(kv is first for kv in kvs)
     for layer, (k0, v0) in enumerate(first):
-        if all(kv is first for kv in kvs):  # one shared prefix (the paper's wording): a view, no copy
+        if shared:  # one prefix for the whole batch (the paper's wording): a view, no copy
             keys, values = k0.unsqueeze(0).expand(len(kvs), -1, -1, -1), v0.unsqueeze(0).expand(len(kvs), -1, -1, -1)
         else:
             keys = k0.new_zeros(len(kvs), k0.shape[0], longest, k0.shape[2])

@@ -101,16 +101,21 @@ class PromptedLM:
         seqs = [self.sequence(i, None if histories is None else list(histories[k])) for k, i in enumerate(item_ids)]
         if self.prefix_cache is not None:
             return self._encode_cached(seqs)
+        batch = self._pad(seqs, left=True)  # left padding: the answer cue is the last position of every row
+        return {**batch, "tokens": int(batch["attention_mask"].sum())}
+
+    def _pad(self, seqs: list[list[int]], left: bool) -> dict[str, torch.Tensor]:
         width = max(len(s) for s in seqs)
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for row, s in enumerate(seqs):  # left padding: the answer cue is the last position of every row
-            ids[row, width - len(s):] = s
-            mask[row, width - len(s):] = 1
+        for row, s in enumerate(seqs):
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[row, cols] = s
+            mask[row, cols] = 1
         slots = ids == SLOT
         ids[slots] = self.pad_id
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                "slots": torch.from_numpy(slots), "tokens": int(mask.sum())}
+                "slots": torch.from_numpy(slots)}
 
     def _encode_cached(self, seqs: list[list[int]]) -> dict:
         if self.model.get_input_embeddings().weight.requires_grad:
@@ -122,17 +127,9 @@ class PromptedLM:
         kv_of = self.prefix_cache.lookup(prefixes)
         prefix_kv, prefix_mask = batch_prefix([kv_of[p] for p in prefixes])
         suffixes = [s[c:] for s, c in zip(seqs, cut)]
-        width = max(len(s) for s in suffixes)
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for row, s in enumerate(suffixes):  # right padding: pads follow the real tokens, which never see them
-            ids[row, :len(s)] = s
-            mask[row, :len(s)] = 1
-        slots = ids == SLOT
-        ids[slots] = self.pad_id
-        computed = int(mask.sum()) + self.prefix_cache.stats.positions_built - built
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                "slots": torch.from_numpy(slots), "tokens": computed, "prefix_kv": prefix_kv,
+        batch = self._pad(suffixes, left=False)  # right padding: pads follow the real tokens, which never see them
+        computed = int(batch["attention_mask"].sum()) + self.prefix_cache.stats.positions_built - built
+        return {**batch, "tokens": computed, "prefix_kv": prefix_kv,
                 "prefix_mask": prefix_mask, "prefix_lengths": torch.tensor(cut),
                 "last": torch.tensor([len(s) - 1 for s in suffixes])}
 
