@@ -194,10 +194,19 @@ class EngineConfig:
     run_name: str | None = None  # a rerun with the same name + storage resumes from the latest checkpoint
     max_failures: int = 2  # worker failures retried from the last checkpoint
     local_cpus: int | None = None  # CPUs of an in-process local Ray; None: all
+    # "full": the driver reads the records and prompts (small data, every strategy and baseline); "lean": the
+    # driver holds per-user rows and the fit users' data, the rest runs on actors (millions of users; parquet data)
+    driver: Literal["full", "lean"] = "full"
+    actors: int = 2  # lean driver: actor-pool size of the test evaluation and the selection's shard pass
+    # fractional: an actor pool holding every CPU starves Ray Data's read and shuffle tasks (a silent hang)
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0  # lean driver: GPUs per evaluation actor (each holds the frozen model)
 
     def __post_init__(self):
         if self.num_workers < 1:
             raise ConfigError(f"engine.num_workers must be >= 1, got {self.num_workers}")
+        if self.actors < 1:
+            raise ConfigError(f"engine.actors must be >= 1, got {self.actors}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"engine.zero_stage must be 0..3, got {self.zero_stage}")
 

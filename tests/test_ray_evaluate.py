@@ -69,3 +69,49 @@ def test_a_user_without_prompt_is_one_line(local_ray, trained):
     records = pd.concat([ds.split("test"), ds.split("test").iloc[:1].assign(user_id="stranger")])
     with pytest.raises(StoreError, match=r"user 'stranger' of the records has no prompt"):
         evaluate_store_on_ray(path, model, records, item_texts(ds), ds.task, actors=1, cpus_per_actor=0.5)
+
+
+def test_adapter_evaluation_on_records_files_equals_in_process(local_ray, trained, tmp_path):
+    """PromptSource "adapter": the actors map the source store's prompts with the adapter (nothing written) and
+    read the test split from the Parquet files themselves (RecordFiles): = in-process, rating and CTR."""
+    from puma_ray.artifacts.adapter_io import save_adapter
+    from puma_ray.artifacts.store import PromptStore
+    from puma_ray.config import ModelConfig, TemplateConfig
+    from puma_ray.data import save_dataset
+    from puma_ray.models.adapter import AdapterConfig, PromptAdapter
+    from puma_ray.models.backbone import load_backbone
+    from puma_ray.models.heads import head_config, make_head
+    from puma_ray.models.prompted_lm import PromptedLM
+    from puma_ray.ray_layer.evaluate import PromptSource, RecordFiles, evaluate_on_ray
+    from puma_ray.recipes.train_prompts import item_texts
+    from puma_ray.training.evaluate import evaluate
+    from puma_ray.training.records import RecordSet
+    ds, model, path = trained
+    store = PromptStore.open(path)
+    target = load_backbone("tiny:llama")
+    torch.manual_seed(0)
+    adapter = PromptAdapter([store.manifest.hidden_size], target.hidden_size, AdapterConfig(), seed=0).eval()
+    head = make_head(ds.task)
+    folder = str(tmp_path / "adapter")
+    save_adapter(folder, adapter, head, head_config(ds.task, head),
+                 {"sources": [vars(store.identity)], "target": vars(target.identity)})
+    template = TemplateConfig(**store.manifest.template)
+    ids, prompts = store.read_all()
+    with torch.no_grad():
+        mapped = adapter(torch.from_numpy(prompts))
+    plm = PromptedLM(target, template, 1, item_texts(ds))
+    want = evaluate(plm, head.eval(), ds.task, lambda idx: mapped[idx], RecordSet.from_frame(ds.split("test"), ids),
+                    64)
+    files = save_dataset(ds, str(tmp_path / "data"))
+    got = evaluate_on_ray(PromptSource("adapter", folder, (path,)), ModelConfig(name="tiny:llama"),
+                          RecordFiles((files["records"],), "test"), item_texts(ds), ds.task, template=template,
+                          actors=2, cpus_per_actor=0.5, blocks_per_actor=2, batch_size=16)
+    assert got["records"] == want["records"] == len(ds.split("test"))
+    for metric in want:
+        assert got[metric] == pytest.approx(want[metric], abs=1e-6), (metric, got, want)
+    if ds.task == "ctr":  # the refusal once is enough
+        return
+    with pytest.raises(Exception, match=r"maps to tiny:llama, not to"):
+        evaluate_on_ray(PromptSource("adapter", folder, (path,)), ModelConfig(name="tiny:qwen2"),
+                        RecordFiles((files["records"],), "test"), item_texts(ds), ds.task, template=template,
+                        actors=1, cpus_per_actor=0.5)

@@ -1,17 +1,18 @@
-"""Evaluation of a prompt store on a Ray Data actor pool: the driver never holds the model, the prompts or the records.
+"""Evaluation on a Ray Data actor pool: the driver never holds the model, the prompts or the records.
 
-The records (a frame, or the job's Parquet files filtered to one split) are hash-partitioned by user, so that every
-block holds all records of its users; each actor loads the frozen model (its prefix cache built once per actor), the
-store's head, and an index user → shard of the store (the id columns only), reads the shards its users need
-(checked against the manifest, as every store read), predicts, and returns one block's partial metrics
-(metrics.partial_metrics). The driver merges them: RMSE/MAE from sums, uAUC as the mean of the per-user AUCs the
-actors computed, the global AUC from every (score, label) pair, ranked by scikit-learn: all exact, equal to the
-in-process `training.evaluate.evaluate` (tests/test_ray_evaluate.py).
+The records (a frame, or the job's Parquet files cut to one split) are hash-partitioned by user, so that every
+block holds all records of its users; each actor loads the frozen model (its prefix cache built once per actor) and
+the head, and gets its users' prompts from a `PromptSource`: a store (the source store: what users have today), or
+an adapter with its source store(s) (PUMA, the linear map: the prompts are mapped in the actor, nothing is written).
+Prompts are read through `StoreIndex` (the id columns, then only the shards a block needs). An actor returns one
+block's partial metrics (metrics.partial_metrics); the driver merges them: RMSE/MAE from sums, uAUC as the mean of
+the per-user AUCs the actors computed, the global AUC from every (score, label) pair, ranked by scikit-learn: all
+exact, equal to the in-process `training.evaluate.evaluate` (tests/test_ray_evaluate.py).
 """
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -20,58 +21,82 @@ import ray
 from puma_ray import errors
 from puma_ray.config import ModelConfig, TemplateConfig
 from puma_ray.errors import PumaError, StoreError
-from puma_ray.fs import StorageOptions
+from puma_ray.fs import StorageOptions, pyarrow_filesystem
 from puma_ray.metrics import merge_partial_metrics, partial_metrics
 
 from .compat import actor_pool, actor_retries, user_error
 
 COLUMNS = ["user_id", "item_id", "label", "history"]
-SHARDS_KEPT = 4  # shards an actor keeps read: its blocks' users mostly sit in a few of them
 
 
-class _StoreEvaluator:
-    def __init__(self, store_path: str, model: ModelConfig, item_texts: dict[str, str], task: str, batch_size: int,
-                 threads: int, gpu: bool, storage: StorageOptions | None):
+@dataclass(frozen=True)
+class PromptSource:
+    """Where an evaluation actor gets a user's prompt: `store` (path = a store, read as is) or `adapter` (path = an
+    adapter folder, `sources` = its source stores in order; the actor maps their prompts)."""
+    kind: str
+    path: str
+    sources: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in ("store", "adapter") or (self.kind == "adapter") != bool(self.sources):
+            raise ValueError(f"prompt source {self!r}: a store, or an adapter with its source stores")
+
+
+@dataclass(frozen=True)
+class RecordFiles:
+    """Records in Parquet files (local or s3://), cut to one split in the cluster: the driver never reads them."""
+    paths: tuple[str, ...]
+    split: str
+
+
+class _Evaluator:
+    def __init__(self, source: PromptSource, model: ModelConfig, template: TemplateConfig | None,
+                 item_texts: dict[str, str], task: str, batch_size: int, threads: int, gpu: bool,
+                 storage: StorageOptions | None):
         import torch
 
+        from puma_ray.artifacts.adapter_io import check_sources, load_adapter
         from puma_ray.artifacts.store import PromptStore
+        from puma_ray.artifacts.store_index import StoreIndex
         from puma_ray.models.backbone import load_backbone
         from puma_ray.models.heads import load_head
         from puma_ray.models.prompted_lm import PromptedLM
         torch.set_num_threads(threads)
-        self.store = PromptStore.open(store_path, storage)
+        self.device = "cuda" if gpu else "cpu"
         backbone = load_backbone(model.name, model.revision, model.dtype, model.seed)
-        self.store.check_model(backbone.identity)
+        if source.kind == "store":
+            store = PromptStore.open(source.path, storage)
+            store.check_model(backbone.identity)
+            self.adapter, self.head = None, load_head(*store.read_head())
+            stores = [store]
+            template = template or TemplateConfig(**store.manifest.template)
+        else:
+            self.adapter, self.head, config = load_adapter(source.path, storage)
+            if config["target"]["fingerprint"] != backbone.identity.fingerprint:
+                raise errors.AdapterError(f"adapter {source.path} maps to {config['target']['name']}, not to "
+                                          f"{backbone.identity.describe()}")
+            stores = [PromptStore.open(p, storage) for p in source.sources]
+            check_sources(config, [s.identity for s in stores])
+            self.adapter.to(self.device)
+            if template is None:
+                raise ValueError("an adapter's evaluation needs the migration's template")
         if gpu:
-            backbone.model.to("cuda")
-        template = TemplateConfig(**self.store.manifest.template)
-        self.plm = PromptedLM(backbone, template, self.store.manifest.prompt_length, item_texts,
+            backbone.model.to(self.device)
+        self.indexes = [StoreIndex(s) for s in stores]
+        self.plm = PromptedLM(backbone, template, stores[0].manifest.prompt_length, item_texts,
                               model.prefix_cache_mib)
-        self.head = load_head(*self.store.read_head()).eval()
+        self.head = self.head.eval().to(self.device)
         self.task, self.batch_size = task, batch_size
-        self.where = {}  # user → index of its shard in the manifest
-        for k, entry in enumerate(self.store.manifest.shards):
-            for user in self.store.read_user_ids(entry):
-                self.where[str(user)] = k
-        self._shards: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
     def _prompts_of(self, users: np.ndarray) -> np.ndarray:
-        missing = [u for u in users if u not in self.where]
-        if missing:
-            raise StoreError(f"store {self.store.path}: user {missing[0]!r} of the records has no prompt")
-        out = np.empty((len(users), *self.store.prompt_shape), np.float32)
-        for k in sorted({self.where[u] for u in users}):
-            if k not in self._shards:
-                ids, prompts = self.store.read_shard(self.store.manifest.shards[k])
-                self._shards[k] = dict(zip(map(str, ids), prompts))
-                if len(self._shards) > SHARDS_KEPT:
-                    self._shards.popitem(last=False)
-            self._shards.move_to_end(k)
-            rows = self._shards[k]
-            for i, u in enumerate(users):
-                if self.where[u] == k:
-                    out[i] = rows[u]
-        return out
+        from puma_ray.conversion.units import map_prompts
+        missing = ~np.logical_and.reduce([index.has(users) for index in self.indexes])
+        if missing.any():
+            first = str(users[missing][0])
+            raise StoreError(f"store {self.indexes[0].store.path}: user {first!r} of the records has no prompt"
+                             + (" in every source store" if len(self.indexes) > 1 else ""))
+        rows = [index.rows(users) for index in self.indexes]
+        return rows[0] if self.adapter is None else map_prompts(self.adapter, rows, device=self.device)
 
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
         try:
@@ -96,22 +121,49 @@ class _StoreEvaluator:
         return partial_metrics(self.task, records.user_ids, records.labels, pred)
 
 
-def evaluate_store_on_ray(store_path: str, model: ModelConfig, records: pd.DataFrame, item_texts: dict[str, str],
-                          task: str, *, actors: int = 2, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
-                          threads_per_actor: int = 1, batch_size: int = 256, blocks_per_actor: int = 4,
-                          storage: StorageOptions | None = None) -> dict:
-    """task_metrics of the store's prompts on `records` (one split), computed by `actors` pool actors."""
+def _one_split(split: str):
+    def keep(block: pd.DataFrame) -> pd.DataFrame:
+        return block[block["split"] == split].drop(columns="split")
+    return keep
+
+
+def parquet_columns(path: str, storage: StorageOptions | None = None) -> list[str]:
+    """The column names of a Parquet file (its footer only)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    fs, inner = pyarrow_filesystem(path, storage)
+    with (fs or pafs.LocalFileSystem()).open_input_file(inner) as f:
+        return pq.read_schema(f).names
+
+
+def records_dataset(records: pd.DataFrame | RecordFiles, storage: StorageOptions | None = None):
+    """A Ray Dataset of the evaluation columns; from files, read and cut to the split by Ray tasks."""
+    if isinstance(records, RecordFiles):
+        fs, first = pyarrow_filesystem(records.paths[0], storage)
+        paths = [pyarrow_filesystem(p, storage)[1] for p in records.paths]
+        names = set(parquet_columns(records.paths[0], storage))
+        ds = ray.data.read_parquet(paths if len(paths) > 1 else first, filesystem=fs,
+                                   columns=[c for c in COLUMNS if c in names] + ["split"])
+        return ds.map_batches(_one_split(records.split), batch_format="pandas", batch_size=None)
     if records.empty:
-        raise PumaError(f"evaluation of store {store_path}: no records")
-    columns = [c for c in COLUMNS if c in records.columns]
-    ds = ray.data.from_pandas(records[columns].reset_index(drop=True))
+        raise PumaError("evaluation: no records")
+    return ray.data.from_pandas(records[[c for c in COLUMNS if c in records.columns]].reset_index(drop=True))
+
+
+def evaluate_on_ray(source: PromptSource, model: ModelConfig, records: pd.DataFrame | RecordFiles,
+                    item_texts: dict[str, str], task: str, *, template: TemplateConfig | None = None,
+                    actors: int = 2, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
+                    threads_per_actor: int = 1, batch_size: int = 256, blocks_per_actor: int = 4,
+                    storage: StorageOptions | None = None) -> dict:
+    """task_metrics of `source`'s prompts on `records` (one split) through `model`, computed by `actors` actors."""
+    ds = records_dataset(records, storage)
     # every record of a user in one block: per-user AUC needs them together
     ds = ds.repartition(max(1, actors * blocks_per_actor), keys=["user_id"])
     parts = ds.map_batches(
-        _StoreEvaluator, batch_size=None, batch_format="pandas",
-        fn_constructor_kwargs={"store_path": store_path, "model": model, "item_texts": item_texts, "task": task,
-                               "batch_size": batch_size, "threads": threads_per_actor, "gpu": gpus_per_actor > 0,
-                               "storage": storage},
+        _Evaluator, batch_size=None, batch_format="pandas",
+        fn_constructor_kwargs={"source": source, "model": model, "template": template, "item_texts": item_texts,
+                               "task": task, "batch_size": batch_size, "threads": threads_per_actor,
+                               "gpu": gpus_per_actor > 0, "storage": storage},
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None, **actor_pool(actors), **actor_retries())
     try:
         decoded = [json.loads(row["part"]) for row in parts.iter_rows()]
@@ -125,4 +177,13 @@ def evaluate_store_on_ray(store_path: str, model: ModelConfig, records: pd.DataF
             raise getattr(errors, p["error"], PumaError)(p["message"])
         if task == "ctr":
             p["scores"], p["labels"] = np.asarray(p["scores"], np.float32), np.asarray(p["labels"], np.int8)
+    decoded = [p for p in decoded if p["records"]]
+    if not decoded:
+        raise PumaError(f"evaluation of {source.path}: no records")
     return merge_partial_metrics(task, decoded)
+
+
+def evaluate_store_on_ray(store_path: str, model: ModelConfig, records, item_texts: dict[str, str], task: str,
+                          **kwargs) -> dict:
+    """A store's own prompts, head and template (the source store; a converted store) on `records`."""
+    return evaluate_on_ray(PromptSource("store", store_path), model, records, item_texts, task, **kwargs)

@@ -12,6 +12,17 @@ import os
 from puma_ray.fs import join
 
 
+def migration_runner(cfg):
+    """recipes.migrate.run, or with engine.driver lean (engine.kind ray) the Ray layer's lean-driver migration:
+    the same stages and report, the driver holding per-user rows only (ray_layer/lean_migrate.py)."""
+    if cfg.engine.kind == "ray" and cfg.engine.driver == "lean":
+        from puma_ray.ray_layer.lean_migrate import check_lean, run_lean
+        check_lean(cfg)
+        return run_lean
+    from puma_ray.recipes.migrate import run
+    return run
+
+
 def engine_functions(cfg, output: str) -> dict:
     """engine.kind "ray": fits on Ray Train + DeepSpeed, per-user statistics by Ray Data aggregation, conversion
     on a Ray Data actor pool (a local Ray unless an address is known); "local": the library's defaults, here."""

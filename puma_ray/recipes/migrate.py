@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from puma_ray.artifacts.adapter_io import save_adapter
+from puma_ray.artifacts.formats import sha256_hex
 from puma_ray.artifacts.store import MANIFEST, PromptStore, StoreError
 from puma_ray.config import (
     ConfigError,
@@ -267,13 +268,17 @@ class FitSplit:
     valid: object  # pd.DataFrame: valid records of the validation users
 
 
-def split_users(sel: SelectionConfig, users: np.ndarray, ds: Dataset, chosen: np.ndarray) -> FitSplit:
-    """`sel.valid_users` validation users drawn (seeded) from those not chosen; all chosen if none is left."""
-    n_users = len(users)
+def choose_valid(sel: SelectionConfig, n_users: int, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(valid_idx, fit_idx): `sel.valid_users` validation users drawn (seeded) from those not chosen (all chosen if
+    none is left), and chosen ∪ valid."""
     rest = np.setdiff1d(np.arange(n_users), chosen)
     n_valid = min(len(rest), resolve_budget(sel.valid_users, n_users, "selection.valid_users")) if len(rest) else 0
     valid_idx = np.sort(np.random.default_rng(sel.seed + 1).choice(rest, n_valid, replace=False)) if n_valid else chosen
-    fit_idx = np.union1d(chosen, valid_idx)
+    return valid_idx, np.union1d(chosen, valid_idx)
+
+
+def split_users(sel: SelectionConfig, users: np.ndarray, ds: Dataset, chosen: np.ndarray) -> FitSplit:
+    valid_idx, fit_idx = choose_valid(sel, len(users), chosen)
     train_recs = ds.split("train")[ds.split("train")["user_id"].isin(users[chosen])]
     valid_recs = ds.split("valid")[ds.split("valid")["user_id"].isin(users[valid_idx])]
     return FitSplit(chosen, valid_idx, fit_idx, users[fit_idx], train_recs, valid_recs)
@@ -379,25 +384,48 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     }
     save_adapter(adapter_path, puma.mapping, puma.head, head_config(task, puma.head), meta, cfg.storage)
     target_path = cfg.target_store.format(output=output)
-    convert_cfg = dataclasses.replace(cfg.convert, missing_policy=cfg.sources_missing_policy,
-                                      overwrite=cfg.convert.overwrite or cfg.store.overwrite)
-    conversion = convert(adapter_path, [s.path for s in stores], target_path, convert_cfg, cfg.storage,
-                         run_locally if cfg.convert.runs_on == "local" else convert_runner,
-                         provenance={**provenance(to_dict(cfg)), "test": methods["puma"]}, log=log)
+    conversion = convert_everyone(cfg, adapter_path, [s.path for s in stores], target_path, methods["puma"],
+                                  convert_runner, log)
     costs["puma"]["convert_wall_s"] = conversion["wall_s"]
-    log(f"converted {conversion['users']} users → {target_path} ({conversion['rows_per_s']} rows/s)")
     if plm.prefix_cache is not None:  # this process's: the target's (Ray Train workers hold their own)
         log(f"target {plm.prefix_cache.stats.describe()}")
+    return migration_report(
+        cfg, task=task, sources=meta["sources"], target=meta["target"], budget=budget, users=joined.users,
+        chosen=chosen, valid_idx=valid_idx, methods=methods, reference=reference, costs=costs, metric=metric,
+        target_path=target_path, adapter_path=adapter_path, conversion=conversion, source_reports=source_reports,
+        fits=fits, data=ds.summary(), wall_s=time.perf_counter() - t_start)
+
+
+def convert_everyone(cfg: MigrateJobConfig, adapter_path: str, source_paths: list[str], target_path: str,
+                     puma_test: dict, convert_runner, log) -> dict:
+    """Stage 5: every user of the source store(s) through the saved adapter into the target store (manifest
+    last); the conversion's provenance carries PUMA's test metrics."""
+    convert_cfg = dataclasses.replace(cfg.convert, missing_policy=cfg.sources_missing_policy,
+                                      overwrite=cfg.convert.overwrite or cfg.store.overwrite)
+    conversion = convert(adapter_path, source_paths, target_path, convert_cfg, cfg.storage,
+                         run_locally if cfg.convert.runs_on == "local" else convert_runner,
+                         provenance={**provenance(to_dict(cfg)), "test": puma_test}, log=log)
+    log(f"converted {conversion['users']} users → {target_path} ({conversion['rows_per_s']} rows/s)")
+    return conversion
+
+
+def migration_report(cfg: MigrateJobConfig, *, task, sources, target, budget, users, chosen, valid_idx, methods,
+                     reference, costs, metric, target_path, adapter_path, conversion, source_reports, fits, data,
+                     wall_s, **extra) -> dict:
+    """report.json of a migration (in-process or lean driver): one shape for the markdown report and the tests."""
+    sel = cfg.selection
     report = {
-        "task": task, "source": meta["sources"][0], "sources": meta["sources"], "target": meta["target"],
+        "task": task, "source": sources[0], "sources": sources, "target": target,
         "selection": {"strategy": sel.strategy, "k": sel.k, "budget": budget, "users_selected": int(len(chosen)),
-                      "users_total": n_users, "validation_users": int(len(valid_idx))},
+                      "users_total": len(users), "validation_users": int(len(valid_idx)),
+                      # which users the adapter was fitted on, without listing them (compare two runs)
+                      "selected_sha256": sha256_hex("\n".join(map(str, users[chosen])).encode())},
         "methods": methods, "reference": reference, "cost": costs, "primary_metric": metric,
         "store": target_path, "adapter": adapter_path, "conversion": conversion,
         "source_training": {p: {"methods": r["methods"], "cost": r["cost"]} for p, r in source_reports.items()},
         "fits": {k: {"history": v.history, "best_epoch": v.best_epoch} for k, v in fits.items()},
-        "data": ds.summary(), "wall_s": round(time.perf_counter() - t_start, 2),
-        "provenance": provenance(to_dict(cfg)), "foundations": _foundation_cards(cfg),
+        "data": data, "wall_s": round(wall_s, 2),
+        "provenance": provenance(to_dict(cfg)), "foundations": _foundation_cards(cfg), **extra,
     }
     if "full_retrain" in costs:
         report["cost_ratio_full_retrain_over_puma"] = {

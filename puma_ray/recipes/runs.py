@@ -155,7 +155,27 @@ def library_logs_to_file(run_dir: str, job: str) -> str:
         logger.handlers = [handler]
         logger.propagate = False
     os.environ.setdefault("PUMA_RAY_LOG_TO_DRIVER", "0")
+    _native_stderr_to(path)
     return path
+
+
+def _native_stderr_to(path: str) -> None:
+    """File descriptor 2 → the log file, sys.stderr → the console (a duplicate of the old fd 2): what native code
+    writes there (Ray's core worker logs errors such as "constructor arguments in the object store" for every
+    actor-pool actor; processes this one starts inherit fd 2) lands in the file, while this process's own
+    messages, errors and progress bars, written through sys.stderr, stay on the console."""
+    import sys
+    if sys.stderr is not sys.__stderr__:  # already redirected (a test's capture, a caller's choice): leave it
+        return
+    try:
+        console = os.dup(2)
+        log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:  # no fd 2 (a detached process): nothing to separate
+        return
+    sys.stderr.flush()
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stderr = os.fdopen(console, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
 
 
 def exit_job(code: int) -> None:

@@ -21,7 +21,8 @@ from puma_ray.training.records import RecordSet, forward_batch
 
 
 def label_variance(train: pd.DataFrame, users: np.ndarray) -> np.ndarray:
-    var = train.groupby("user_id")["label"].var(ddof=1)
+    # float64, as the Ray layer's streaming aggregation sums: float32 labels gave variances 2e-7 apart
+    var = train["label"].astype(np.float64).groupby(train["user_id"]).var(ddof=1)
     return var.reindex(users).fillna(0.0).to_numpy(np.float64)
 
 

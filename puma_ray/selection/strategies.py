@@ -26,11 +26,16 @@ from puma_ray.errors import SelectionError
 class SelectionInput:
     """Per-user features, rows aligned with `user_ids`."""
     user_ids: np.ndarray
-    prompts: np.ndarray  # (n, l*d) source prompts (concatenated across sources for aggregated migration)
+    # (n, l*d) source prompts (concatenated across sources for aggregated migration); None when only `clusters`
+    # is known (a lean driver: K-means fitted on a sample, every user assigned on the cluster)
+    prompts: np.ndarray | None
     variance: np.ndarray | None = None  # sample variance (ddof=1) of the user's training labels
     loss: np.ndarray | None = None  # the source model's mean task loss on the user's training records
     ffn: np.ndarray | None = None  # binarised, L2-normalised FFN activations of [BOS, p_u] (last 3 layers)
     options: dict = field(default_factory=dict)  # kmeans_sample, pca_components, variance_bins, ...
+    # K-means labels of `prompts` for this K and seed, computed by `kmeans_labels`' algorithm elsewhere (the Ray
+    # layer assigns each store shard on the cluster): strategies use them instead of clustering the prompts again
+    clusters: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -132,7 +137,9 @@ def quantile_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
     n = len(values)
     if n == 0:
         return np.zeros(0, np.int64)
-    rank = np.argsort(np.argsort(values, kind="stable"), kind="stable")
+    # rounded first: a variance summed by Ray Data's streaming Std and by pandas differ in the last bits, and
+    # equal values must rank by position whichever engine computed them
+    rank = np.argsort(np.argsort(np.round(np.asarray(values, np.float64), 9), kind="stable"), kind="stable")
     return np.minimum(rank * n_bins // max(n, 1), n_bins - 1)
 
 
@@ -146,15 +153,28 @@ def sample_groups(groups: np.ndarray, quota: np.ndarray, rng: np.random.Generato
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+def kmeans_sample_rows(n: int, seed: int, sample: int = 100_000) -> np.ndarray | None:
+    """The rows mini-batch K-means is fitted on above `sample` users (sorted); None: all rows, plain K-means."""
+    if n <= sample:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
+
+
+def sampled_kmeans(x_sample: np.ndarray, k: int, seed: int) -> MiniBatchKMeans:
+    """The model fitted on the rows kmeans_sample_rows named; `.predict` then assigns any chunk of users."""
+    return MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3).fit(
+        np.asarray(x_sample, dtype=np.float32))
+
+
 def kmeans_labels(x: np.ndarray, k: int, seed: int, sample: int = 100_000) -> np.ndarray:
     """K-means (k-means++) labels for every row; above `sample` rows, mini-batch K-means fitted on a sample and
-    every row assigned in chunks, so memory stays at the sample plus one chunk of distances."""
+    every row assigned in chunks, so memory stays at the sample plus one chunk of distances. The Ray layer runs
+    the same two steps with the assignment on the cluster (same labels)."""
     x = np.asarray(x, dtype=np.float32)
-    if len(x) <= sample:
+    rows = kmeans_sample_rows(len(x), seed, sample)
+    if rows is None:
         return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
-    rng = np.random.default_rng(seed)
-    fit_rows = np.sort(rng.choice(len(x), size=sample, replace=False))
-    model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3).fit(x[fit_rows])
+    model = sampled_kmeans(x[rows], k, seed)
     return np.concatenate([model.predict(x[i:i + 65_536]) for i in range(0, len(x), 65_536)])
 
 
@@ -232,42 +252,52 @@ def _clusters(x, k, seed, inputs):
     return kmeans_labels(x, k, seed, _opt(inputs, "kmeans_sample", 100_000))
 
 
+def _prompt_clusters(inputs, k, seed):
+    """K-means labels of the source prompts: the precomputed ones when given, else computed here."""
+    if inputs.clusters is not None:
+        if len(inputs.clusters) != len(inputs) or inputs.clusters.max(initial=0) >= k:
+            raise SelectionError(f"precomputed clusters do not fit {len(inputs)} users and K={k}")
+        return inputs.clusters
+    return _clusters(inputs.need("prompts"), k, seed, inputs)
+
+
 @register("kmeans_stratified")
 def kmeans_stratified(inputs, budget, k, seed):
     rng = np.random.default_rng(seed)
-    return stratified_within(_clusters(inputs.prompts, k, seed, inputs), budget, k, rng, _uniform_pick(rng))
+    return stratified_within(_prompt_clusters(inputs, k, seed), budget, k, rng, _uniform_pick(rng))
 
 
 @register("kmeans_pca")
 def kmeans_pca(inputs, budget, k, seed):
     rng = np.random.default_rng(seed)
-    n_comp = min(_opt(inputs, "pca_components", 32), inputs.prompts.shape[1], len(inputs))
-    reduced = PCA(n_components=n_comp, random_state=seed).fit_transform(inputs.prompts)
+    prompts = inputs.need("prompts")
+    n_comp = min(_opt(inputs, "pca_components", 32), prompts.shape[1], len(inputs))
+    reduced = PCA(n_components=n_comp, random_state=seed).fit_transform(prompts)
     return stratified_within(_clusters(reduced, k, seed, inputs), budget, k, rng, _uniform_pick(rng))
 
 
 @register("kmeans_fps")
 def kmeans_fps(inputs, budget, k, seed):
     rng = np.random.default_rng(seed)
-    clusters = _clusters(inputs.prompts, k, seed, inputs)
-    return stratified_within(clusters, budget, k, rng, _farthest_point_pick(inputs.prompts))
+    return stratified_within(_prompt_clusters(inputs, k, seed), budget, k, rng,
+                             _farthest_point_pick(inputs.need("prompts")))
 
 
-def _kmeans_binned(x, values, inputs, budget, k, seed):
+def _kmeans_binned(clusters, values, inputs, budget, k, seed):
     rng = np.random.default_rng(seed)
     pick = _binned_pick(values, _opt(inputs, "cluster_bins", 5), 2.0, rng)
-    return stratified_within(_clusters(x, k, seed, inputs), budget, k, rng, pick)
+    return stratified_within(clusters, budget, k, rng, pick)
 
 
 @register("kmeans_loss", needs=("loss",))
 def kmeans_loss(inputs, budget, k, seed):
-    return _kmeans_binned(inputs.prompts, inputs.need("loss"), inputs, budget, k, seed)
+    return _kmeans_binned(_prompt_clusters(inputs, k, seed), inputs.need("loss"), inputs, budget, k, seed)
 
 
 @register("kmeans_variance", needs=("variance",))
 def kmeans_variance(inputs, budget, k, seed):
     """PUMA: K-means on the source prompts + per-cluster variance bins with normal weights."""
-    return _kmeans_binned(inputs.prompts, inputs.need("variance"), inputs, budget, k, seed)
+    return _kmeans_binned(_prompt_clusters(inputs, k, seed), inputs.need("variance"), inputs, budget, k, seed)
 
 
 @register("ffn_kmeans", needs=("ffn",))
@@ -278,9 +308,11 @@ def ffn_kmeans(inputs, budget, k, seed):
 
 @register("ffn_kmeans_loss", needs=("ffn", "loss"))
 def ffn_kmeans_loss(inputs, budget, k, seed):
-    return _kmeans_binned(inputs.need("ffn"), inputs.need("loss"), inputs, budget, k, seed)
+    return _kmeans_binned(_clusters(inputs.need("ffn"), k, seed, inputs), inputs.need("loss"), inputs, budget, k,
+                          seed)
 
 
 @register("ffn_kmeans_variance", needs=("ffn", "variance"))
 def ffn_kmeans_variance(inputs, budget, k, seed):
-    return _kmeans_binned(inputs.need("ffn"), inputs.need("variance"), inputs, budget, k, seed)
+    return _kmeans_binned(_clusters(inputs.need("ffn"), k, seed, inputs), inputs.need("variance"), inputs, budget,
+                          k, seed)

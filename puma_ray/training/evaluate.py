@@ -19,7 +19,7 @@ def predict(plm: PromptedLM, head, task: str, prompts_for: PromptFn, records: Re
     out = []
     for batch in records.batches(batch_size):
         logits, tokens = forward_batch(plm, prompts_for, batch)
-        _, pred = task_loss(task, head, logits, torch.from_numpy(batch.labels))
+        _, pred = task_loss(task, head, logits, torch.from_numpy(batch.labels).to(logits.device))
         out.append(pred.cpu().numpy())
         if cost is not None:
             cost.add_batch(batch, tokens, backward=False)
