@@ -132,7 +132,7 @@ def test_store_index_reads_rows_and_refuses_what_read_all_refuses(tmp_path, lean
 
 
 def test_fit_records_are_read_with_a_filter(lean_data):
-    from puma_ray.ray_layer.lean_migrate import read_user_records
+    from puma_ray.data.parquet_reads import read_user_records
     ds, paths, _, _ = lean_data
     users = np.sort(ds.users.astype(str))[[0, 17, 230]]
     got = read_user_records(paths["records"], users, ["train", "valid"], None)
@@ -150,7 +150,7 @@ def test_settings_the_lean_driver_cannot_honour_are_one_line(lean_data):
     check_lean(cfg)
     for change, message in [({"data": {"name": "movielens100k"}}, "data.name must be parquet"),
                             ({"selection": {"strategy": "kmeans_pca"}}, "selection.strategy 'kmeans_pca'"),
-                            ({"baselines": {"full_retrain": True}}, "baselines.full_retrain"),
+                            ({"baselines": {"random_init": True}}, "baselines.random_init"),
                             ({"data": {"max_users": 10}}, "data.max_users")]:
         with pytest.raises(ConfigError, match=message):
             check_lean(_config(lean_data, "/tmp/unused", change))
@@ -197,7 +197,8 @@ def test_lean_migration_equals_the_in_process_stages(local_ray, lean_data, tmp_p
     from puma_ray.training.reference import reference_metrics
     ds, _, store_path, _ = lean_data
     output = str(tmp_path / "run")
-    cfg = _config(lean_data, output)
+    cfg = _config(lean_data, output, {"baselines": {"full_retrain": True, "full_retrain_train": {
+        "epochs": 1, "batch_size": 32, "lr": 0.01}}})
     run = migration_runner(cfg)
     report = run(cfg, output, log=lambda m: None, **engine_functions(cfg, output))
     assert report["driver"] == "lean"
@@ -229,6 +230,10 @@ def test_lean_migration_equals_the_in_process_stages(local_ray, lean_data, tmp_p
             mapped = adapter(table)
         got = evaluate(target, head, "rating", lambda idx, m=mapped: m[idx], records, 64)
         assert report["methods"][name]["rmse"] == pytest.approx(got["rmse"], abs=1e-5), name
+    # full retraining on Ray Train: every user's prompt in the target's store, its own test row, its cost
+    assert PromptStore.open(os.path.join(output, "full-retrain-store")).manifest.num_users == 240
+    assert report["methods"]["full_retrain"]["records"] == len(test)
+    assert report["cost_ratio_full_retrain_over_puma"]["llm_record_passes"] > 1
     assert report["conversion"]["users"] == 240
     with open(os.path.join(output, "target-store", "manifest.json")) as f:
         assert json.load(f)["num_users"] == 240

@@ -150,16 +150,30 @@ class StoreWriter:
         name = name or f"part-{len(self.shards):05d}.parquet"
         user_ids = np.asarray(user_ids).astype(str)
         check_finite(user_ids, prompts, f"store {self.path}")
-        values, counts = np.unique(user_ids, return_counts=True)
-        dup = list(values[counts > 1]) or [u for u in values if u in self._seen]
-        if dup:
-            raise StoreError(f"store {self.path}: user {str(dup[0])!r} written twice")
-        self._seen.update(user_ids.tolist())
+        self._register(user_ids)
         data, sha = encode_shard(user_ids, prompts)
         write_file(self.fs, join(self.root, SHARD_DIR, name), data)
         entry = {"name": name, "rows": len(user_ids), "sha256": sha}
         self.shards.append(entry)
         return entry
+
+    def add_shard(self, entry: dict, user_ids) -> None:
+        """A shard another process (a Ray worker) wrote into this store's shard folder, already read back and
+        checked by the caller: listed in the manifest; a user some shard already holds is refused."""
+        self._register(np.asarray(user_ids).astype(str))
+        self.shards.append({"name": entry["name"], "rows": int(entry["rows"]), "sha256": entry["sha256"]})
+
+    @property
+    def seen(self) -> set[str]:
+        """The users written so far."""
+        return self._seen
+
+    def _register(self, user_ids: np.ndarray) -> None:
+        values, counts = np.unique(user_ids, return_counts=True)
+        dup = list(values[counts > 1]) or [u for u in values if u in self._seen]
+        if dup:
+            raise StoreError(f"store {self.path}: user {str(dup[0])!r} written twice")
+        self._seen.update(user_ids.tolist())
 
     def write_head(self, state_dict: dict[str, torch.Tensor], head_config: dict) -> None:
         data = encode_head(state_dict, head_config, self.model)

@@ -1,21 +1,23 @@
 """The migration with a lean driver (`engine.driver: lean`): the driver holds per-user statistic rows and the fit
 users' prompts and records, never the records table or the prompt matrix. recipes/migrate.py's stages, in order:
 
-  1. sources   stores opened (manifests) and indexed (their user_id columns: `StoreIndex`); one Ray Data groupby
-               over the records gives each user's record count and train-label mean/variance (rows, not records)
+  1. sources   one Ray Data groupby over the records gives each user's record counts and train-label variance
+               (rows, not records); a missing source store is trained by Eq. 1 on Ray Train when `prepare` is set
+               (ray_layer/prompt_train.py); stores opened and indexed (their user_id columns: `StoreIndex`)
   2. selection K-means on a sample of the prompts in the driver; every store shard assigned, and the prompt scale
                summed, by an actor pool (the labels the in-process path computes: strategies.kmeans_labels)
-  3. fits      the fit users' prompts (`StoreIndex.rows`) and records (a Parquet filter on user_id) → Ray Train
+  3. fits      the fit users' prompts (`StoreIndex.rows`) and records (a Parquet filter on user_id) → Ray Train;
+               full retraining: Eq. 1 on Ray Train, each worker owning its users' prompts
   4. evaluate  every method on the test split by an actor pool (ray_layer/evaluate.py: a store, or an adapter
                mapping the source stores in the actor); the LLM-free reference rows in one Ray task
   5. convert   adapter saved, every user converted by the actor pool, report.json
 What needs the whole prompt matrix or every record in one process is refused up front with one line
-(`check_lean`): the PCA/farthest-point strategies, the loss/FFN statistics, the random-init baseline, source-store
-training (`prepare`) and full retraining (Eq. 1 on Ray Train is the next step of this path).
+(`check_lean`): the PCA/farthest-point strategies, the loss/FFN statistics and the random-init baseline.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -27,6 +29,7 @@ from puma_ray.artifacts.store import PromptStore, StoreError
 from puma_ray.artifacts.store_index import StoreIndex
 from puma_ray.config import ConfigError, TemplateConfig, from_dict, task_template, to_dict
 from puma_ray.conversion.run import run_locally
+from puma_ray.data.parquet_reads import read_splits, read_user_records
 from puma_ray.fs import StorageOptions, is_remote, pyarrow_filesystem
 from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
 from puma_ray.models.backbone import load_backbone
@@ -67,12 +70,9 @@ def check_lean(cfg: MigrateJobConfig) -> None:
     if cfg.selection.strategy not in LEAN_STRATEGIES:
         raise ConfigError(f"{where}: selection.strategy {cfg.selection.strategy!r} needs every prompt or a per-user "
                           f"model pass in the driver; lean strategies: {list(LEAN_STRATEGIES)}")
-    for name in ("random_init", "full_retrain"):
-        if getattr(cfg.baselines, name):
-            raise ConfigError(f"{where}: baselines.{name} is not run on the lean driver yet; set it false "
-                              "(source and linear are)")
-    if any(s.prepare is not None for s in cfg.sources):
-        raise ConfigError(f"{where}: sources[].prepare trains a store in the driver; give an existing store")
+    if cfg.baselines.random_init:
+        raise ConfigError(f"{where}: baselines.random_init is not run on the lean driver yet; set it false "
+                          "(source, linear and full_retrain are)")
 
 
 # ---------------------------------------------------------------------------------------------- 1. sources
@@ -199,39 +199,50 @@ def lean_clusters(indexes: list[StoreIndex], users: np.ndarray, k: int, seed: in
 
 
 # ---------------------------------------------------------------------------------------------- 3. fit records
-def read_user_records(records_path: str, users: np.ndarray, splits: list[str],
-                      storage: StorageOptions | None) -> pd.DataFrame:
-    """The records of `users` in `splits`, read with a Parquet filter (row groups and rows of other users are
-    skipped by pyarrow, never materialised as Python objects)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
-    fs, inner = pyarrow_filesystem(records_path, storage)
-    dataset = pads.dataset(inner, filesystem=fs or pafs.LocalFileSystem(), format="parquet")
-    columns = [c for c in ("user_id", "item_id", "label", "history", "split") if c in dataset.schema.names]
-    table = dataset.to_table(columns=columns, filter=pc.field("user_id").isin(list(map(str, users)))
-                             & pc.field("split").isin(splits))
-    frame = table.to_pandas()
-    if "history" in frame.columns:
-        frame["history"] = [list(map(str, h)) for h in frame["history"]]
-    return frame.astype({"user_id": str, "item_id": str})
-
-
 @ray.remote
 def _reference_rows(records_path: str, storage: StorageOptions | None, task: str) -> dict:
     from puma_ray.training.reference import reference_metrics
-    frame = read_user_records_all(records_path, storage)
+    frame = read_splits(records_path, ["train", "test"], storage)
     return reference_metrics(task, frame[frame["split"] == "train"], frame[frame["split"] == "test"])
 
 
-def read_user_records_all(records_path: str, storage: StorageOptions | None) -> pd.DataFrame:
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-    fs, inner = pyarrow_filesystem(records_path, storage)
-    table = pq.read_table(inner, filesystem=fs or pafs.LocalFileSystem(),
-                          columns=["user_id", "item_id", "label", "split"],
-                          filters=[("split", "in", ["train", "test"])])
-    return table.to_pandas()
+# ---------------------------------------------------------------------------------------------- Eq. 1 stores
+def _exists(path: str, storage) -> bool:
+    from puma_ray.artifacts.store import MANIFEST
+    from puma_ray.fs import filesystem, join
+    fs, root = filesystem(path, storage)
+    return fs.exists(join(root, MANIFEST))
+
+
+@dataclasses.dataclass
+class _Eq1OnRay:
+    """A store trained by Eq. 1 on Ray Train (a missing source store, full retraining), then evaluated on the test
+    split by the actor pool: the report shape recipes.train_prompts.train_store gives in process."""
+    cfg: MigrateJobConfig
+    output: str
+    records_path: str
+    texts: dict
+    task: str
+    test: RecordFiles
+    evaluation: dict
+    log: object
+
+    def train(self, name: str, model, backbone, train_cfg, path: str, users: np.ndarray, template) -> dict:
+        from puma_ray.fs import join
+        from puma_ray.ray_layer.prompt_train import train_store_on_ray
+        cfg = self.cfg
+        out = train_store_on_ray(
+            path, model, backbone.identity.fingerprint, backbone.identity, template, self.texts, self.task, users,
+            self.records_path, train_cfg, cfg.engine, cfg.engine.storage_path or join(self.output, "train"),
+            f"{cfg.engine.run_name or os.path.basename(self.output.rstrip('/'))}-{name}",
+            shard_rows=cfg.store.shard_rows, storage=cfg.storage, overwrite=cfg.store.overwrite,
+            lineage={"kind": "trained", "data": self.records_path, "trainer": "puma_ray.ray_layer.prompt_train"},
+            provenance=provenance(to_dict(cfg)), log=lambda m: self.log("  " + m))
+        test = evaluate_on_ray(PromptSource("store", path), model, self.test, self.texts, self.task,
+                               template=template, **self.evaluation)
+        self.log(f"  {name} store: test {get_task(self.task).primary} {test[get_task(self.task).primary]:.4f}")
+        return {"methods": {"store": test}, "cost": {"train_prompts": out["cost"].to_dict()},
+                "training": {"history": out["history"], "best_epoch": out["best_epoch"], "valid": out["valid"]}}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -241,36 +252,51 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
     check_lean(cfg)
     t_start = time.perf_counter()
     records_path = cfg.data.paths["records"]
-    # 1. sources
-    stores = [PromptStore.open(s.store.format(output=output), cfg.storage) for s in cfg.sources]
-    source_backbones = []
-    for src, store in zip(cfg.sources, stores):
-        backbone = load_backbone(src.model.name, src.model.revision, src.model.dtype, src.model.seed)
-        store.check_model(backbone.identity)
-        source_backbones.append(backbone)
-    if len({s.manifest.prompt_length for s in stores}) > 1:
-        raise StoreError("aggregated sources must share the prompt length l")
-    indexes = [StoreIndex(s) for s in stores]
-    users, dropped = joined_users(indexes, cfg.sources_missing_policy)
+    # 1. data rows, then the sources (a missing one trained first, on Ray Train, when `prepare` is set)
     stats = per_user_rows(records_path, cfg.storage)
-    without = np.setdiff1d(stats.users, users)
-    if len(without):  # the lean path evaluates every record's user: a user without a prompt is an error
-        raise StoreError(f"user {str(without[0])!r} has records but no prompt in the source store(s) "
-                         f"({len(without)} user(s) in all)")
     items_path = cfg.data.paths["items"]
     items = pd.read_parquet(items_path, columns=["item_id", "text"],
                             storage_options=(cfg.storage.fsspec_kwargs() or None) if is_remote(items_path) else None)
     texts = dict(zip(items["item_id"].astype(str), items["text"]))
     task = cfg.data.options.get("task", "rating")
     metric = get_task(task).primary
+    template = task_template(cfg.template, task) if cfg.template else None  # None: the first store's
+    test = RecordFiles((records_path,), "test")
+    evaluation = {"actors": cfg.engine.actors, "cpus_per_actor": cfg.engine.cpus_per_actor,
+                  "gpus_per_actor": cfg.engine.gpus_per_actor, "batch_size": cfg.fit.eval_batch_size,
+                  "storage": cfg.storage}
+    eq1 = _Eq1OnRay(cfg, output, records_path, texts, task, test, evaluation, log)
+    stores, source_backbones, source_reports = [], [], {}
+    for i, src in enumerate(cfg.sources):
+        path = src.store.format(output=output)
+        backbone = load_backbone(src.model.name, src.model.revision, src.model.dtype, src.model.seed)
+        if not _exists(path, cfg.storage):
+            if src.prepare is None:
+                raise StoreError(f"source store {path} does not exist (no manifest) and sources[].prepare is not set")
+            log(f"source store {path} missing: training it on {src.model.name} first (Ray Train, "
+                f"{cfg.engine.num_workers} worker(s))")
+            source_reports[path] = eq1.train(f"source-{i}", src.model, backbone, src.prepare, path, stats.users,
+                                             task_template(cfg.template, task))
+        store = PromptStore.open(path, cfg.storage)
+        store.check_model(backbone.identity)
+        stores.append(store)
+        source_backbones.append(backbone)
+    if len({s.manifest.prompt_length for s in stores}) > 1:
+        raise StoreError("aggregated sources must share the prompt length l")
+    indexes = [StoreIndex(s) for s in stores]
+    users, dropped = joined_users(indexes, cfg.sources_missing_policy)
+    without = np.setdiff1d(stats.users, users)
+    if len(without):  # the lean path evaluates every record's user: a user without a prompt is an error
+        raise StoreError(f"user {str(without[0])!r} has records but no prompt in the source store(s) "
+                         f"({len(without)} user(s) in all)")
     n_users = len(users)
     counts = {split: int(stats.counts[split].sum()) for split in SPLITS}
     log(f"data {records_path}: {n_users:,} users with a prompt, records {counts} "
         f"(read by Ray Data; the driver holds {len(stats.users):,} per-user rows)")
     sel = cfg.selection
     check_selection(sel.budget, sel.valid_users, n_users)
-    template = task_template(cfg.template, task) if cfg.template else from_dict(
-        TemplateConfig, stores[0].manifest.template, f"store {stores[0].path} template")
+    template = template or from_dict(TemplateConfig, stores[0].manifest.template,
+                                     f"store {stores[0].path} template")
     l = stores[0].manifest.prompt_length
 
     # 2. selection
@@ -303,10 +329,6 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
     head_state, head_cfg = stores[0].read_head()
     source_dims = [s.manifest.hidden_size for s in stores]
     reference = _reference_rows.remote(records_path, cfg.storage, task)  # runs beside the fits
-    test = RecordFiles((records_path,), "test")
-    evaluation = {"actors": cfg.engine.actors, "cpus_per_actor": cfg.engine.cpus_per_actor,
-                  "gpus_per_actor": cfg.engine.gpus_per_actor,
-                  "batch_size": cfg.fit.eval_batch_size, "storage": cfg.storage}
     sources = [vars(s.identity) for s in stores]
     methods, costs, fits = {}, {}, {}
     adapter_path = cfg.adapter_path.format(output=output)
@@ -344,6 +366,12 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
                                             template=template, **evaluation)
             log(f"evaluated {name} on the test split: {methods[name][metric]:.4f} {metric} "
                 f"({time.perf_counter() - t:.0f}s)")
+    if cfg.baselines.full_retrain:
+        log(f"full retraining on the target (every user's prompt from scratch, Ray Train, "
+            f"{cfg.engine.num_workers} worker(s))")
+        full = eq1.train("full-retrain", cfg.target, target, cfg.baselines.full_retrain_train,
+                         f"{output}/full-retrain-store", users, template)
+        methods["full_retrain"], costs["full_retrain"] = full["methods"]["store"], full["cost"]["train_prompts"]
     reference = ray.get(reference)
 
     # 5. conversion
@@ -357,6 +385,7 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
     return migration_report(
         cfg, task=task, sources=sources, target=vars(target.identity), budget=budget, users=users, chosen=chosen,
         valid_idx=valid_idx, methods=methods, reference=reference, costs=costs, metric=metric,
-        target_path=target_path, adapter_path=adapter_path, conversion=conversion, source_reports={}, fits=fits,
+        target_path=target_path, adapter_path=adapter_path, conversion=conversion, source_reports=source_reports,
+        fits=fits,
         data=data, wall_s=time.perf_counter() - t_start, driver="lean")
 

@@ -107,7 +107,8 @@ def run_epochs(steps: EpochSteps, task: str, epochs: int, patience: int, cost: C
         for batch in steps.batches(epoch):
             loss, tokens = steps.step(batch)
             cost.add_batch(batch, tokens, backward=backward)
-            losses.append(loss)
+            if len(batch):  # an empty step (a Ray worker keeping the collectives in line) has no loss
+                losses.append(loss)
             records += len(batch)
             now = time.perf_counter()
             if now - last_line >= progress_every_s:
