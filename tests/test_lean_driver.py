@@ -237,3 +237,29 @@ def test_lean_migration_equals_the_in_process_stages(local_ray, lean_data, tmp_p
     assert report["conversion"]["users"] == 240
     with open(os.path.join(output, "target-store", "manifest.json")) as f:
         assert json.load(f)["num_users"] == 240
+
+
+def test_source_loss_on_actors_is_the_in_process_statistic(local_ray, lean_data):
+    """The per-user loss that loss strategies rank by, summed by the evaluation actors over the same seeded
+    sample of each user's train records (selection.statistics.loss_sample) = selection.statistics.source_loss."""
+    from puma_ray.artifacts.store import PromptStore
+    from puma_ray.config import ModelConfig, TemplateConfig
+    from puma_ray.models.backbone import load_backbone
+    from puma_ray.models.heads import load_head
+    from puma_ray.models.prompted_lm import PromptedLM
+    from puma_ray.ray_layer.evaluate import RecordFiles, source_loss_on_ray
+    from puma_ray.recipes.train_prompts import item_texts
+    from puma_ray.selection.statistics import source_loss
+    ds, paths, path, _ = lean_data
+    store = PromptStore.open(path)
+    users, prompts = store.read_all()
+    template = TemplateConfig(**store.manifest.template)
+    plm = PromptedLM(load_backbone("tiny:llama"), template, 1, item_texts(ds))
+    want, cost = source_loss(plm, load_head(*store.read_head()).eval(), "rating", prompts, ds.split("train"), users,
+                             max_records=4, seed=7)
+    got, records, tokens = source_loss_on_ray(path, ModelConfig(name="tiny:llama"),
+                                              RecordFiles((paths["records"],), "train"), item_texts(ds), "rating",
+                                              users, template=template, max_records=4, seed=7, actors=2,
+                                              cpus_per_actor=0.5, batch_size=64)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert records == cost.forward_records == 4 * len(users) and tokens == cost.tokens_forward

@@ -50,9 +50,13 @@ class RecordFiles:
 
 
 class _Evaluator:
+    """mode "metrics": one block's partial metrics; "loss": each of its users' summed task loss over a seeded
+    sample of at most `loss_records` records (selection.statistics.loss_sample: the in-process rows)."""
+
     def __init__(self, source: PromptSource, model: ModelConfig, template: TemplateConfig | None,
                  item_texts: dict[str, str], task: str, batch_size: int, threads: int, gpu: bool,
-                 storage: StorageOptions | None):
+                 storage: StorageOptions | None, mode: str = "metrics", loss_records: int = 16, seed: int = 0):
+        self.mode, self.loss_records, self.seed = mode, loss_records, seed
         import torch
 
         from puma_ray.artifacts.adapter_io import check_sources, load_adapter
@@ -100,25 +104,49 @@ class _Evaluator:
 
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
         try:
+            if self.mode == "loss":
+                return self._losses(block)
             part = self._evaluate(block)
         except PumaError as e:  # returned, not raised: Ray Data's wrappers drop the error's type on the way back
+            if self.mode == "loss":
+                return pd.DataFrame({"user_id": [""], "loss_sum": [0.0], "count": [0], "tokens": [0],
+                                     "error": [type(e).__name__], "message": [str(e)]})
             part = {"error": type(e).__name__, "message": str(e)}
         return pd.DataFrame({"part": [json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v)
                                                   for k, v in part.items()})]})
 
-    def _evaluate(self, block: pd.DataFrame) -> dict:
+    def _records(self, block: pd.DataFrame):
         import torch
 
-        from puma_ray.training.evaluate import predict
         from puma_ray.training.records import RecordSet
         block = block.assign(user_id=block["user_id"].astype(str), item_id=block["item_id"].astype(str))
         if "history" in block.columns:  # Arrow gives numpy arrays back: the template wants lists of ids
             block["history"] = [list(map(str, h)) for h in block["history"]]
         users = np.sort(block["user_id"].unique())
         prompts = torch.from_numpy(self._prompts_of(users))
-        records = RecordSet.from_frame(block, users)
-        pred = predict(self.plm, self.head, self.task, lambda idx: prompts[idx], records, self.batch_size)
+        return users, lambda idx: prompts[idx], block, RecordSet
+
+    def _evaluate(self, block: pd.DataFrame) -> dict:
+        from puma_ray.training.evaluate import predict
+        users, prompts_for, block, record_set = self._records(block)
+        records = record_set.from_frame(block, users)
+        pred = predict(self.plm, self.head, self.task, prompts_for, records, self.batch_size)
         return partial_metrics(self.task, records.user_ids, records.labels, pred)
+
+    def _losses(self, block: pd.DataFrame) -> pd.DataFrame:
+        import torch
+
+        from puma_ray.selection.statistics import loss_sample, mean_loss_per_user
+        from puma_ray.training.cost import Cost
+        users, prompts_for, block, record_set = self._records(block)
+        records = record_set.from_frame(loss_sample(block, self.loss_records, self.seed), users)
+        cost = Cost()
+        with torch.no_grad():
+            total, count = mean_loss_per_user(self.plm, self.head, self.task, prompts_for, records, len(users),
+                                              self.batch_size, cost)
+        return pd.DataFrame({"user_id": users, "loss_sum": total, "count": count.astype(np.int64),
+                             "tokens": np.r_[cost.tokens_forward, np.zeros(len(users) - 1, np.int64)],
+                             "error": "", "message": ""})
 
 
 def _one_split(split: str):
@@ -181,6 +209,38 @@ def evaluate_on_ray(source: PromptSource, model: ModelConfig, records: pd.DataFr
     if not decoded:
         raise PumaError(f"evaluation of {source.path}: no records")
     return merge_partial_metrics(task, decoded)
+
+
+def source_loss_on_ray(store_path: str, model: ModelConfig, records: RecordFiles, item_texts: dict[str, str],
+                       task: str, users: np.ndarray, *, template: TemplateConfig | None = None,
+                       max_records: int = 16, seed: int = 0, actors: int = 2,
+                       cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, threads_per_actor: int = 1,
+                       batch_size: int = 256, blocks_per_actor: int = 4, storage: StorageOptions | None = None):
+    """selection.statistics.source_loss on the cluster: (mean loss per user aligned with the sorted `users`, 0
+    without records; records and tokens through the model). The driver gets one row per user, batch by batch."""
+    ds = records_dataset(records, storage).repartition(max(1, actors * blocks_per_actor), keys=["user_id"])
+    rows = ds.map_batches(
+        _Evaluator, batch_size=None, batch_format="pandas",
+        fn_constructor_kwargs={"source": PromptSource("store", store_path), "model": model, "template": template,
+                               "item_texts": item_texts, "task": task, "batch_size": batch_size,
+                               "threads": threads_per_actor, "gpu": gpus_per_actor > 0, "storage": storage,
+                               "mode": "loss", "loss_records": max_records, "seed": seed},
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None, **actor_pool(actors), **actor_retries())
+    total, count = np.zeros(len(users)), np.zeros(len(users))
+    tokens = 0
+    for batch in rows.iter_batches(batch_size=65_536, batch_format="numpy"):
+        errors_seen = batch["error"].astype(str)
+        if (errors_seen != "").any():
+            k = int(np.flatnonzero(errors_seen != "")[0])
+            raise getattr(errors, errors_seen[k], PumaError)(str(batch["message"][k]))
+        ids = batch["user_id"].astype(str)
+        pos = np.minimum(np.searchsorted(users, ids), len(users) - 1)
+        if (users[pos] != ids).any():
+            raise StoreError(f"user {str(ids[users[pos] != ids][0])!r} has records but is not a selection user")
+        total[pos] += batch["loss_sum"]
+        count[pos] += batch["count"]
+        tokens += int(batch["tokens"].sum())
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0), int(count.sum()), tokens
 
 
 def evaluate_store_on_ray(store_path: str, model: ModelConfig, records, item_texts: dict[str, str], task: str,

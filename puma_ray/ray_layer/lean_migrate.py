@@ -5,14 +5,15 @@ users' prompts and records, never the records table or the prompt matrix. recipe
                (rows, not records); a missing source store is trained by Eq. 1 on Ray Train when `prepare` is set
                (ray_layer/prompt_train.py); stores opened and indexed (their user_id columns: `StoreIndex`)
   2. selection K-means on a sample of the prompts in the driver; every store shard assigned, and the prompt scale
-               summed, by an actor pool (the labels the in-process path computes: strategies.kmeans_labels)
+               summed, by an actor pool (the labels the in-process path computes: strategies.kmeans_labels); the
+               source loss per user by the evaluation actors (the in-process sample and sums)
   3. fits      the fit users' prompts (`StoreIndex.rows`) and records (a Parquet filter on user_id) → Ray Train;
                full retraining: Eq. 1 on Ray Train, each worker owning its users' prompts
   4. evaluate  every method on the test split by an actor pool (ray_layer/evaluate.py: a store, or an adapter
                mapping the source stores in the actor); the LLM-free reference rows in one Ray task
   5. convert   adapter saved, every user converted by the actor pool, report.json
 What needs the whole prompt matrix or every record in one process is refused up front with one line
-(`check_lean`): the PCA/farthest-point strategies, the loss/FFN statistics and the random-init baseline.
+(`check_lean`): the PCA/farthest-point strategies, the FFN statistics and the random-init baseline.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.recipes.migrate import MigrateJobConfig, choose_valid, convert_everyone, migration_report, new_head
 from puma_ray.recipes.runs import provenance
 from puma_ray.selection.strategies import (
+    NEEDS,
     SelectionInput,
     check_selection,
     kmeans_labels,
@@ -51,11 +53,13 @@ from puma_ray.training.cost import Cost
 from puma_ray.training.fit import fit_mapping
 
 from .compat import actor_pool, actor_retries
-from .evaluate import PromptSource, RecordFiles, evaluate_on_ray
+from .evaluate import PromptSource, RecordFiles, evaluate_on_ray, source_loss_on_ray
 
-# strategies whose features the lean driver computes: cluster labels of the prompts and the label variance
-LEAN_STRATEGIES = ("random", "variance_bucketing", "kmeans_stratified", "kmeans_variance")
-CLUSTERED = ("kmeans_stratified", "kmeans_variance")
+# strategies whose features the lean driver computes: cluster labels of the prompts, the label variance and the
+# source loss (actors)
+LEAN_STRATEGIES = ("random", "variance_bucketing", "loss_bucketing", "kmeans_stratified", "kmeans_variance",
+                   "kmeans_loss")
+CLUSTERED = ("kmeans_stratified", "kmeans_variance", "kmeans_loss")
 SPLITS = ("train", "valid", "test")
 
 
@@ -310,10 +314,16 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
                      if sel.strategy in CLUSTERED else (None, None))
     assigned, scales = shard_pass(stores, users, model, cfg.storage, cfg.engine.actors, cfg.engine.cpus_per_actor)
     inputs.clusters = labels if labels is not None else (assigned if model is not None else None)
+    stats_cost = Cost()
+    if "loss" in NEEDS[sel.strategy]:  # the source model's loss per user, on the actors
+        inputs.loss, stats_cost.forward_records, stats_cost.tokens_forward = source_loss_on_ray(
+            stores[0].path, cfg.sources[0].model, RecordFiles((records_path,), "train"), texts, task, users,
+            template=template, max_records=sel.loss_records_per_user, seed=sel.seed, **evaluation)
+        stats_cost.flops_per_token = 2.0 * (source_backbones[0].identity.num_params or 0)
     chosen = select(sel.strategy, inputs, budget, sel.k, sel.seed)
     del inputs, assigned, labels
     valid_idx, fit_idx = choose_valid(sel, n_users, chosen)
-    stats_cost = Cost(wall_s=time.perf_counter() - t0)
+    stats_cost.wall_s = time.perf_counter() - t0
     log(f"selection {sel.strategy}: {budget} of {n_users:,} users (K={sel.k}), {len(valid_idx)} validation users, "
         f"{stats_cost.wall_s:.1f}s")
 

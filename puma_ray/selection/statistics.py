@@ -26,26 +26,42 @@ def label_variance(train: pd.DataFrame, users: np.ndarray) -> np.ndarray:
     return var.reindex(users).fillna(0.0).to_numpy(np.float64)
 
 
+def loss_sample(train: pd.DataFrame, max_records: int, seed: int) -> pd.DataFrame:
+    """At most `max_records` of each user's records, chosen by a seeded hash of (user, item): the same rows
+    whichever process holds the user's records (this one, or a Ray actor holding a block of users)."""
+    if not max_records:
+        return train
+    key = pd.util.hash_pandas_object(train[["user_id", "item_id"]].astype(str), index=False,
+                                     hash_key=f"{seed % 10 ** 16:016d}").to_numpy()
+    order = np.lexsort((key, train["user_id"].astype(str).to_numpy()))
+    ranked = train.iloc[order]
+    return ranked[ranked.groupby("user_id", sort=False).cumcount().to_numpy() < max_records]
+
+
+def mean_loss_per_user(plm: PromptedLM, head, task: str, prompts_for, records: RecordSet, n_users: int,
+                       batch_size: int, cost: Cost | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of per-record losses, record count) per prompt row of `records`."""
+    total, count = np.zeros(n_users), np.zeros(n_users)
+    for batch in records.batches(batch_size):
+        logits, tokens = forward_batch(plm, prompts_for, batch)
+        per_record, _ = record_losses(task, head, logits, torch.from_numpy(batch.labels).to(logits.device))
+        np.add.at(total, batch.user_index, per_record.double().cpu().numpy())
+        np.add.at(count, batch.user_index, 1)
+        if cost is not None:
+            cost.add_batch(batch, tokens, backward=False)
+    return total, count
+
+
 @torch.no_grad()
 def source_loss(plm: PromptedLM, head, task: str, prompts: np.ndarray, train: pd.DataFrame, users: np.ndarray,
                 max_records: int = 16, batch_size: int = 256, seed: int = 0) -> tuple[np.ndarray, Cost]:
     """Mean per-user loss of the source model + store; at most `max_records` per user (a sample: the statistic
     only has to rank users, and the full pass would cost as much as an epoch)."""
-    sample = (train.sample(frac=1.0, random_state=seed).groupby("user_id", sort=False).head(max_records)
-              if max_records else train)
-    records = RecordSet.from_frame(sample, users)
+    records = RecordSet.from_frame(loss_sample(train, max_records, seed), users)
     table = torch.from_numpy(prompts)
     cost = Cost(flops_per_token=2.0 * (plm.backbone.identity.num_params or 0))
     start = time.perf_counter()
-    total = np.zeros(len(users))
-    count = np.zeros(len(users))
-    for batch in records.batches(batch_size):
-        logits, tokens = forward_batch(plm, lambda idx: table[idx], batch)
-        labels = torch.from_numpy(batch.labels)
-        per_record, _ = record_losses(task, head, logits, labels)
-        np.add.at(total, batch.user_index, per_record.numpy())
-        np.add.at(count, batch.user_index, 1)
-        cost.add_batch(batch, tokens, backward=False)
+    total, count = mean_loss_per_user(plm, head, task, lambda idx: table[idx], records, len(users), batch_size, cost)
     cost.wall_s = time.perf_counter() - start
     return np.where(count > 0, total / np.maximum(count, 1), 0.0), cost
 
