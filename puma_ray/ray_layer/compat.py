@@ -25,6 +25,14 @@ def actor_retries() -> dict:
     return {"max_restarts": -1, "max_task_retries": -1}
 
 
+def read_parquet_columns(paths, filesystem, columns: list[str]):
+    """ray.data.read_parquet of some columns: Ray 2.60 deprecates `columns=` for `.select_columns` (pushed down
+    into the read by its optimizer); before, `columns=` is the way."""
+    if ray_version() >= (2, 60):
+        return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(columns)
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns)
+
+
 def user_error(error: BaseException, kind: type) -> BaseException | None:
     """The user's exception of type `kind` inside the wrappers Ray puts around a task's error (Ray Data:
     RayTaskError with the original as .cause, UserCodeException chaining it as __cause__; Ray Train v2:

@@ -12,13 +12,14 @@ from ray.data.aggregate import Count, Mean, Std
 
 from puma_ray.fs import StorageOptions, pyarrow_filesystem
 
+from .compat import read_parquet_columns
+
 
 def read_records(path: str | list[str], storage: StorageOptions | None = None) -> ray.data.Dataset:
     paths = [path] if isinstance(path, str) else list(path)
     fs, first = pyarrow_filesystem(paths[0], storage)
     inner = [pyarrow_filesystem(p, storage)[1] for p in paths]
-    return ray.data.read_parquet(inner if len(inner) > 1 else first, filesystem=fs,
-                                 columns=["user_id", "label", "split"])
+    return read_parquet_columns(inner if len(inner) > 1 else first, fs, ["user_id", "label", "split"])
 
 
 def per_user_label_stats(records: ray.data.Dataset, split: str = "train") -> pd.DataFrame:

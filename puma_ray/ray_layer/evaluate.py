@@ -24,7 +24,7 @@ from puma_ray.errors import PumaError, StoreError
 from puma_ray.fs import StorageOptions, pyarrow_filesystem
 from puma_ray.metrics import merge_partial_metrics, partial_metrics
 
-from .compat import actor_pool, actor_retries, user_error
+from .compat import actor_pool, actor_retries, read_parquet_columns, user_error
 
 COLUMNS = ["user_id", "item_id", "label", "history"]
 
@@ -170,8 +170,8 @@ def records_dataset(records: pd.DataFrame | RecordFiles, storage: StorageOptions
         fs, first = pyarrow_filesystem(records.paths[0], storage)
         paths = [pyarrow_filesystem(p, storage)[1] for p in records.paths]
         names = set(parquet_columns(records.paths[0], storage))
-        ds = ray.data.read_parquet(paths if len(paths) > 1 else first, filesystem=fs,
-                                   columns=[c for c in COLUMNS if c in names] + ["split"])
+        columns = [c for c in COLUMNS if c in names] + ["split"]
+        ds = read_parquet_columns(paths if len(paths) > 1 else first, fs, columns)
         return ds.map_batches(_one_split(records.split), batch_format="pandas", batch_size=None)
     if records.empty:
         raise PumaError("evaluation: no records")

@@ -31,7 +31,7 @@ from puma_ray.artifacts.store_index import StoreIndex
 from puma_ray.config import ConfigError, TemplateConfig, from_dict, task_template, to_dict
 from puma_ray.conversion.run import run_locally
 from puma_ray.data.parquet_reads import read_splits, read_user_records
-from puma_ray.fs import StorageOptions, is_remote, pyarrow_filesystem
+from puma_ray.fs import StorageOptions, is_remote
 from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
 from puma_ray.models.backbone import load_backbone
 from puma_ray.models.heads import head_config
@@ -53,6 +53,7 @@ from puma_ray.training.cost import Cost
 from puma_ray.training.fit import fit_mapping
 
 from .compat import actor_pool, actor_retries
+from .data import read_records
 from .evaluate import PromptSource, RecordFiles, evaluate_on_ray, source_loss_on_ray
 
 # strategies whose features the lean driver computes: cluster labels of the prompts, the label variance and the
@@ -119,9 +120,8 @@ class UserRows:
 def per_user_rows(records_path: str, storage: StorageOptions | None) -> UserRows:
     """One Ray Data groupby over the records; the driver receives its rows batch by batch."""
     from ray.data.aggregate import Mean, Std, Sum
-    fs, inner = pyarrow_filesystem(records_path, storage)
-    ds = ray.data.read_parquet(inner, filesystem=fs, columns=["user_id", "label", "split"])
-    grouped = (ds.map_batches(_train_label_columns, batch_format="pandas", batch_size=None)
+    grouped = (read_records(records_path, storage)
+               .map_batches(_train_label_columns, batch_format="pandas", batch_size=None)
                .groupby("user_id")
                .aggregate(*(Sum(split, alias_name=split) for split in SPLITS),
                           Mean("train_label", alias_name="mean", ignore_nulls=True),
