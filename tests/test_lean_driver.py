@@ -65,7 +65,7 @@ def test_lean_clusters_and_scale_are_the_in_process_ones(local_ray, lean_data, s
     index = StoreIndex(store)
     labels, model = lean_clusters([index], users, 4, 3, sample)
     assert (labels is None) == (sample < len(users)) and (model is None) == (sample >= len(users))
-    assigned, scales = shard_pass([store], users, model, None, actors=2, cpus_per_actor=0.5)
+    assigned, _, scales = shard_pass([store], users, model, None, actors=2, cpus_per_actor=0.5)
     got = labels if labels is not None else assigned
     np.testing.assert_array_equal(got, kmeans_labels(prompts.reshape(len(users), -1), 4, 3, sample))
     assert len(np.unique(got)) == 4
@@ -96,7 +96,7 @@ def test_aggregated_sources_and_a_user_one_source_lacks(local_ray, lean_data):
     np.testing.assert_array_equal(users, joined.users)
     assert dropped == joined.dropped == {str(second_path): 10}
     labels, model = lean_clusters(indexes, users, 3, 0, 100)
-    assigned, scales = shard_pass(stores, users, model, None, actors=1, cpus_per_actor=0.5)
+    assigned, _, scales = shard_pass(stores, users, model, None, actors=1, cpus_per_actor=0.5)
     flat = np.concatenate([p.reshape(len(users), -1) for p in joined.prompts], axis=1)
     np.testing.assert_array_equal(assigned, kmeans_labels(flat, 3, 0, 100))
     assert scales == pytest.approx([prompt_rms(p) for p in joined.prompts], rel=1e-9)
@@ -263,3 +263,24 @@ def test_source_loss_on_actors_is_the_in_process_statistic(local_ray, lean_data)
                                               cpus_per_actor=0.5, batch_size=64)
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert records == cost.forward_records == 4 * len(users) and tokens == cost.tokens_forward
+
+
+def test_ffn_clusters_on_actors_are_the_in_process_ones(local_ray, lean_data):
+    """ffn_* strategies on the lean driver: FFN features of a sample clustered in the driver, every other user
+    featurised by the shard-pass actors with the source model and assigned = kmeans_labels of every user's
+    features in one process."""
+    from puma_ray.artifacts.store import PromptStore
+    from puma_ray.artifacts.store_index import StoreIndex
+    from puma_ray.config import ModelConfig
+    from puma_ray.ray_layer.lean_migrate import _source_plm, lean_ffn_clusters, shard_pass
+    from puma_ray.selection.statistics import ffn_features
+    from puma_ray.selection.strategies import kmeans_labels
+    _, _, path, _ = lean_data
+    store = PromptStore.open(path)
+    users, prompts = store.read_all()
+    plm = _source_plm(ModelConfig(name="tiny:llama"), store)
+    labels, kmeans = lean_ffn_clusters(plm, StoreIndex(store), users, 3, 1, 100)
+    assert labels is None and kmeans is not None  # 240 users > the sample of 100: assigned on the actors
+    _, got, _ = shard_pass([store], users, None, None, actors=2, cpus_per_actor=0.5,
+                           ffn={"model": ModelConfig(name="tiny:llama"), "kmeans": kmeans})
+    np.testing.assert_array_equal(got, kmeans_labels(ffn_features(plm, prompts)[0], 3, 1, 100))

@@ -13,7 +13,7 @@ users' prompts and records, never the records table or the prompt matrix. recipe
                mapping the source stores in the actor); the LLM-free reference rows in one Ray task
   5. convert   adapter saved, every user converted by the actor pool, report.json
 What needs the whole prompt matrix or every record in one process is refused up front with one line
-(`check_lean`): the PCA/farthest-point strategies, the FFN statistics and the random-init baseline.
+(`check_lean`): the PCA and farthest-point strategies (every prompt at once) and the random-init baseline.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from puma_ray.models.heads import head_config
 from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.recipes.migrate import MigrateJobConfig, choose_valid, convert_everyone, migration_report, new_head
 from puma_ray.recipes.runs import provenance
+from puma_ray.selection.statistics import ffn_features
 from puma_ray.selection.strategies import (
     NEEDS,
     SelectionInput,
@@ -56,10 +57,10 @@ from .compat import actor_pool, actor_retries
 from .data import read_records
 from .evaluate import PromptSource, RecordFiles, evaluate_on_ray, source_loss_on_ray
 
-# strategies whose features the lean driver computes: cluster labels of the prompts, the label variance and the
-# source loss (actors)
+# strategies whose features the lean driver computes: cluster labels of the prompts and of the FFN features, the
+# label variance and the source loss (actors)
 LEAN_STRATEGIES = ("random", "variance_bucketing", "loss_bucketing", "kmeans_stratified", "kmeans_variance",
-                   "kmeans_loss")
+                   "kmeans_loss", "ffn_kmeans", "ffn_kmeans_loss", "ffn_kmeans_variance")
 CLUSTERED = ("kmeans_stratified", "kmeans_variance", "kmeans_loss")
 SPLITS = ("train", "valid", "test")
 
@@ -140,13 +141,16 @@ def per_user_rows(records_path: str, storage: StorageOptions | None) -> UserRows
 
 # ---------------------------------------------------------------------------------------------- 2. selection
 class _ShardPass:
-    """Per shard of the first source store: its users, their K-means labels (-1 without a model) and each source's
-    sum of squares over the user's prompt (the prompt scale the adapter is built with), one row per user."""
+    """Per shard of the first source store: its users, their K-means labels (-1 without a model), the K-means
+    labels of their FFN features (when `ffn` holds the source model and a fitted K-means) and each source's sum of
+    squares over the user's prompt (the prompt scale the adapter is built with), one row per user."""
 
-    def __init__(self, paths: list[str], model, storage: StorageOptions | None):
+    def __init__(self, paths: list[str], model, storage: StorageOptions | None, ffn: dict | None = None):
         self.stores = [PromptStore.open(p, storage) for p in paths]
         self.others = [StoreIndex(s) for s in self.stores[1:]]
-        self.model = model
+        self.model, self.ffn = model, ffn
+        if ffn is not None:  # the source model, as the driver's statistics.ffn_features runs it
+            self.plm = _source_plm(ffn["model"], self.stores[0])
 
     def __call__(self, batch: dict) -> dict:
         ids, first = self.stores[0].read_shard(self.stores[0].manifest.shards[int(batch["shard"][0])])
@@ -154,7 +158,11 @@ class _ShardPass:
         prompts = [first, *(self._aligned(ix, ids) for ix in self.others)]
         flat = np.concatenate([p.reshape(len(p), -1) for p in prompts], axis=1)
         labels = self.model.predict(flat) if self.model is not None else np.full(len(ids), -1)
+        ffn_labels = np.full(len(ids), -1)
+        if self.ffn is not None:
+            ffn_labels = self.ffn["kmeans"].predict(ffn_features(self.plm, first)[0])
         return {"user_id": ids.astype(str), "label": np.asarray(labels, np.int32),
+                "ffn_label": np.asarray(ffn_labels, np.int32),
                 "sumsq": np.stack([np.square(p, dtype=np.float64).reshape(len(p), -1).sum(1) for p in prompts], 1)}
 
     @staticmethod
@@ -165,16 +173,25 @@ class _ShardPass:
         return out
 
 
-def shard_pass(stores: list[PromptStore], users: np.ndarray, model, storage, actors: int, cpus_per_actor: float):
-    """(labels aligned with the sorted `users` (-1 without a model), prompt RMS per source over them); every user
-    is seen exactly once. The driver receives rows of (id, label, sums), batch by batch."""
+def _source_plm(model, store: PromptStore):
+    from puma_ray.models.prompted_lm import PromptedLM
+    backbone = load_backbone(model.name, model.revision, model.dtype, model.seed)
+    store.check_model(backbone.identity)
+    return PromptedLM(backbone, TemplateConfig(**store.manifest.template), store.manifest.prompt_length, {}, 0)
+
+
+def shard_pass(stores: list[PromptStore], users: np.ndarray, model, storage, actors: int, cpus_per_actor: float,
+               ffn: dict | None = None):
+    """(prompt K-means labels aligned with the sorted `users` (-1 without a model), FFN K-means labels (-1 without
+    `ffn`), prompt RMS per source over them); every user is seen exactly once. The driver receives rows of (id,
+    labels, sums), batch by batch."""
     items = ray.data.from_items([{"shard": k} for k in range(len(stores[0].manifest.shards))])
     parts = items.map_batches(_ShardPass, batch_size=1, batch_format="numpy",
                               fn_constructor_kwargs={"paths": [s.path for s in stores], "model": model,
-                                                     "storage": storage},
+                                                     "storage": storage, "ffn": ffn},
                               num_cpus=cpus_per_actor, **actor_pool(min(actors, len(stores[0].manifest.shards))),
                               **actor_retries())
-    labels = np.full(len(users), -2, np.int32)
+    labels, ffn_labels = np.full(len(users), -2, np.int32), np.full(len(users), -2, np.int32)
     seen = np.zeros(len(users), np.int64)
     sumsq = np.zeros(len(stores))
     for batch in parts.iter_batches(batch_size=65_536, batch_format="numpy"):
@@ -182,13 +199,25 @@ def shard_pass(stores: list[PromptStore], users: np.ndarray, model, storage, act
         pos = np.minimum(np.searchsorted(users, ids), len(users) - 1)
         kept = users[pos] == ids  # not kept: dropped by the missing-user policy
         labels[pos[kept]] = batch["label"][kept]
+        ffn_labels[pos[kept]] = batch["ffn_label"][kept]
         np.add.at(seen, pos[kept], 1)
         sumsq += np.asarray(batch["sumsq"], np.float64)[kept].sum(0)
     if (seen != 1).any():  # a user in no shard or in two: the store changed since it was indexed
         bad = int(np.flatnonzero(seen != 1)[0])
         raise StoreError(f"store {stores[0].path}: user {str(users[bad])!r} read {int(seen[bad])} times in its shards")
     values = [len(users) * s.manifest.prompt_length * s.manifest.hidden_size for s in stores]
-    return labels, [float(np.sqrt(s / v)) or 1.0 for s, v in zip(sumsq, values)]
+    return labels, ffn_labels, [float(np.sqrt(s / v)) or 1.0 for s, v in zip(sumsq, values)]
+
+
+def lean_ffn_clusters(source_plm, index: StoreIndex, users: np.ndarray, k: int, seed: int, sample: int):
+    """The FFN-feature clusters by kmeans_labels' two steps, as lean_clusters does for the prompts: features of at
+    most `sample` users computed and clustered in the driver, the rest featurised and assigned on the actors."""
+    rows = kmeans_sample_rows(len(users), seed, sample)
+    picked = users if rows is None else users[rows]
+    features = ffn_features(source_plm, index.rows(picked))[0]
+    if rows is None:
+        return kmeans_labels(features, k, seed, sample), None
+    return None, sampled_kmeans(features, k, seed)
 
 
 def lean_clusters(indexes: list[StoreIndex], users: np.ndarray, k: int, seed: int, sample: int):
@@ -312,8 +341,15 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
         "kmeans_sample", "pca_components", "global_bins", "cluster_bins")})
     labels, model = (lean_clusters(indexes, users, sel.k, sel.seed, sel.kmeans_sample)
                      if sel.strategy in CLUSTERED else (None, None))
-    assigned, scales = shard_pass(stores, users, model, cfg.storage, cfg.engine.actors, cfg.engine.cpus_per_actor)
+    ffn_labels, ffn_model = (lean_ffn_clusters(_source_plm(cfg.sources[0].model, stores[0]), indexes[0], users,
+                                               sel.k, sel.seed, sel.kmeans_sample)
+                             if "ffn" in NEEDS[sel.strategy] else (None, None))
+    assigned, ffn_assigned, scales = shard_pass(
+        stores, users, model, cfg.storage, cfg.engine.actors, cfg.engine.cpus_per_actor,
+        ffn={"model": cfg.sources[0].model, "kmeans": ffn_model} if ffn_model is not None else None)
     inputs.clusters = labels if labels is not None else (assigned if model is not None else None)
+    inputs.ffn_clusters = ffn_labels if ffn_labels is not None else (ffn_assigned if ffn_model is not None
+                                                                     else None)
     stats_cost = Cost()
     if "loss" in NEEDS[sel.strategy]:  # the source model's loss per user, on the actors
         inputs.loss, stats_cost.forward_records, stats_cost.tokens_forward = source_loss_on_ray(

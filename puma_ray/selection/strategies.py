@@ -36,6 +36,7 @@ class SelectionInput:
     # K-means labels of `prompts` for this K and seed, computed by `kmeans_labels`' algorithm elsewhere (the Ray
     # layer assigns each store shard on the cluster): strategies use them instead of clustering the prompts again
     clusters: np.ndarray | None = None
+    ffn_clusters: np.ndarray | None = None  # the same for the `ffn` features
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -252,13 +253,21 @@ def _clusters(x, k, seed, inputs):
     return kmeans_labels(x, k, seed, _opt(inputs, "kmeans_sample", 100_000))
 
 
+def _precomputed_or(labels, feature: str, inputs, k, seed):
+    if labels is not None:
+        if len(labels) != len(inputs) or labels.max(initial=0) >= k:
+            raise SelectionError(f"precomputed {feature} clusters do not fit {len(inputs)} users and K={k}")
+        return labels
+    return _clusters(inputs.need(feature), k, seed, inputs)
+
+
 def _prompt_clusters(inputs, k, seed):
     """K-means labels of the source prompts: the precomputed ones when given, else computed here."""
-    if inputs.clusters is not None:
-        if len(inputs.clusters) != len(inputs) or inputs.clusters.max(initial=0) >= k:
-            raise SelectionError(f"precomputed clusters do not fit {len(inputs)} users and K={k}")
-        return inputs.clusters
-    return _clusters(inputs.need("prompts"), k, seed, inputs)
+    return _precomputed_or(inputs.clusters, "prompts", inputs, k, seed)
+
+
+def _ffn_clusters(inputs, k, seed):
+    return _precomputed_or(inputs.ffn_clusters, "ffn", inputs, k, seed)
 
 
 @register("kmeans_stratified")
@@ -303,16 +312,14 @@ def kmeans_variance(inputs, budget, k, seed):
 @register("ffn_kmeans", needs=("ffn",))
 def ffn_kmeans(inputs, budget, k, seed):
     rng = np.random.default_rng(seed)
-    return stratified_within(_clusters(inputs.need("ffn"), k, seed, inputs), budget, k, rng, _uniform_pick(rng))
+    return stratified_within(_ffn_clusters(inputs, k, seed), budget, k, rng, _uniform_pick(rng))
 
 
 @register("ffn_kmeans_loss", needs=("ffn", "loss"))
 def ffn_kmeans_loss(inputs, budget, k, seed):
-    return _kmeans_binned(_clusters(inputs.need("ffn"), k, seed, inputs), inputs.need("loss"), inputs, budget, k,
-                          seed)
+    return _kmeans_binned(_ffn_clusters(inputs, k, seed), inputs.need("loss"), inputs, budget, k, seed)
 
 
 @register("ffn_kmeans_variance", needs=("ffn", "variance"))
 def ffn_kmeans_variance(inputs, budget, k, seed):
-    return _kmeans_binned(_clusters(inputs.need("ffn"), k, seed, inputs), inputs.need("variance"), inputs, budget,
-                          k, seed)
+    return _kmeans_binned(_ffn_clusters(inputs, k, seed), inputs.need("variance"), inputs, budget, k, seed)
