@@ -284,3 +284,38 @@ def test_ffn_clusters_on_actors_are_the_in_process_ones(local_ray, lean_data):
     _, got, _ = shard_pass([store], users, None, None, actors=2, cpus_per_actor=0.5,
                            ffn={"model": ModelConfig(name="tiny:llama"), "kmeans": kmeans})
     np.testing.assert_array_equal(got, kmeans_labels(ffn_features(plm, prompts)[0], 3, 1, 100))
+
+
+def test_to_parquet_writes_what_the_parquet_loader_reads(tmp_path):
+    """scripts/to_parquet.py: a config's loader run once → the Parquet pair + the data section it prints, which
+    loads back to the same records; a bad config is one line and exit 2."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from puma_ray.config import DataConfig, from_dict
+    from puma_ray.data import load_dataset
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = tmp_path / "c.yaml"
+    section = {"name": "synthetic", "options": {"n_users": 30, "n_items": 40, "min_records": 5,
+                                                "records_median_extra": 2.0, "max_records": 15}}
+    config.write_text(yaml.safe_dump({"data": section}))
+    run = subprocess.run([sys.executable, os.path.join(root, "scripts", "to_parquet.py"), "--config", str(config),
+                          "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    printed = yaml.safe_load(run.stdout[run.stdout.index("data:"):])["data"]
+    back = load_dataset(from_dict(DataConfig, printed, "printed"))
+    want = load_dataset(from_dict(DataConfig, section, "data"))
+    key = ["user_id", "item_id", "timestamp"]
+    pd.testing.assert_frame_equal(back.records.sort_values(key).reset_index(drop=True),
+                                  want.records.sort_values(key).reset_index(drop=True), check_dtype=False)
+    for data, message in (({"name": "nope"}, "error: unknown data.name 'nope'"),
+                          ({**section, "options": {**section["options"], "max_records": 400}},
+                           "error: synthetic data options (data.options): max_records (400) must be")):
+        config.write_text(yaml.safe_dump({"data": data}))
+        bad = subprocess.run([sys.executable, os.path.join(root, "scripts", "to_parquet.py"), "--config",
+                              str(config), "--output", str(tmp_path / "bad")], capture_output=True, text=True,
+                             timeout=300)
+        assert bad.returncode == 2 and bad.stderr.strip().startswith(message), bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

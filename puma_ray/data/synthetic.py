@@ -40,6 +40,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from puma_ray.errors import ConfigError
+
 from .records import DataError, Dataset, chronological_split, normalise, validate
 
 __all__ = [
@@ -101,7 +103,7 @@ class SyntheticConfig:
     def __post_init__(self):
         def check(ok: bool, msg: str):
             if not ok:
-                raise ValueError(f"SyntheticConfig: {msg}")
+                raise ConfigError(f"synthetic data options (data.options): {msg}")  # a user error: one line
 
         for name in ("n_users", "n_items", "latent_dim", "seed", "min_records", "max_records", "start_time"):
             v = getattr(self, name)
