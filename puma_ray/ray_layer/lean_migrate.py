@@ -52,6 +52,7 @@ from puma_ray.selection.strategies import (
 from puma_ray.tasks import get_task
 from puma_ray.training.cost import Cost
 from puma_ray.training.fit import fit_mapping
+from puma_ray.training.memory import return_freed_memory
 
 from .compat import actor_pool, actor_retries
 from .data import read_records
@@ -130,13 +131,17 @@ def per_user_rows(records_path: str, storage: StorageOptions | None) -> UserRows
     parts = {key: [] for key in ("user_id", "std", *SPLITS)}
     for batch in grouped.iter_batches(batch_size=65_536, batch_format="pyarrow"):
         parts["user_id"].append(batch.column("user_id").to_numpy(zero_copy_only=False).astype(str))
-        for key in ("std", *SPLITS):
-            parts[key].append(batch.column(key).to_numpy(zero_copy_only=False).astype(np.float64))
-    joined = {key: np.concatenate(v) if v else np.zeros(0) for key, v in parts.items()}
-    order = np.argsort(joined["user_id"].astype(str), kind="stable")
-    std = np.nan_to_num(joined["std"][order], nan=0.0)  # null: one train record (or none)
-    return UserRows(joined["user_id"].astype(str)[order],
-                    {split: joined[split][order].astype(np.int64) for split in SPLITS}, np.square(std))
+        parts["std"].append(batch.column("std").to_numpy(zero_copy_only=False).astype(np.float64))
+        for key in SPLITS:
+            parts[key].append(batch.column(key).to_numpy(zero_copy_only=False).astype(np.int64))
+    ids = np.concatenate(parts.pop("user_id")) if parts["std"] else np.array([], dtype=str)
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    columns = {key: (np.concatenate(v) if v else np.zeros(0))[order] for key, v in parts.items()}
+    del parts, order
+    return_freed_memory()  # the batches' temporary Python strings: glibc would keep their heap
+    std = np.nan_to_num(columns.pop("std"), nan=0.0)  # null: one train record (or none)
+    return UserRows(ids, columns, np.square(std))
 
 
 # ---------------------------------------------------------------------------------------------- 2. selection
@@ -350,6 +355,7 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
     inputs.clusters = labels if labels is not None else (assigned if model is not None else None)
     inputs.ffn_clusters = ffn_labels if ffn_labels is not None else (ffn_assigned if ffn_model is not None
                                                                      else None)
+    return_freed_memory()  # the shard pass's batches of ids
     stats_cost = Cost()
     if "loss" in NEEDS[sel.strategy]:  # the source model's loss per user, on the actors
         inputs.loss, stats_cost.forward_records, stats_cost.tokens_forward = source_loss_on_ray(
