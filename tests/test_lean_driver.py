@@ -262,7 +262,9 @@ def test_source_loss_on_actors_is_the_in_process_statistic(local_ray, lean_data)
                                               users, template=template, max_records=4, seed=7, actors=2,
                                               cpus_per_actor=0.5, batch_size=64)
     np.testing.assert_allclose(got, want, atol=1e-6)
-    assert records == cost.forward_records == 4 * len(users) and tokens == cost.tokens_forward
+    assert records == cost.forward_records == 4 * len(users)
+    # positions computed depend on each batch's padding, and the actors batch their blocks' records
+    assert tokens == pytest.approx(cost.tokens_forward, rel=0.02)
 
 
 def test_ffn_clusters_on_actors_are_the_in_process_ones(local_ray, lean_data):
