@@ -52,7 +52,8 @@ def lean_data(tmp_path_factory):
     return ds, paths, store, folder
 
 
-@pytest.mark.parametrize("sample", [100, 10_000])  # mini-batch on a sample + assignment on actors; plain K-means
+# mini-batch on a sample + assignment on actors; plain K-means (the in-process branch: run on purpose)
+@pytest.mark.parametrize("sample", [100, pytest.param(10_000, marks=pytest.mark.slow)])
 def test_lean_clusters_and_scale_are_the_in_process_ones(local_ray, lean_data, sample):
     from puma_ray.artifacts.store import PromptStore
     from puma_ray.artifacts.store_index import StoreIndex
@@ -72,6 +73,7 @@ def test_lean_clusters_and_scale_are_the_in_process_ones(local_ray, lean_data, s
     assert scales[0] == pytest.approx(prompt_rms(prompts), rel=1e-9)
 
 
+@pytest.mark.slow  # ~40 s: two stores, an actor pool
 def test_aggregated_sources_and_a_user_one_source_lacks(local_ray, lean_data):
     """Two sources, the second without 10 users: policy reject drops them from selection and scale, as
     conversion.run.join_sources does in memory; policy error names one of them."""
@@ -267,6 +269,7 @@ def test_source_loss_on_actors_is_the_in_process_statistic(local_ray, lean_data)
     assert tokens == pytest.approx(cost.tokens_forward, rel=0.02)
 
 
+@pytest.mark.slow  # ~50 s: the source model in every shard-pass actor
 def test_ffn_clusters_on_actors_are_the_in_process_ones(local_ray, lean_data):
     """ffn_* strategies on the lean driver: FFN features of a sample clustered in the driver, every other user
     featurised by the shard-pass actors with the source model and assigned = kmeans_labels of every user's

@@ -71,6 +71,7 @@ def test_a_user_without_prompt_is_one_line(local_ray, trained):
         evaluate_store_on_ray(path, model, records, item_texts(ds), ds.task, actors=1, cpus_per_actor=0.5)
 
 
+@pytest.mark.parametrize("trained", ["rating", pytest.param("ctr", marks=pytest.mark.slow)], indirect=True)
 def test_adapter_evaluation_on_records_files_equals_in_process(local_ray, trained, tmp_path):
     """PromptSource "adapter": the actors map the source store's prompts with the adapter (nothing written) and
     read the test split from the Parquet files themselves (RecordFiles): = in-process, rating and CTR."""

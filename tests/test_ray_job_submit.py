@@ -46,6 +46,7 @@ def ray_head():
         assert not leftover, leftover
 
 
+@pytest.mark.slow  # ~4-8 min on 2 cores (a Ray head, a job, S3): the README's recipe, run on purpose
 def test_ray_job_submit_migrate_on_s3(ray_head, s3_server, toy_dataset, tmp_path):
     storage = StorageOptions(endpoint_url=s3_server["endpoint_url"])
     root = f"s3://{s3_server['bucket']}/jobtest"
