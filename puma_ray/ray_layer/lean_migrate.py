@@ -36,7 +36,14 @@ from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
 from puma_ray.models.backbone import load_backbone
 from puma_ray.models.heads import head_config
 from puma_ray.models.prompted_lm import PromptedLM
-from puma_ray.recipes.migrate import MigrateJobConfig, choose_valid, convert_everyone, migration_report, new_head
+from puma_ray.recipes.migrate import (
+    MigrateJobConfig,
+    choose_valid,
+    convert_everyone,
+    migration_report,
+    new_head,
+    store_exists,
+)
 from puma_ray.recipes.runs import provenance
 from puma_ray.selection.statistics import ffn_features
 from puma_ray.selection.strategies import (
@@ -245,13 +252,6 @@ def _reference_rows(records_path: str, storage: StorageOptions | None, task: str
 
 
 # ---------------------------------------------------------------------------------------------- Eq. 1 stores
-def _exists(path: str, storage) -> bool:
-    from puma_ray.artifacts.store import MANIFEST
-    from puma_ray.fs import filesystem, join
-    fs, root = filesystem(path, storage)
-    return fs.exists(join(root, MANIFEST))
-
-
 @dataclasses.dataclass
 class _Eq1OnRay:
     """A store trained by Eq. 1 on Ray Train (a missing source store, full retraining), then evaluated on the test
@@ -308,7 +308,7 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
     for i, src in enumerate(cfg.sources):
         path = src.store.format(output=output)
         backbone = load_backbone(src.model.name, src.model.revision, src.model.dtype, src.model.seed)
-        if not _exists(path, cfg.storage):
+        if not store_exists(path, cfg.storage):
             if src.prepare is None:
                 raise StoreError(f"source store {path} does not exist (no manifest) and sources[].prepare is not set")
             log(f"source store {path} missing: training it on {src.model.name} first (Ray Train, "

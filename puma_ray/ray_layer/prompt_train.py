@@ -34,6 +34,7 @@ from puma_ray.training.loop import EpochSteps, LoopState, describe_epoch, run_ep
 
 from .compat import user_error
 from .progress import LiveLines, sender
+from .train import check_checkpoint_folder
 
 STATE, HEAD_FILE = "prompt_state.json", "prompt_head.safetensors"
 RECORDS_DIR = "_written"  # in the store folder: each rank's shard entries, read by the driver before the manifest
@@ -45,13 +46,9 @@ def _rank_file(rank: int) -> str:
 
 
 def _check_checkpoint(folder: str) -> None:
-    """Only this trainer's files, parsed as what they are (JSON, safetensors): nothing else is read."""
-    names = sorted(os.listdir(folder))
-    for name in names:
-        if not _FILES.match(name):
-            raise CheckpointError(f"checkpoint {folder}: {name!r} is not a file this training writes; refused")
-    if STATE not in names:
-        raise CheckpointError(f"checkpoint {folder}: no {STATE} (incomplete checkpoint)")
+    """The fit's checkpoint check (train.check_checkpoint_folder: names, then every file parsed) on this
+    training's file names."""
+    check_checkpoint_folder(folder, files=_FILES, state=STATE)
 
 
 def _adam_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:

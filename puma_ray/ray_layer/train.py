@@ -132,14 +132,15 @@ def _read_checkpoint(folder: str) -> tuple[dict, dict, dict]:
     return saved, load_file(os.path.join(folder, _CURRENT)), load_file(os.path.join(folder, _BEST))
 
 
-def check_checkpoint_folder(folder: str, fs=None) -> None:
-    """Only the files a fit writes, each parsing as what its name says (JSON; safetensors, whose header is JSON
-    and whose data is raw tensors): anything else, a pickle above all, is refused with one line, never read."""
+def check_checkpoint_folder(folder: str, fs=None, files: re.Pattern = _CHECKPOINT_FILE, state: str = _STATE) -> None:
+    """Only the files a fit writes (`files`; the prompt training has its own names), each parsing as what its
+    name says (JSON; safetensors, whose header is JSON and whose data is raw tensors): anything else, a pickle
+    above all, is refused with one line, never read; `state` must be there."""
     import fsspec
     fs = fs or fsspec.filesystem("file")
     names = [p[len(folder.rstrip("/")) + 1:] for p in fs.find(folder)]
     for name in names:
-        if not _CHECKPOINT_FILE.match(name):
+        if not files.match(name):
             raise CheckpointError(f"checkpoint {folder}: {name!r} is not a file this fit writes; only its safetensors "
                                   "and JSON files are read (nothing is unpickled), so this checkpoint is refused")
     for name in names:
@@ -155,8 +156,8 @@ def check_checkpoint_folder(folder: str, fs=None) -> None:
         except Exception as e:  # any parse failure of untrusted bytes is the same refusal
             kind = "JSON" if name.endswith(".json") else "safetensors"
             raise CheckpointError(f"checkpoint {folder}: {name} is not valid {kind} ({type(e).__name__})") from None
-    if _STATE not in names:
-        raise CheckpointError(f"checkpoint {folder}: no {_STATE} (incomplete checkpoint)")
+    if state not in names:
+        raise CheckpointError(f"checkpoint {folder}: no {state} (incomplete checkpoint)")
 
 
 def check_run_checkpoints(storage_path: str, run: str, storage: StorageOptions | None = None) -> int:

@@ -144,13 +144,14 @@ def _foundation_cards(cfg: MigrateJobConfig) -> dict:
     return {f: card for f in folders if (card := read_card(f))}
 
 
-def _exists(path: str, storage) -> bool:
+def store_exists(path: str, storage) -> bool:
+    """Whether a complete store (its manifest) is at `path`."""
     fs, root = filesystem(path, storage)
     return fs.exists(join(root, MANIFEST))
 
 
 def _prepare_source(cfg: MigrateJobConfig, src: SourceConfig, path: str, ds: Dataset, log) -> dict | None:
-    if _exists(path, cfg.storage):
+    if store_exists(path, cfg.storage):
         return None
     if src.prepare is None:
         raise StoreError(f"source store {path} does not exist (no {MANIFEST}) and sources[].prepare is not set")
