@@ -116,20 +116,20 @@ class _Evaluator:
                                                   for k, v in part.items()})]})
 
     def _records(self, block: pd.DataFrame):
+        """(the block's users sorted, prompts_for over them, the block with string ids and list histories)."""
         import torch
-
-        from puma_ray.training.records import RecordSet
         block = block.assign(user_id=block["user_id"].astype(str), item_id=block["item_id"].astype(str))
         if "history" in block.columns:  # Arrow gives numpy arrays back: the template wants lists of ids
             block["history"] = [list(map(str, h)) for h in block["history"]]
         users = np.sort(block["user_id"].unique())
         prompts = torch.from_numpy(self._prompts_of(users))
-        return users, lambda idx: prompts[idx], block, RecordSet
+        return users, lambda idx: prompts[idx], block
 
     def _evaluate(self, block: pd.DataFrame) -> dict:
         from puma_ray.training.evaluate import predict
-        users, prompts_for, block, record_set = self._records(block)
-        records = record_set.from_frame(block, users)
+        from puma_ray.training.records import RecordSet
+        users, prompts_for, block = self._records(block)
+        records = RecordSet.from_frame(block, users)
         pred = predict(self.plm, self.head, self.task, prompts_for, records, self.batch_size)
         return partial_metrics(self.task, records.user_ids, records.labels, pred)
 
@@ -138,8 +138,9 @@ class _Evaluator:
 
         from puma_ray.selection.statistics import loss_sample, mean_loss_per_user
         from puma_ray.training.cost import Cost
-        users, prompts_for, block, record_set = self._records(block)
-        records = record_set.from_frame(loss_sample(block, self.loss_records, self.seed), users)
+        from puma_ray.training.records import RecordSet
+        users, prompts_for, block = self._records(block)
+        records = RecordSet.from_frame(loss_sample(block, self.loss_records, self.seed), users)
         cost = Cost()
         with torch.no_grad():
             total, count = mean_loss_per_user(self.plm, self.head, self.task, prompts_for, records, len(users),
