@@ -131,6 +131,23 @@ def test_store_index_reads_rows_and_refuses_what_read_all_refuses(tmp_path, lean
     (twice / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match=rf"user '{users[2]}' appears more than once"):
         StoreIndex(PromptStore.open(str(twice)))
+    # shards not in id order (a store written by someone else): the index sorts them itself
+    backwards = StoreWriter(str(tmp_path / "backwards"), store.identity, 1, store.manifest.template, "rating")
+    for k in range(3):
+        rows = slice(40 - 10 * k, 50 - 10 * k)
+        backwards.write_shard(users[rows][::-1], prompts[rows][::-1], name=f"part-{k}.parquet")
+    backwards.write_head(*store.read_head())
+    backwards.close()
+    index = StoreIndex(PromptStore.open(str(tmp_path / "backwards")))
+    np.testing.assert_array_equal(index.users, users[20:50])
+    np.testing.assert_array_equal(index.rows(users[[49, 20, 33]]), prompts[[49, 20, 33]])
+
+
+def test_sorted_positions():
+    from puma_ray.artifacts.store_index import sorted_member, sorted_positions
+    ids = np.array(["a", "c", "d"])
+    np.testing.assert_array_equal(sorted_positions(ids, np.array(["d", "b", "a", "z", ""])), [2, -1, 0, -1, -1])
+    np.testing.assert_array_equal(sorted_member(ids[:0], np.array(["a"])), [False])
 
 
 def test_fit_records_are_read_with_a_filter(lean_data):

@@ -17,6 +17,20 @@ from puma_ray.artifacts.store import PromptStore, StoreError
 SHARDS_KEPT = 4  # shards kept read: a block's users mostly sit in a few of them (stores are written in id order)
 
 
+def sorted_positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Index of each of `ids` in the sorted, unique `sorted_ids`; -1 where it is not there (no hash table, no
+    sorted copy: the lean driver's id lookups at millions of users)."""
+    if len(sorted_ids) == 0:
+        return np.full(len(ids), -1)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == ids, pos, -1)
+
+
+def sorted_member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Whether each of `ids` is in the sorted, unique `sorted_ids`."""
+    return sorted_positions(sorted_ids, ids) >= 0
+
+
 class StoreIndex:
     def __init__(self, store: PromptStore, shards_kept: int = SHARDS_KEPT):
         self.store, self.shards_kept = store, shards_kept
@@ -27,14 +41,17 @@ class StoreIndex:
             shard_of.append(np.full(len(shard_ids), k, np.int32))
         all_ids = np.concatenate(ids) if ids else np.array([], dtype=str)
         # sorted fixed-width ids + searchsorted, no hash table of Python strings: ~4 bytes a character a user
-        order = np.argsort(all_ids, kind="stable")
-        self._ids = all_ids[order]
-        self._shard_of = (np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32))[order]
+        self._ids = all_ids
+        self._shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
+        if not (all_ids[1:] > all_ids[:-1]).all():  # stores are written in id order: then no sorted copy is made
+            order = np.argsort(all_ids, kind="stable")
+            self._ids, self._shard_of = all_ids[order], self._shard_of[order]
+        del all_ids
         dup = self._ids[1:][self._ids[1:] == self._ids[:-1]]
         if len(dup):
             raise StoreError(f"store {store.path}: user {str(dup[0])!r} appears more than once")
-        if len(all_ids) != store.manifest.num_users:
-            raise StoreError(f"store {store.path}: {len(all_ids)} users in shards, manifest says "
+        if len(self._ids) != store.manifest.num_users:
+            raise StoreError(f"store {store.path}: {len(self._ids)} users in shards, manifest says "
                              f"{store.manifest.num_users}")
         self._read: OrderedDict[int, tuple[pd.Index, np.ndarray]] = OrderedDict()
 
@@ -45,10 +62,7 @@ class StoreIndex:
 
     def _positions(self, users: np.ndarray) -> np.ndarray:
         """Index into the sorted ids of each user, -1 when the store does not hold it."""
-        if len(self._ids) == 0:
-            return np.full(len(users), -1)
-        pos = np.minimum(np.searchsorted(self._ids, users), len(self._ids) - 1)
-        return np.where(self._ids[pos] == users, pos, -1)
+        return sorted_positions(self._ids, users)
 
     def has(self, users: np.ndarray) -> np.ndarray:
         return self._positions(np.asarray(users, dtype=str)) >= 0

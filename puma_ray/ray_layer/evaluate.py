@@ -19,6 +19,7 @@ import pandas as pd
 import ray
 
 from puma_ray import errors
+from puma_ray.artifacts.store_index import sorted_positions
 from puma_ray.config import ModelConfig, TemplateConfig
 from puma_ray.errors import PumaError, StoreError
 from puma_ray.fs import StorageOptions, pyarrow_filesystem
@@ -235,9 +236,9 @@ def source_loss_on_ray(store_path: str, model: ModelConfig, records: RecordFiles
             k = int(np.flatnonzero(errors_seen != "")[0])
             raise getattr(errors, errors_seen[k], PumaError)(str(batch["message"][k]))
         ids = batch["user_id"].astype(str)
-        pos = np.minimum(np.searchsorted(users, ids), len(users) - 1)
-        if (users[pos] != ids).any():
-            raise StoreError(f"user {str(ids[users[pos] != ids][0])!r} has records but is not a selection user")
+        pos = sorted_positions(users, ids)
+        if (pos < 0).any():
+            raise StoreError(f"user {str(ids[pos < 0][0])!r} has records but is not a selection user")
         total[pos] += batch["loss_sum"]
         count[pos] += batch["count"]
         tokens += int(batch["tokens"].sum())

@@ -27,7 +27,7 @@ import ray
 
 from puma_ray.artifacts.adapter_io import save_adapter
 from puma_ray.artifacts.store import PromptStore, StoreError
-from puma_ray.artifacts.store_index import StoreIndex
+from puma_ray.artifacts.store_index import StoreIndex, sorted_member, sorted_positions
 from puma_ray.config import ConfigError, TemplateConfig, from_dict, task_template, to_dict
 from puma_ray.conversion.run import run_locally
 from puma_ray.data.parquet_reads import read_splits, read_user_records
@@ -92,6 +92,10 @@ def check_lean(cfg: MigrateJobConfig) -> None:
 # ---------------------------------------------------------------------------------------------- 1. sources
 def joined_users(indexes: list[StoreIndex], policy: str) -> tuple[np.ndarray, dict]:
     """Sorted users present in every source (policy "error": every source must hold every user)."""
+    if len(indexes) == 1:  # one source: its sorted ids as they are (no concatenated copy to sort at 1M users)
+        if len(indexes[0].users) == 0:
+            raise StoreError("the source stores share no user")
+        return indexes[0].users, {}
     all_users = np.unique(np.concatenate([ix.users for ix in indexes]))
     common, dropped = all_users, {}
     for ix in indexes:
@@ -122,8 +126,8 @@ class UserRows:
     variance: np.ndarray
 
     def variance_of(self, users: np.ndarray) -> np.ndarray:
-        pos = np.minimum(np.searchsorted(self.users, users), max(len(self.users) - 1, 0))
-        return np.where(self.users[pos] == users, self.variance[pos], 0.0)
+        pos = sorted_positions(self.users, users)
+        return np.where(pos >= 0, self.variance[pos], 0.0)
 
 
 def per_user_rows(records_path: str, storage: StorageOptions | None) -> UserRows:
@@ -207,9 +211,8 @@ def shard_pass(stores: list[PromptStore], users: np.ndarray, model, storage, act
     seen = np.zeros(len(users), np.int64)
     sumsq = np.zeros(len(stores))
     for batch in parts.iter_batches(batch_size=65_536, batch_format="numpy"):
-        ids = batch["user_id"].astype(str)
-        pos = np.minimum(np.searchsorted(users, ids), len(users) - 1)
-        kept = users[pos] == ids  # not kept: dropped by the missing-user policy
+        pos = sorted_positions(users, batch["user_id"].astype(str))
+        kept = pos >= 0  # not kept: dropped by the missing-user policy
         labels[pos[kept]] = batch["label"][kept]
         ffn_labels[pos[kept]] = batch["ffn_label"][kept]
         np.add.at(seen, pos[kept], 1)
@@ -244,6 +247,9 @@ def lean_clusters(indexes: list[StoreIndex], users: np.ndarray, k: int, seed: in
 
 
 # ---------------------------------------------------------------------------------------------- 3. fit records
+_user_records = ray.remote(read_user_records)
+
+
 @ray.remote
 def _reference_rows(records_path: str, storage: StorageOptions | None, task: str) -> dict:
     from puma_ray.training.reference import reference_metrics
@@ -323,7 +329,7 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
         raise StoreError("aggregated sources must share the prompt length l")
     indexes = [StoreIndex(s) for s in stores]
     users, dropped = joined_users(indexes, cfg.sources_missing_policy)
-    without = np.setdiff1d(stats.users, users)
+    without = stats.users[~sorted_member(users, stats.users)]  # both sorted: no concatenated copy to sort
     if len(without):  # the lean path evaluates every record's user: a user without a prompt is an error
         raise StoreError(f"user {str(without[0])!r} has records but no prompt in the source store(s) "
                          f"({len(without)} user(s) in all)")
@@ -372,7 +378,8 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
     # 3. fits: only the fit users' prompts and records reach the driver
     fit_users = users[fit_idx]
     fit_inputs = [ix.rows(fit_users) for ix in indexes]
-    fit_records = read_user_records(records_path, fit_users, ["train", "valid"], cfg.storage)
+    # in a Ray task: the filtered scan decompresses whole row groups (~60 MB a million records), never the driver
+    fit_records = ray.get(_user_records.remote(records_path, fit_users, ["train", "valid"], cfg.storage))
     train_recs = fit_records[(fit_records["split"] == "train") & fit_records["user_id"].isin(users[chosen])]
     valid_recs = fit_records[(fit_records["split"] == "valid") & fit_records["user_id"].isin(users[valid_idx])]
     del fit_records, indexes
