@@ -42,6 +42,10 @@ class FoundationConfig:
     # share of records whose user vector is zeroed in a step: the model must learn the items' own signal, which a
     # per-user vector alone can stand in for (some seeds ended at the per-user mean's level: docs/benchmarks.md)
     user_dropout: float = 0.0
+    # one added token per train item ("<item:ID>", read before the item's text): the model learns each item as an
+    # entity, as a real LLM knows a famous title as a whole, not only from its words (what the bias baseline's
+    # per-item term has and the BPE words of a title spread over several tokens)
+    item_tokens: bool = False
 
     def __post_init__(self):
         for name in ("hidden_size", "layers", "heads", "vocab_size", "prompt_length", "epochs", "batch_size"):

@@ -239,3 +239,38 @@ def test_ctr_foundation_reads_histories_of_the_train_split_only(toy_dataset, tmp
                               TemplateConfig.for_task("ctr"), "ctr", ctr.name, root=str(tmp_path / "b"),
                               log=lambda m: None)
     assert read_card(again)["fingerprint"] == card["fingerprint"]
+
+
+def test_item_tokens_are_train_items_read_before_their_text(toy_dataset, tmp_path):
+    """`item_tokens`: one entity token per train item (none for an item only held-out records name), saved with
+    the tokenizer, placed before the item's text in every record; the item cap still holds."""
+    import dataclasses
+
+    import torch
+
+    from puma_ray.models.backbone import load_backbone
+    from puma_ray.models.prompted_lm import PromptedLM, item_token
+    from puma_ray.recipes.foundation import train_item_texts
+
+    planted = _with_sentinels(toy_dataset)
+    cfg = dataclasses.replace(SMALL, item_tokens=True)
+    folder = _pretrain(planted, str(tmp_path), cfg=cfg)
+    assert os.path.basename(folder) != os.path.basename(_pretrain(planted, str(tmp_path), cfg=SMALL))
+    backbone = load_backbone(folder)
+    vocab = backbone.tokenizer.get_added_vocab()
+    train_items = train_item_texts(planted.split("train"), planted.items)
+    assert all(item_token(i) in vocab for i in train_items) and item_token("SENTINEL") not in vocab
+    texts = dict(zip(planted.items["item_id"], planted.items["text"]))
+    template = TemplateConfig(max_item_tokens=4)
+    plm = PromptedLM(backbone, template, 1, texts)
+    plain = PromptedLM(load_backbone(_pretrain(planted, str(tmp_path), cfg=SMALL)), template, 1, texts)
+    item = next(iter(train_items))
+    fill = plm._item_fill(texts[item], vocab[item_token(item)])
+    assert fill[0] == vocab[item_token(item)] and len(fill) == 4
+    assert fill[1:] == plm._encode_fill(texts[item], 3, keep="start")
+    assert len(plm.sequence(item)) == len(plain.sequence(item))  # the entity took a text token's place
+    assert plm._item_tokens["SENTINEL"] == plm._encode_fill(texts["SENTINEL"], 4, keep="start")  # no entity
+    cached, uncached = PromptedLM(backbone, template, 1, texts), PromptedLM(backbone, template, 1, texts, 0)
+    items, prompts = [item, "SENTINEL"], torch.randn(2, 1, SMALL.hidden_size) * plm.embed_rms
+    torch.testing.assert_close(cached.label_logits(prompts, cached.encode(items)),
+                               uncached.label_logits(prompts, uncached.encode(items)), rtol=1e-4, atol=1e-5)

@@ -23,6 +23,11 @@ from puma_ray.models.backbone import Backbone, embedding_rms
 from puma_ray.models.prefix_cache import DEFAULT_PREFIX_CACHE_MIB, PrefixCache, batch_prefix, fresh_cache
 
 SLOT = -1  # marks a prompt position in a token sequence before embedding
+ITEM_TOKEN = "<item:{}>"  # a foundation's entity token of one item (FoundationConfig.item_tokens), before its text
+
+
+def item_token(item_id: str) -> str:
+    return ITEM_TOKEN.format(item_id)
 
 
 class PromptedLM:
@@ -35,8 +40,9 @@ class PromptedLM:
         self.label_ids = self._label_ids(template.labels)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
         self._parts = self._split_template(template)
-        self._item_tokens = {k: self._encode_fill(v, template.max_item_tokens, keep="start")
-                             for k, v in item_texts.items()}
+        entities = {t: i for t, i in self.tok.get_added_vocab().items() if t.startswith(ITEM_TOKEN[:6])}
+        # a tokenizer with an item's entity token (a foundation's): that token, then the text, within the cap
+        self._item_tokens = {k: self._item_fill(v, entities.get(item_token(k))) for k, v in item_texts.items()}
         self.item_texts = item_texts  # item id → text (the Ray workers rebuild the same PromptedLM from it)
         self._label_index = torch.tensor(self.label_ids)
         self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
@@ -70,6 +76,11 @@ class PromptedLM:
                     piece = piece[:-1]
                 parts.append(("text", self.tok.encode(piece, add_special_tokens=False)))
         return parts
+
+    def _item_fill(self, text: str, entity: int | None) -> list[int]:
+        if entity is None:
+            return self._encode_fill(text, self.template.max_item_tokens, keep="start")
+        return [entity] + self._encode_fill(text, self.template.max_item_tokens - 1, keep="start")
 
     def _encode_fill(self, text: str, max_tokens: int, keep: str) -> list[int]:
         ids = self.tok.encode(" " + text, add_special_tokens=False)

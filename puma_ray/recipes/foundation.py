@@ -29,7 +29,8 @@ from puma_ray.training.pretrain import pretrain
 PREFIX = "foundation:"
 CARD, FORMAT = FOUNDATION_CARD, FOUNDATION_FORMAT  # in the cache key: a recipe change here must not reuse old folders
 RECORD_COLUMNS = ["user_id", "item_id", "label", "timestamp"]
-ADDED_FIELDS = {"tie_embeddings": None, "user_dropout": 0.0}  # FoundationConfig fields newer than the cached folders
+# FoundationConfig fields newer than the cached folders: at these defaults they leave the cache key unchanged
+ADDED_FIELDS = {"tie_embeddings": None, "user_dropout": 0.0, "item_tokens": False}
 
 
 def is_foundation(name: str) -> bool:

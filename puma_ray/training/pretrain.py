@@ -15,7 +15,7 @@ from puma_ray.config import FoundationConfig, TemplateConfig
 from puma_ray.models.backbone import Backbone, embedding_rms
 from puma_ray.models.heads import make_head, task_loss
 from puma_ray.models.identity import ModelIdentity
-from puma_ray.models.prompted_lm import PromptedLM
+from puma_ray.models.prompted_lm import PromptedLM, item_token
 from puma_ray.training.cost import Cost
 from puma_ray.training.loop import EpochSteps, lr_schedule, run_epochs
 from puma_ray.training.records import RecordSet, forward_batch
@@ -27,6 +27,8 @@ def build_model(family: str, cfg: FoundationConfig, seed: int, texts: dict[str, 
 
     from puma_ray.models.tiny import build_tokenizer, family_config
     tokenizer = build_tokenizer(list(texts.values()), cfg.vocab_size)
+    if cfg.item_tokens:
+        tokenizer.add_tokens([item_token(item) for item in sorted(texts)], special_tokens=True)
     torch.manual_seed(seed)
     config = family_config(family, cfg.hidden_size, cfg.layers, len(tokenizer), cfg.heads)
     if cfg.tie_embeddings is not None:
