@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from puma_ray.artifacts.store import SHARD_DIR, StoreError, StoreWriter, encode_shard
+from puma_ray.artifacts.store import SHARD_DIR, PromptStore, StoreError, StoreWriter, check_finite, encode_shard
+from puma_ray.artifacts.store_index import sorted_member
 from puma_ray.config import EngineConfig, ModelConfig, PromptTrainConfig, TemplateConfig
 from puma_ray.errors import CheckpointError, PumaError
 from puma_ray.fs import StorageOptions, filesystem, join, pyarrow_filesystem, write_file
@@ -203,6 +204,7 @@ def _worker(cfg: dict) -> None:
     written = []
     for k, start in enumerate(range(0, n, cfg["shard_rows"])):
         ids, rows = users[start:start + cfg["shard_rows"]], prompts[start:start + cfg["shard_rows"]]
+        check_finite(ids, rows, f"store {cfg['store']}")  # here: the driver reads these shards' ids, not prompts
         data, sha = encode_shard(ids, rows)
         name = f"rank{rank:04d}-{k:05d}.parquet"
         write_file(fs, join(root, SHARD_DIR, name), data)
@@ -267,19 +269,24 @@ def train_store_on_ray(store_path: str, model: ModelConfig, fingerprint: str, id
     # every worker's shards, each user exactly once, then the head and the manifest (last)
     counted = Cost(flops_per_token=saved["cost"]["flops_per_token"])
     world = saved["world_size"]
+    # ids only: each worker checked its rows before writing, the checksums are checked by every later reader, and
+    # the driver never streams the store's prompts (a 10M-user store of a 1B model is ~80 GB)
+    reader, written = PromptStore(writer.path, _pending_manifest(writer), writer.fs, writer.root), []
     for rank in range(world):
         with fs.open(join(root, RECORDS_DIR, f"rank{rank:04d}.json"), "r") as f:
             record = json.load(f)
         for entry in record["shards"]:
-            ids, _ = _read_written_shard(writer, entry)
+            ids = reader.read_user_ids(entry)
             writer.add_shard(entry, ids)
+            written.append(ids.astype(str))
         c = Cost(**record["cost"])
         for key in ("forward_records", "backward_records", "tokens_forward", "tokens_backward"):
             setattr(counted, key, getattr(counted, key) + getattr(c, key))
-    if len(writer.seen) != len(users) or set(writer.seen) != set(users.tolist()):
-        missing = sorted(set(users.tolist()) - set(writer.seen))
-        raise StoreError(f"store {store_path}: the workers wrote {len(writer.seen)} of {len(users)} users "
-                         f"(first missing: {missing[:1]})")
+    written = np.sort(np.concatenate(written)) if written else np.array([], dtype=str)  # no duplicate: add_shard
+    if not np.array_equal(written, users):
+        missing = users[~sorted_member(written, users)]
+        raise StoreError(f"store {store_path}: the workers wrote {len(written)} of {len(users)} users "
+                         f"(first missing: {[str(u) for u in missing[:1]]})")
     from puma_ray.models.heads import head_config, make_head
     head = make_head(task)
     head.load_state_dict({k[len("best."):]: v for k, v in heads.items() if k.startswith("best.")})
@@ -289,13 +296,6 @@ def train_store_on_ray(store_path: str, model: ModelConfig, fingerprint: str, id
     counted.wall_s = wall
     return {"history": state.history, "best_epoch": state.best_epoch, "resumed_from": state.resumed_from,
             "valid": {get_task(task).primary: state.best}, "cost": counted, "manifest": manifest, "head": head}
-
-
-def _read_written_shard(writer: StoreWriter, entry: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A worker's shard, read back through the store's own checks (checksum, width, finite values)."""
-    from puma_ray.artifacts.store import PromptStore
-    reader = PromptStore(writer.path, _pending_manifest(writer), writer.fs, writer.root)
-    return reader.read_shard(entry)
 
 
 def _pending_manifest(writer: StoreWriter):
