@@ -45,7 +45,7 @@ STAGES = {
              ("contains", "_UnitActor", "conversion (Ray Data actor pool)"),
              ("startswith", "converted ", "report, Ray shutdown")),
     "lean": (("startswith", "data ", "store index, K-means sample, shard pass (actors)"),
-             ("startswith", "selection ", "fit users' prompts + records (Parquet filter)"),
+             ("startswith", "selection ", "fit users' prompts + records (Parquet filter in a Ray task)"),
              ("startswith", "fit puma", "adapter fit (Ray Train), adapter save"),
              ("startswith", "evaluate puma", "test evaluation of PUMA (actor pool)"),
              ("startswith", "evaluate source", "test evaluation of the source store (actor pool)"),

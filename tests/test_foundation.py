@@ -253,9 +253,10 @@ def test_item_tokens_are_train_items_read_before_their_text(toy_dataset, tmp_pat
     from puma_ray.recipes.foundation import train_item_texts
 
     planted = _with_sentinels(toy_dataset)
-    cfg = dataclasses.replace(SMALL, item_tokens=True)
-    folder = _pretrain(planted, str(tmp_path), cfg=cfg)
-    assert os.path.basename(folder) != os.path.basename(_pretrain(planted, str(tmp_path), cfg=SMALL))
+    assert SMALL.item_tokens  # the default
+    no_entities = dataclasses.replace(SMALL, item_tokens=False)
+    folder = _pretrain(planted, str(tmp_path), cfg=SMALL)
+    assert os.path.basename(folder) != os.path.basename(_pretrain(planted, str(tmp_path), cfg=no_entities))
     backbone = load_backbone(folder)
     vocab = backbone.tokenizer.get_added_vocab()
     train_items = train_item_texts(planted.split("train"), planted.items)
@@ -263,7 +264,7 @@ def test_item_tokens_are_train_items_read_before_their_text(toy_dataset, tmp_pat
     texts = dict(zip(planted.items["item_id"], planted.items["text"]))
     template = TemplateConfig(max_item_tokens=4)
     plm = PromptedLM(backbone, template, 1, texts)
-    plain = PromptedLM(load_backbone(_pretrain(planted, str(tmp_path), cfg=SMALL)), template, 1, texts)
+    plain = PromptedLM(load_backbone(_pretrain(planted, str(tmp_path), cfg=no_entities)), template, 1, texts)
     item = next(iter(train_items))
     fill = plm._item_fill(texts[item], vocab[item_token(item)])
     assert fill[0] == vocab[item_token(item)] and len(fill) == 4

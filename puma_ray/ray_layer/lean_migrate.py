@@ -7,7 +7,8 @@ users' prompts and records, never the records table or the prompt matrix. recipe
   2. selection K-means on a sample of the prompts in the driver; every store shard assigned, and the prompt scale
                summed, by an actor pool (the labels the in-process path computes: strategies.kmeans_labels); the
                source loss per user by the evaluation actors (the in-process sample and sums)
-  3. fits      the fit users' prompts (`StoreIndex.rows`) and records (a Parquet filter on user_id) → Ray Train;
+  3. fits      the fit users' prompts (`StoreIndex.rows`) and records (a Parquet filter on user_id, run in a Ray
+               task) → Ray Train;
                full retraining: Eq. 1 on Ray Train, each worker owning its users' prompts
   4. evaluate  every method on the test split by an actor pool (ray_layer/evaluate.py: a store, or an adapter
                mapping the source stores in the actor); the LLM-free reference rows in one Ray task

@@ -29,7 +29,8 @@ from puma_ray.training.pretrain import pretrain
 PREFIX = "foundation:"
 CARD, FORMAT = FOUNDATION_CARD, FOUNDATION_FORMAT  # in the cache key: a recipe change here must not reuse old folders
 RECORD_COLUMNS = ["user_id", "item_id", "label", "timestamp"]
-# FoundationConfig fields newer than the cached folders: at these defaults they leave the cache key unchanged
+# FoundationConfig fields newer than the cached folders: at these values they leave the cache key unchanged (the
+# folders made before item_tokens had none: a config asking for none still finds them)
 ADDED_FIELDS = {"tie_embeddings": None, "user_dropout": 0.0, "item_tokens": False}
 
 
