@@ -58,7 +58,7 @@ def _adam_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Te
         st = opt.state.get(p) or {}
         for key in ("exp_avg", "exp_avg_sq"):
             if key in st:
-                out[f"{prefix}.{i}.{key}"] = st[key].detach().to_dense().float().contiguous()
+                out[f"{prefix}.{i}.{key}"] = st[key].detach().to_dense().float().cpu().contiguous()
         if "step" in st:
             out[f"{prefix}.{i}.step"] = torch.tensor([float(st["step"])])
     return out
@@ -68,8 +68,8 @@ def _load_adam(opt: torch.optim.Optimizer, tensors: dict, prefix: str) -> None:
     for i, p in enumerate(opt.param_groups[0]["params"]):
         if f"{prefix}.{i}.exp_avg" in tensors:
             opt.state[p] = {"step": torch.tensor(float(tensors[f"{prefix}.{i}.step"][0])),
-                            "exp_avg": tensors[f"{prefix}.{i}.exp_avg"].clone(),
-                            "exp_avg_sq": tensors[f"{prefix}.{i}.exp_avg_sq"].clone()}
+                            "exp_avg": tensors[f"{prefix}.{i}.exp_avg"].to(p.device),
+                            "exp_avg_sq": tensors[f"{prefix}.{i}.exp_avg_sq"].to(p.device)}
 
 
 def _worker(cfg: dict) -> None:
@@ -91,6 +91,9 @@ def _worker(cfg: dict) -> None:
     backbone = load_backbone(m.name, m.revision, m.dtype, m.seed)
     if backbone.identity.fingerprint != cfg["fingerprint"]:
         raise RuntimeError(f"worker {rank} loaded {backbone.identity.describe()}, not the driver's model")
+    # everything on the worker's device (its GPU with engine.use_gpu): the collectives below then run on it too
+    device = rt.torch.get_device() if cfg.get("use_gpu") else torch.device("cpu")
+    backbone.model.to(device)
     plm = PromptedLM(backbone, TemplateConfig(**cfg["template"]), train.prompt_length, cfg["item_texts"],
                      m.prefix_cache_mib)
     users = np.asarray(cfg["users"], dtype=str)[rank::world]  # this worker's users: their rows live only here
@@ -105,6 +108,8 @@ def _worker(cfg: dict) -> None:
     with torch.no_grad():
         table.weight.uniform_(-train.init_scale * 3 ** 0.5, train.init_scale * 3 ** 0.5)
     head = make_head(task)
+    table.to(device)  # after both are drawn on the CPU: the same start as in process, whatever the device
+    head.to(device)
     for p in head.parameters():  # one head on every worker: rank 0's start
         dist.broadcast(p.data, 0)
     opt_prompts = torch.optim.SparseAdam(table.parameters(), lr=train.lr)
@@ -124,6 +129,7 @@ def _worker(cfg: dict) -> None:
         with torch.no_grad():
             table.weight.copy_(mine["current"])
         head.load_state_dict({k[len("current."):]: v for k, v in heads.items() if k.startswith("current.")})
+        mine["best"] = mine["best"].to(device)
         _load_adam(opt_prompts, mine, "adam")
         _load_adam(opt_head, heads, "adam")
         state = LoopState.from_json(saved["loop"], best_state={
@@ -135,7 +141,7 @@ def _worker(cfg: dict) -> None:
             list(train_set.sample(train.max_train_records, rng).batches(train.batch_size, rng))
 
     def prompts_for(idx: torch.Tensor) -> torch.Tensor:
-        return table(idx).view(-1, l, d) * scale
+        return table(idx.to(device)).view(-1, l, d) * scale
 
     def step(batch) -> tuple[float, int]:
         opt_prompts.zero_grad()
@@ -143,7 +149,7 @@ def _worker(cfg: dict) -> None:
         loss_value, tokens = 0.0, 0
         if len(batch):
             logits, tokens = forward_batch(plm, prompts_for, batch)
-            loss, _ = task_loss(task, head, logits, torch.from_numpy(batch.labels))
+            loss, _ = task_loss(task, head, logits, torch.from_numpy(batch.labels).to(device))
             loss.backward()
             loss_value = loss.item()
         for p in head.parameters():  # the head's gradient: the mean over the workers (an empty step adds zero)
@@ -154,14 +160,14 @@ def _worker(cfg: dict) -> None:
         if len(batch):
             opt_prompts.step()
             with torch.no_grad():
-                rows = torch.from_numpy(np.unique(batch.user_index))
+                rows = torch.from_numpy(np.unique(batch.user_index)).to(device)
                 table.weight[rows] = table.weight[rows].clamp(-train.clip, train.clip)
         opt_head.step()
         return loss_value, tokens
 
     def batches(epoch: int):
         mine = list(train_set.sample(train.max_train_records, rng).batches(train.batch_size, rng))
-        steps = torch.tensor([len(mine)])
+        steps = torch.tensor([len(mine)], device=device)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
         return mine + [train_set.subset(np.zeros(0, np.int64))] * (int(steps) - len(mine))
 
@@ -175,11 +181,12 @@ def _worker(cfg: dict) -> None:
 
     def on_epoch(epoch: int, state: LoopState) -> None:
         with tempfile.TemporaryDirectory() as folder:
-            save_file({"current": table.weight.detach().contiguous(), "best": state.best_state["table"].contiguous(),
+            save_file({"current": table.weight.detach().cpu().contiguous(),
+                       "best": state.best_state["table"].cpu().contiguous(),
                        **_adam_tensors(opt_prompts, "adam")}, os.path.join(folder, _rank_file(rank)))
             if rank == 0:
-                save_file({**{f"current.{k}": v.contiguous() for k, v in head.state_dict().items()},
-                           **{f"best.{k}": v.contiguous() for k, v in state.best_state["head"].items()},
+                save_file({**{f"current.{k}": v.cpu().contiguous() for k, v in head.state_dict().items()},
+                           **{f"best.{k}": v.cpu().contiguous() for k, v in state.best_state["head"].items()},
                            **_adam_tensors(opt_head, "adam")}, os.path.join(folder, HEAD_FILE))
                 with open(os.path.join(folder, STATE), "w") as f:
                     json.dump({"loop": state.to_json(), "cost": cost.state(), "world_size": world}, f)
@@ -199,7 +206,7 @@ def _worker(cfg: dict) -> None:
     state = run_epochs(steps, task, train.epochs, train.patience, cost, backward=True, log=say, state=state,
                        on_epoch=on_epoch, entry_extra={"workers": world}, log_prefix="  ")
     # this worker's users → its own shards of the store (the best epoch's rows, at the embedding scale)
-    prompts = (state.best_state["table"].reshape(n, l, d) * scale).numpy().astype(np.float32)
+    prompts = (state.best_state["table"].reshape(n, l, d) * scale).cpu().numpy().astype(np.float32)
     fs, root = filesystem(cfg["store"], cfg["storage"])
     written = []
     for k, start in enumerate(range(0, n, cfg["shard_rows"])):
@@ -239,7 +246,7 @@ def train_store_on_ray(store_path: str, model: ModelConfig, fingerprint: str, id
     loop_cfg = {"model": model, "fingerprint": fingerprint, "template": vars(template), "item_texts": item_texts,
                 "task": task, "users": users, "records": records_path, "train": train, "store": store_path,
                 "shard_rows": shard_rows, "storage": storage, "threads": engine.threads_per_worker,
-                "progress": lines.queue, "pid_dir": pid_dir}
+                "progress": lines.queue, "pid_dir": pid_dir, "use_gpu": engine.use_gpu}
     afs, apath = pyarrow_filesystem(storage_path, storage)
     trainer = TorchTrainer(
         _worker, train_loop_config=loop_cfg,
