@@ -24,6 +24,7 @@ from puma_ray.models.prefix_cache import DEFAULT_PREFIX_CACHE_MIB, PrefixCache, 
 
 SLOT = -1  # marks a prompt position in a token sequence before embedding
 ITEM_TOKEN = "<item:{}>"  # a foundation's entity token of one item (FoundationConfig.item_tokens), before its text
+ITEM_TOKEN_PREFIX = ITEM_TOKEN.split("{")[0]
 
 
 def item_token(item_id: str) -> str:
@@ -40,7 +41,7 @@ class PromptedLM:
         self.label_ids = self._label_ids(template.labels)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
         self._parts = self._split_template(template)
-        entities = {t: i for t, i in self.tok.get_added_vocab().items() if t.startswith(ITEM_TOKEN[:6])}
+        entities = {t: i for t, i in self.tok.get_added_vocab().items() if t.startswith(ITEM_TOKEN_PREFIX)}
         # a tokenizer with an item's entity token (a foundation's): that token, then the text, within the cap
         self._item_tokens = {k: self._item_fill(v, entities.get(item_token(k))) for k, v in item_texts.items()}
         self.item_texts = item_texts  # item id → text (the Ray workers rebuild the same PromptedLM from it)
