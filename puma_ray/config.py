@@ -5,6 +5,7 @@ Unknown keys are errors that name the key and the file: a typo must not silently
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,8 +79,15 @@ class ModelConfig:
     # keys/values of the template's fixed prefix kept per process (models/prefix_cache.py): a few KB for the paper's
     # wording, ~60 MB item-first on ML-100K's 2-layer foundations; 0 turns the cache off
     prefix_cache_mib: int = 1024
+    # where *this process* runs the model (Eq. 1 in process, evaluation, selection statistics, local fits): "cpu",
+    # "cuda", "cuda:N", or "auto" (cuda when torch sees one). Ray Train workers and actors place their own copies
+    # (engine.use_gpu, engine.gpus_per_actor). Prompt tables, adapters and heads stay on the CPU: per step only the
+    # batch's prompts (batch x l x d) and label logits (batch x 5) cross over
+    device: str = "cpu"
 
     def __post_init__(self):
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
+            raise ConfigError(f"model.device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         kind, _, family = self.name.partition(":")
         if kind in ("tiny", "foundation") and family not in MODEL_FAMILIES:
             raise ConfigError(f"model.name {self.name!r}: unknown family {family!r}; known: {sorted(MODEL_FAMILIES)}")

@@ -20,7 +20,8 @@ HISTORIES = [[f"i{(3 * k + j) % 12}" for j in range(k % 4)] for k in range(12)]
 def _logits_and_grad(plm: PromptedLM, prompts: torch.Tensor, histories):
     prompts = prompts.clone().requires_grad_()
     logits = plm.label_logits(prompts, plm.encode(ITEMS, histories))
-    (grad,) = torch.autograd.grad((logits * torch.linspace(-1, 1, logits.shape[1])).sum(), prompts)
+    weights = torch.linspace(-1, 1, logits.shape[1], device=logits.device)
+    (grad,) = torch.autograd.grad((logits * weights).sum(), prompts)
     return logits.detach(), grad
 
 
@@ -97,6 +98,14 @@ def test_bound_reached_computes_on_the_fly():
 def test_bfloat16_within_its_tolerance():
     _compare(load_backbone("tiny:qwen2", dtype="bfloat16"), TemplateConfig.for_task("rating", "item_first"), None,
              3e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_benchmark.sh)")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cached_equals_uncached_on_the_gpu(family):
+    """The cache built and read on the GPU in bf16 (the real-model benchmark's setting), prompts from the CPU."""
+    _compare(load_backbone(f"tiny:{family}", dtype="bfloat16", device="cuda"),
+             TemplateConfig.for_task("rating", "item_first"), None, 3e-2)
 
 
 def test_a_model_in_training_is_refused():

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from puma_ray.artifacts.store import PromptStore
 from puma_ray.data import save_dataset
@@ -92,3 +93,29 @@ def test_job_cli_subprocess(toy_paths, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["users"] == 8
     assert PromptStore.open(report["store"]).manifest.num_users == 8
+
+
+def test_model_device_is_checked_before_any_work(job, toy_paths, tmp_path, capsys):
+    """A device name torch cannot use is one `error:` line naming model.device, exit 2, nothing written."""
+    out = tmp_path / "bad-device"
+    assert job.main(_args(toy_paths, out, "model.device=gpu")) == 2
+    assert "model.device" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # a CPU build: cuda is refused with the reason, at model load
+        assert job.main(_args(toy_paths, out, "model.device=cuda", "train.epochs=1")) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
+        assert not (out / "store").exists()
+    # auto on this machine: wherever torch sees a device, and the run completes
+    assert job.main(_args(toy_paths, tmp_path / "auto", "model.device=auto", "train.epochs=1")) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_benchmark.sh)")
+def test_store_trained_on_the_gpu_matches_the_cpu(job, toy_paths, tmp_path):
+    """The model on the GPU, prompts and head on the CPU: the same store and test RMSE as all on the CPU, within
+    float32 reduction-order noise."""
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        assert job.main(_args(toy_paths, out, f"model.device={device}", "train.epochs=2", "train.batch_size=32")) == 0
+        reports[device] = json.loads((out / "report.json").read_text())
+    a, b = (reports[d]["methods"]["store"]["rmse"] for d in ("cpu", "cuda"))
+    assert abs(a - b) < 1e-3, (a, b)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from puma_ray.errors import ConfigError
 from puma_ray.models.identity import ModelIdentity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,9 +55,22 @@ def quiet_library_progress() -> None:
     hf_logging.disable_progress_bar()
 
 
+def resolve_device(device: str) -> torch.device:
+    """"auto" → cuda when torch sees a GPU, else cpu; a cuda device torch cannot see is refused here, before any
+    work, with the reason (a CPU build of torch, or no visible GPU)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device {device!r}: torch {torch.__version__} sees no CUDA device "
+                          "(a CPU build, or CUDA_VISIBLE_DEVICES hides the GPUs)")
+    return torch.device(device)
+
+
 def load_backbone(name: str, revision: str | None = None, dtype: str = "float32", seed: int = 0,
-                  cache_dir: str | None = None) -> Backbone:
-    """Loads a frozen model + tokenizer from a hub id or local folder; "tiny:<family>" builds one locally first."""
+                  cache_dir: str | None = None, device: str = "cpu") -> Backbone:
+    """Loads a frozen model + tokenizer from a hub id or local folder; "tiny:<family>" builds one locally first.
+    The model is moved to `device` (see ModelConfig.device) after its fingerprint is taken."""
+    placement = resolve_device(device)
     path = name
     if name.startswith("tiny:"):
         from puma_ray.models.tiny import ensure_tiny_model
@@ -74,6 +88,7 @@ def load_backbone(name: str, revision: str | None = None, dtype: str = "float32"
         name=name if name.startswith("tiny:") else path, family=cfg.model_type, hidden_size=cfg.hidden_size,
         fingerprint=weight_fingerprint(model), revision=revision, num_layers=cfg.num_hidden_layers,
         num_params=sum(p.numel() for p in model.parameters()))
+    model.to(placement)
     return Backbone(model=model, tokenizer=tokenizer, identity=identity)
 
 

@@ -63,9 +63,12 @@ def load_head(state: dict, config: dict) -> nn.Module:
 
 def record_losses(task: str, head: nn.Module, logits: torch.Tensor,
                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-record loss, predictions): predictions are ratings (rating) or click probabilities (ctr)."""
+    """(per-record loss, predictions): predictions are ratings (rating) or click probabilities (ctr). Computed on
+    the head's device: in process the head stays on the CPU while the model may run on a GPU (ModelConfig.device)."""
+    device = next(head.parameters()).device
+    logits = logits.to(device)
     out = head(logits)
-    labels = labels.float()
+    labels = labels.to(device).float()
     if task == "rating":
         classes = (labels.round().clamp(1, 5) - 1).long()
         loss = (MSE_WEIGHT * F.mse_loss(out, labels, reduction="none")

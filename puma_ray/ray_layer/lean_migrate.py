@@ -192,7 +192,7 @@ class _ShardPass:
 
 def _source_plm(model, store: PromptStore):
     from puma_ray.models.prompted_lm import PromptedLM
-    backbone = load_backbone(model.name, model.revision, model.dtype, model.seed)
+    backbone = load_backbone(model.name, model.revision, model.dtype, model.seed, device=model.device)
     store.check_model(backbone.identity)
     return PromptedLM(backbone, TemplateConfig(**store.manifest.template), store.manifest.prompt_length, {}, 0)
 
@@ -314,7 +314,8 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
     stores, source_backbones, source_reports = [], [], {}
     for i, src in enumerate(cfg.sources):
         path = src.store.format(output=output)
-        backbone = load_backbone(src.model.name, src.model.revision, src.model.dtype, src.model.seed)
+        backbone = load_backbone(src.model.name, src.model.revision, src.model.dtype, src.model.seed,
+                                 device=src.model.device)
         if not store_exists(path, cfg.storage):
             if src.prepare is None:
                 raise StoreError(f"source store {path} does not exist (no manifest) and sources[].prepare is not set")
@@ -384,7 +385,8 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
     train_recs = fit_records[(fit_records["split"] == "train") & fit_records["user_id"].isin(users[chosen])]
     valid_recs = fit_records[(fit_records["split"] == "valid") & fit_records["user_id"].isin(users[valid_idx])]
     del fit_records, indexes
-    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed)
+    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed,
+                           device=cfg.target.device)
     plm = PromptedLM(target, template, l, texts, cfg.target.prefix_cache_mib)
     head_state, head_cfg = stores[0].read_head()
     source_dims = [s.manifest.hidden_size for s in stores]

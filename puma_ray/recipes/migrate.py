@@ -229,7 +229,8 @@ def load_sources(cfg: MigrateJobConfig, output: str, log=print) -> Sources:
         if prepared:
             source_reports[path] = prepared
         store = PromptStore.open(path, cfg.storage)
-        backbone = load_backbone(src.model.name, src.model.revision, src.model.dtype, src.model.seed)
+        backbone = load_backbone(src.model.name, src.model.revision, src.model.dtype, src.model.seed,
+                                 device=src.model.device)
         store.check_model(backbone.identity)
         stores.append(store)
         source_backbones.append(backbone)
@@ -319,7 +320,8 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     fit_inputs = [p[fit_idx] for p in joined.prompts]
 
     # 3. target + fits
-    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed)
+    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed,
+                           device=cfg.target.device)
     plm = PromptedLM(target, template, l, texts, cfg.target.prefix_cache_mib)
     test = RecordSet.from_frame(ds.split("test"), joined.users)
     # the LLM-free predictors on the same test records: does any LLM row personalize at all?

@@ -185,7 +185,8 @@ def run_trial(ctx: SweepContext, cfg: MigrateJobConfig, setting: dict, fit_fn=fi
     cost = statistics_cost(ctx.feature_costs, sel.strategy)
     cost.wall_s += time.perf_counter() - t0
     split = split_users(sel, ctx.users, ctx.ds, chosen)
-    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed)
+    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed,
+                           device=cfg.target.device)
     plm = PromptedLM(target, ctx.template, ctx.l, ctx.texts, cfg.target.prefix_cache_mib)
     # the adapter's initial weights: the same in a fresh or a reused trial process
     mapping = PromptAdapter(ctx.source_dims, target.hidden_size, cfg.adapter, ctx.scales, plm.embed_rms,

@@ -53,7 +53,8 @@ def train_store(cfg: TrainPromptsJobConfig, ds: Dataset, store_path: str, log=pr
     """Trains every user's prompt of `ds` on cfg.model and writes the store; returns (report, result)."""
     template = task_template(cfg.template, ds.task)
     t0 = time.perf_counter()
-    backbone = load_backbone(cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.model.seed)
+    backbone = load_backbone(cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.model.seed,
+                             device=cfg.model.device)
     load_s = time.perf_counter() - t0
     log(f"model {backbone.identity.describe()}: {backbone.identity.num_params:,} parameters, loaded in {load_s:.1f}s")
     plm = PromptedLM(backbone, template, cfg.train.prompt_length, item_texts(ds), cfg.model.prefix_cache_mib)

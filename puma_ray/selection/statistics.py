@@ -85,12 +85,12 @@ def ffn_features(plm: PromptedLM, prompts: np.ndarray, layers: int = 3,
         bos = plm.tok.bos_token_id if plm.tok.bos_token_id is not None else plm.pad_id
         for i in range(0, len(prompts), batch_size):
             p = torch.from_numpy(prompts[i:i + batch_size])
-            ids = torch.full((len(p), 1), bos, dtype=torch.long)
-            emb = torch.cat([emb_layer(ids), p.to(emb_layer.weight.dtype)], dim=1)
+            ids = torch.full((len(p), 1), bos, dtype=torch.long, device=emb_layer.weight.device)
+            emb = torch.cat([emb_layer(ids), p.to(emb_layer.weight.device, emb_layer.weight.dtype)], dim=1)
             captured.clear()
             model.base_model(inputs_embeds=emb, use_cache=False)
             feats = (torch.cat(captured, dim=-1) > 0).float()
-            out.append(torch.nn.functional.normalize(feats, dim=-1).numpy())
+            out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
             cost.forward_records += len(p)
             cost.tokens_forward += int(emb.shape[0] * emb.shape[1])
     finally:
