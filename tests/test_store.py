@@ -268,11 +268,15 @@ def test_duplicate_user_across_shards_refused(tmp_path, store_inputs):
     ids[9] = ids[0]  # shard 0 holds rows 0-3, shard 2 rows 8-10
     with pytest.raises(StoreError, match=rf"user '{ids[0]}' written twice"):
         _write(s, path, user_ids=ids, shard_rows=4)
-    # and across two write() calls of one writer
+    assert not (path / MANIFEST).exists()  # refused before the manifest: the store reads as incomplete
+    # and across two write() calls of one writer: refused when it closes, before the manifest
     w = StoreWriter(str(tmp_path / "other"), s.identity, s.l, s.template, s.task)
     w.write(s.user_ids[:5], s.prompts[:5])
+    w.write(s.user_ids[4:], s.prompts[4:])
+    w.write_head(s.head_state, s.head_config)
     with pytest.raises(StoreError, match=rf"user '{s.user_ids[4]}' written twice"):
-        w.write(s.user_ids[4:], s.prompts[4:])
+        w.close()
+    assert not (tmp_path / "other" / MANIFEST).exists()
 
 
 def test_overwrite(tmp_path, store_inputs):
