@@ -22,7 +22,7 @@ from puma_ray.tasks import RATING_TEMPLATE, get_task
 class FoundationConfig:
     """How `foundation:<family>` is pretrained on the job's dataset (recipes/foundation.py). Every field, the seed,
     the template and the train records determine the weights, and so the cache folder."""
-    hidden_size: int = 64  # d: the demo's two foundations differ in width (64 vs 96), as real model generations do
+    hidden_size: int = 64  # d: the demo's two foundations differ in width (48 vs 64), as real model generations do
     layers: int = 2  # 2 layers fit a 1-minute pretraining on 2 cores; depth bought no RMSE on ML-100K (measured)
     heads: int = 4
     vocab_size: int = 4096  # BPE over templates + train item texts: most title words become one token (item identity)
