@@ -16,7 +16,8 @@ pytestmark = pytest.mark.timeout(900)
 # internal messages seen on the default run's console before (83 of its 164 lines were the first one), the token-auth
 # notice of the local cluster's node processes and Ray Data's note that we turned its progress bars off
 NOISE = ("PlacementGroupCleaner", "Warning:", "(RayTrainWorker", "(TrainController", "(SplitCoordinator",
-         "(DatasetManager", "INFO worker.py", "Token authentication", "Progress bars disabled")
+         "(DatasetManager", "INFO worker.py", "Token authentication", "Progress bars disabled",
+         "real_accelerator", "[WARNING]")  # DeepSpeed's accelerator probe, imported by save_pretrained (accelerate)
 
 
 def test_migrate_console_is_ours_and_the_rest_is_in_the_log(toy_dataset, tmp_path):
@@ -32,7 +33,10 @@ def test_migrate_console_is_ours_and_the_rest_is_in_the_log(toy_dataset, tmp_pat
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "jobs/migrate.py", "--config", str(tmp_path / "job.yaml"), "--output",
                            str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"})  # as a user's shell
+                          # as a user's shell, on a first run: an empty model cache, so the tiny models are written
+                          # (save_pretrained) by the job itself
+                          env={**{k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "DS_ACCELERATOR")},
+                               "PUMA_MODEL_CACHE": str(tmp_path / "models")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = (proc.stdout + proc.stderr).splitlines()
     noise = [line for line in console if any(marker in line for marker in NOISE)]

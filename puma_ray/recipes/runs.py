@@ -150,6 +150,7 @@ def library_logs_to_file(run_dir: str, job: str) -> str:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.captureWarnings(True)
     warnings.simplefilter("default")  # every warning once per place, into the file (not the console)
+    _import_deepspeed_logger()
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [handler]
@@ -157,6 +158,20 @@ def library_logs_to_file(run_dir: str, job: str) -> str:
     os.environ.setdefault("PUMA_RAY_LOG_TO_DRIVER", "0")
     _native_stderr_to(path)
     return path
+
+
+def _import_deepspeed_logger() -> None:
+    """DeepSpeed adds a stdout handler to its logger when first imported, and the driver imports it late and
+    indirectly (accelerate's unwrap inside every `save_pretrained`: a foundation or tiny model written on first
+    use), which would print its accelerator probe on the console. Imported here instead, so that the handlers set
+    next replace that one; DS_ACCELERATOR first, which makes the probe's "Setting accelerator to CPU" warning an
+    info record (Ray Train workers set their own, ray_layer/train.py)."""
+    import importlib.util
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed.utils.logging  # noqa: F401  (0.3 s after torch)
 
 
 def _native_stderr_to(path: str) -> None:
