@@ -37,7 +37,7 @@ if [ "${QUICK:-0}" = 1 ]; then
              experiments.shared_prompt=false)
 fi
 start=$(date +%s)
-"$PY" jobs/benchmark.py --config configs/benchmark_smollm2_gemma3_ml100k.yaml --output "$OUTPUT" "${overrides[@]}"
+"$PY" jobs/benchmark.py --config configs/benchmark_smollm2_gemma3_ml100k.yaml --output "$OUTPUT" ${overrides[@]+"${overrides[@]}"}
 wall=$(( $(date +%s) - start ))
 printf 'benchmark wall: %d min %02d s (aim: under 8 min for the whole config) -> %s\n' $((wall / 60)) $((wall % 60)) \
   "$([ $wall -lt 480 ] && echo met || echo 'not met')"
