@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from puma_ray.config import ModelConfig
 from puma_ray.errors import ConfigError
 from puma_ray.models.identity import ModelIdentity
 
@@ -90,6 +91,12 @@ def load_backbone(name: str, revision: str | None = None, dtype: str = "float32"
         num_params=sum(p.numel() for p in model.parameters()))
     model.to(placement)
     return Backbone(model=model, tokenizer=tokenizer, identity=identity)
+
+
+def load_model(model: ModelConfig) -> Backbone:
+    """The frozen model a config names, placed on its `device`: every process that runs the model itself (the
+    driver; Ray Train workers and actors load with `load_backbone` and place their own copy)."""
+    return load_backbone(model.name, model.revision, model.dtype, model.seed, device=model.device)
 
 
 def embedding_rms(model: PreTrainedModel, tokenizer=None) -> float:

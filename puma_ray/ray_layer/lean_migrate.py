@@ -34,7 +34,7 @@ from puma_ray.conversion.run import run_locally
 from puma_ray.data.parquet_reads import read_splits, read_user_records
 from puma_ray.fs import StorageOptions, is_remote
 from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
-from puma_ray.models.backbone import load_backbone
+from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import head_config
 from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.recipes.migrate import (
@@ -192,7 +192,7 @@ class _ShardPass:
 
 def _source_plm(model, store: PromptStore):
     from puma_ray.models.prompted_lm import PromptedLM
-    backbone = load_backbone(model.name, model.revision, model.dtype, model.seed, device=model.device)
+    backbone = load_model(model)
     store.check_model(backbone.identity)
     return PromptedLM(backbone, TemplateConfig(**store.manifest.template), store.manifest.prompt_length, {}, 0)
 
@@ -314,8 +314,7 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
     stores, source_backbones, source_reports = [], [], {}
     for i, src in enumerate(cfg.sources):
         path = src.store.format(output=output)
-        backbone = load_backbone(src.model.name, src.model.revision, src.model.dtype, src.model.seed,
-                                 device=src.model.device)
+        backbone = load_model(src.model)
         if not store_exists(path, cfg.storage):
             if src.prepare is None:
                 raise StoreError(f"source store {path} does not exist (no manifest) and sources[].prepare is not set")
@@ -385,8 +384,7 @@ def run_lean(cfg: MigrateJobConfig, output: str, log=print, fit_fn=None, convert
     train_recs = fit_records[(fit_records["split"] == "train") & fit_records["user_id"].isin(users[chosen])]
     valid_recs = fit_records[(fit_records["split"] == "valid") & fit_records["user_id"].isin(users[valid_idx])]
     del fit_records, indexes
-    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed,
-                           device=cfg.target.device)
+    target = load_model(cfg.target)
     plm = PromptedLM(target, template, l, texts, cfg.target.prefix_cache_mib)
     head_state, head_cfg = stores[0].read_head()
     source_dims = [s.manifest.hidden_size for s in stores]

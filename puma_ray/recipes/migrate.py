@@ -40,7 +40,7 @@ from puma_ray.conversion.run import ConvertConfig, JoinedSources, convert, join_
 from puma_ray.data import Dataset, load_dataset
 from puma_ray.fs import StorageOptions, filesystem, join
 from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
-from puma_ray.models.backbone import load_backbone
+from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import head_config, load_head, make_head
 from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.recipes.runs import provenance
@@ -229,8 +229,7 @@ def load_sources(cfg: MigrateJobConfig, output: str, log=print) -> Sources:
         if prepared:
             source_reports[path] = prepared
         store = PromptStore.open(path, cfg.storage)
-        backbone = load_backbone(src.model.name, src.model.revision, src.model.dtype, src.model.seed,
-                                 device=src.model.device)
+        backbone = load_model(src.model)
         store.check_model(backbone.identity)
         stores.append(store)
         source_backbones.append(backbone)
@@ -320,8 +319,7 @@ def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, varia
     fit_inputs = [p[fit_idx] for p in joined.prompts]
 
     # 3. target + fits
-    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed,
-                           device=cfg.target.device)
+    target = load_model(cfg.target)
     plm = PromptedLM(target, template, l, texts, cfg.target.prefix_cache_mib)
     test = RecordSet.from_frame(ds.split("test"), joined.users)
     # the LLM-free predictors on the same test records: does any LLM row personalize at all?

@@ -27,7 +27,7 @@ from puma_ray.data import Dataset
 from puma_ray.errors import SweepError
 from puma_ray.fs import is_remote
 from puma_ray.models.adapter import PromptAdapter
-from puma_ray.models.backbone import load_backbone
+from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import load_head
 from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.recipes.migrate import (
@@ -185,8 +185,7 @@ def run_trial(ctx: SweepContext, cfg: MigrateJobConfig, setting: dict, fit_fn=fi
     cost = statistics_cost(ctx.feature_costs, sel.strategy)
     cost.wall_s += time.perf_counter() - t0
     split = split_users(sel, ctx.users, ctx.ds, chosen)
-    target = load_backbone(cfg.target.name, cfg.target.revision, cfg.target.dtype, cfg.target.seed,
-                           device=cfg.target.device)
+    target = load_model(cfg.target)
     plm = PromptedLM(target, ctx.template, ctx.l, ctx.texts, cfg.target.prefix_cache_mib)
     # the adapter's initial weights: the same in a fresh or a reused trial process
     mapping = PromptAdapter(ctx.source_dims, target.hidden_size, cfg.adapter, ctx.scales, plm.embed_rms,

@@ -21,7 +21,7 @@ from puma_ray.config import (
 )
 from puma_ray.data import Dataset, load_dataset
 from puma_ray.fs import StorageOptions, join
-from puma_ray.models.backbone import load_backbone
+from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import head_config
 from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.recipes.runs import provenance
@@ -53,8 +53,7 @@ def train_store(cfg: TrainPromptsJobConfig, ds: Dataset, store_path: str, log=pr
     """Trains every user's prompt of `ds` on cfg.model and writes the store; returns (report, result)."""
     template = task_template(cfg.template, ds.task)
     t0 = time.perf_counter()
-    backbone = load_backbone(cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.model.seed,
-                             device=cfg.model.device)
+    backbone = load_model(cfg.model)
     load_s = time.perf_counter() - t0
     log(f"model {backbone.identity.describe()}: {backbone.identity.num_params:,} parameters, loaded in {load_s:.1f}s")
     plm = PromptedLM(backbone, template, cfg.train.prompt_length, item_texts(ds), cfg.model.prefix_cache_mib)
