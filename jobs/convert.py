@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="rows per adapter forward (bounds activation memory)")
     p.add_argument("--missing-policy", default="error", choices=MISSING_POLICIES,
                    help="aggregated: a user absent from one source fails the run, or goes to the rejects table")
+    p.add_argument("--max-prompt-scale", type=float, default=ConvertConfig.max_prompt_scale,
+                   help="reject (with its reason, in the rejects table) a prompt whose RMS is beyond this many x "
+                        "the adapter's source scale; 0: no check")
     p.add_argument("--overwrite", action="store_true", help="replace a finished store or another conversion")
     p.add_argument("--no-progress", action="store_true", help="no rows/s bar on stderr")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
@@ -63,7 +66,8 @@ def _convert(args, storage: StorageOptions) -> int:
         raise ConfigError("--adapter needs --source (one or more) and --output")
     cfg = ConvertConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
                         threads_per_actor=args.threads_per_actor, batch_rows=args.batch_rows,
-                        missing_policy=args.missing_policy, overwrite=args.overwrite, progress=not args.no_progress)
+                        missing_policy=args.missing_policy, max_prompt_scale=args.max_prompt_scale,
+                        overwrite=args.overwrite, progress=not args.no_progress)
     runner = run_locally
     if args.engine == "ray":
         from puma_ray.ray_layer import ensure_ray, run_on_ray

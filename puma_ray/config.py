@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -232,7 +233,7 @@ def from_dict(cls, data: dict | None, where: str):
         return data
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {shown(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
@@ -263,10 +264,10 @@ def convert_value(hint, value, where: str):
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+        raise ConfigError(f"{where} must be one of {list(args)}, got {shown(value)}")
     if origin is tuple or hint is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {shown(value)}")
         if args and args[-1] is not Ellipsis and len(args) != len(value):
             raise ConfigError(f"{where} must hold {len(args)} values, got {len(value)}")
         kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
@@ -274,22 +275,22 @@ def convert_value(hint, value, where: str):
             if args else tuple(value)
     if origin is list or hint is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {shown(value)}")
         return [convert_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {shown(value)}")
         return {k: convert_value(args[1], v, f"{where}.{k}") for k, v in value.items()} if args else dict(value)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
+        raise ConfigError(f"{where} must be true or false, got {shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
+        raise ConfigError(f"{where} must be an integer, got {shown(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return value  # an int stays an int (PEP 484's numeric tower): a budget of 1 user is not 100%
@@ -298,22 +299,83 @@ def convert_value(hint, value, where: str):
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+        raise ConfigError(f"{where} must be a number, got {shown(value)}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where} must be a string, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where} must be a string, got {type(value).__name__} {shown(value)}")
     return value
 
 
-def load_yaml(path: str) -> dict:
+# ---- bounded, one-line config reading: a config is input like any other file
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: the largest shipped config is ~3 KB; anything near this is not a config
+MAX_CONFIG_NODES = 100_000  # values after alias expansion: a YAML alias bomb expands exponentially (2.6 GB seen)
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxlevel = 60, 60, 4, 4, 3
+
+
+def shown(value) -> str:
+    """A value as an error message shows it: repr, truncated (an expanded alias bomb must not be formatted)."""
+    text = _SHOWN.repr(value)  # reprlib stops at a few items and levels: a bomb is never expanded
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _check_size(data, where: str) -> None:
+    """Refuses a document whose values, aliases expanded, exceed MAX_CONFIG_NODES (counted with a budget, so the
+    walk stops early: a bomb is never expanded)."""
+    budget, stack = MAX_CONFIG_NODES, [data]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} values once YAML aliases are expanded "
+                              "(an alias bomb?); refusing it")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return " ".join(f"{problem}{at}".split())
+
+
+def parse_yaml(text: str, where: str):
+    """`text` as YAML with the safe loader (no Python tags, no object construction), size-checked; every failure
+    is one ConfigError line naming `where` (a file, or an override)."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {path} not found") from e
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:  # the parser recurses per nesting level: "[[[[..." thousands deep
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
+    _check_size(data, where)
+    return data
+
+
+def load_yaml(path: str) -> dict:
+    """A config file: at most MAX_CONFIG_BYTES of UTF-8 text (a binary file is refused, not decoded), parsed by
+    parse_yaml; the top level must be a mapping."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder, not a YAML file") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes: not a config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): not a YAML config") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {path} holds NUL bytes: a binary file, not a YAML config")
+    data = parse_yaml(text, f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data
@@ -333,4 +395,4 @@ def to_dict(cfg):
 
 __all__ = ["ConfigError", "EngineConfig", "FoundationConfig", "ModelConfig", "DataConfig", "TemplateConfig",
            "PromptTrainConfig", "StoreConfig",
-           "StorageOptions", "from_dict", "load_yaml", "to_dict"]
+           "StorageOptions", "from_dict", "load_yaml", "parse_yaml", "shown", "to_dict"]

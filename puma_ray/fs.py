@@ -5,8 +5,11 @@ environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), which 
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
 
 import fsspec
@@ -91,20 +94,94 @@ def child(folder: str, name, what: str, error: type[Exception] = ValueError) -> 
     return join(folder, plain_name(name, what, error))
 
 
+# a temporary file of an atomic write: "<dir>/.<name>.puma-tmp-<pid>-<random>"; a kill between write and rename
+# leaves one behind, which a later run recognises as its own (never as a user's file) and removes
+TEMP_MARK = ".puma-tmp-"
+
+
+def is_temp_file(path: str) -> bool:
+    """A leftover temporary file of our own atomic write (what a rerun may remove: we wrote it)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.startswith(".") and TEMP_MARK in name
+
+
+def is_local_fs(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def _named(e: OSError, path: str) -> OSError:
+    """The same error, naming `path` (the file the user knows, not a temporary name)."""
+    return OSError(e.errno, e.strerror or str(e), path)
+
+
 def write_file(fs, path: str, data: bytes) -> None:
-    """Writes a whole file; a failure (full disk, size limit, permissions) is an OSError naming the file it hit
-    (what a job prints as its one error line)."""
+    """Writes a whole file atomically: readers see the old file (or none) or the whole new one, never a part.
+
+    Locally: a temporary name in the same folder, flush + fsync, rename over `path` (a full disk or a kill leaves
+    at most a temporary file, never a truncated manifest or progress record); object stores are atomic per object
+    already. A failure (full disk, size limit, permissions) is an OSError naming `path`: what a job prints as its
+    one error line."""
+    if not is_local_fs(fs):
+        try:
+            with fs.open(path, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise _named(e, path) from e
+        return
+    local = os.path.abspath(path.removeprefix("file://"))
+    folder, name = os.path.split(local)
+    tmp = os.path.join(folder, f".{name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with fs.open(path, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, local)
     except OSError as e:
-        if e.filename is None:
-            raise OSError(e.errno, e.strerror or str(e), path) from e
-        raise
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # ours: the temporary file this call created
+        raise _named(e, path) from e
+    with contextlib.suppress(OSError):  # the rename itself durable: fsync the folder (not possible everywhere)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json(fs, path: str, data, indent: int | None = 1) -> None:
+    """A JSON document written atomically (write_file), credentials masked: every record, manifest and report."""
+    write_file(fs, path, json.dumps(redact(data), indent=indent, default=str).encode())
+
+
+def read_json(fs, path: str, what: str, error: type[Exception] = ValueError):
+    """A JSON document we wrote, read back; an unreadable one (truncated by an older version's non-atomic write,
+    or not JSON at all) is one `error` naming `what`, never a JSONDecodeError traceback."""
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what}: unreadable JSON ({type(e).__name__}: {e})") from None
 
 
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
+
+
+def location(path: str) -> str:
+    """A comparable form of a folder: the real absolute path locally, the URL without its trailing / remotely."""
+    if is_remote(path):
+        return path.replace("s3a://", "s3://", 1).rstrip("/")
+    return os.path.realpath(os.path.abspath(path.removeprefix("file://")))
+
+
+def relation(inner: str, outer: str) -> str | None:
+    """How folder `inner` stands to folder `outer`: "is", "contains" (outer sits inside it), "is inside", or
+    None when they are apart. What every output check uses: an output never overlaps what it reads."""
+    a, b = location(inner), location(outer)
+    return ("is" if a == b else "contains" if b.startswith(a + "/") else "is inside" if a.startswith(b + "/")
+            else None)
 
 
 def pyarrow_filesystem(path: str, storage: StorageOptions | None = None):

@@ -9,14 +9,15 @@ import os
 import tempfile
 from dataclasses import asdict
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from puma_ray import __version__
 from puma_ray.artifacts.formats import ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_HEAD, ADAPTER_WEIGHTS, check_format
 from puma_ray.config import from_dict
 from puma_ray.errors import AdapterError
-from puma_ray.fs import StorageOptions, filesystem, join, redact
+from puma_ray.fs import StorageOptions, filesystem, join, write_file, write_json
 from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
 from puma_ray.models.heads import load_head
 
@@ -29,18 +30,14 @@ def save_adapter(folder: str, adapter: PromptAdapter, head: nn.Module, head_cfg:
     + adapter.safetensors + head.safetensors (the target head trained alongside). Config last: it marks done."""
     fs, root = filesystem(folder, storage)
     fs.makedirs(root, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:  # safetensors writes files; copy them through fsspec
-        for name, tensors in ((WEIGHTS_FILE, adapter.state_dict()), (HEAD_FILE, head.state_dict())):
-            local = os.path.join(tmp, name)
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, local)
-            fs.put(local, join(root, name))
+    for name, tensors in ((WEIGHTS_FILE, adapter.state_dict()), (HEAD_FILE, head.state_dict())):
+        write_file(fs, join(root, name), save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
     config = {
         "format": ADAPTER_FORMAT, "package": f"puma_ray {__version__}",
         "architecture": asdict(adapter.cfg), "source_dims": adapter.source_dims, "target_dim": adapter.target_dim,
         "num_parameters": num_parameters(adapter), "head": head_cfg, **meta,
     }
-    with fs.open(join(root, CONFIG_FILE), "w") as f:
-        json.dump(redact(config), f, indent=1, default=str)
+    write_json(fs, join(root, CONFIG_FILE), config)  # last, atomically: marks the adapter complete
     return folder
 
 

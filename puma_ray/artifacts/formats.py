@@ -27,7 +27,8 @@ CONVERSION_REJECTS_DIR = "rejects"
 
 # ---- serving export (artifacts/serving.py)
 SERVING_FORMAT = "puma_ray.serving/1"
-SERVING_EXPORT = "export.json"
+SERVING_EXPORT = "export.json"  # written last: lists every file of the export
+SERVING_EXPORT_PENDING = "_export_pending.json"  # written first, removed last: an interrupted export's file names
 
 # ---- foundation model folder (recipes/foundation.py): in the cache key, so a recipe change never reuses a folder
 FOUNDATION_FORMAT = "puma-foundation/2"

@@ -26,7 +26,8 @@ from safetensors.torch import save as st_save
 from puma_ray import __version__
 from puma_ray.artifacts.formats import STORE_FORMAT_VERSION, STORE_HEAD, STORE_MANIFEST, STORE_SHARD_DIR, sha256_hex
 from puma_ray.errors import StoreError
-from puma_ray.fs import StorageOptions, child, filesystem, join, plain_name, redact, write_file
+from puma_ray.fs import StorageOptions, child, filesystem, join, plain_name, read_json, write_file, write_json
+from puma_ray.ids import check_id_column, check_ids
 from puma_ray.models.identity import ModelIdentity
 
 FORMAT_VERSION, MANIFEST, HEAD, SHARD_DIR = STORE_FORMAT_VERSION, STORE_MANIFEST, STORE_HEAD, STORE_SHARD_DIR
@@ -97,12 +98,40 @@ def encode_head(state_dict: dict[str, torch.Tensor], head_config: dict, model: M
 def write_manifest(fs, root: str, manifest: Manifest) -> None:
     """The last write of every store: before it exists, readers refuse the store as incomplete."""
     manifest.created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    with fs.open(join(root, MANIFEST), "w") as f:
-        json.dump(redact(asdict(manifest)), f, indent=1, default=str)
+    write_json(fs, join(root, MANIFEST), asdict(manifest))  # atomic: a full disk never leaves half a manifest
 
 
 def finite_rows(prompts: np.ndarray) -> np.ndarray:
     return np.isfinite(prompts.reshape(len(prompts), -1)).all(axis=1)
+
+
+# A prompt whose RMS is this many times off its reference scale (either way) is rejected as out of scale. Why
+# 100: a store's Eq. 1 prompts sit within a few x of each other (they start at the embedding scale and move
+# little), while a prompt scaled by a bug upstream (x1e6, x1e30) would otherwise be converted without a word
+# and, before the adapter's scale was a robust statistic, shrank every other user's input to ~0.
+PROMPT_SCALE_BOUND = 100.0
+
+
+def rms_per_user(prompts: np.ndarray) -> np.ndarray:
+    """(n,) root mean square of each user's (l, d) prompt, in float64 (a 1e30 prompt squared stays finite)."""
+    flat = prompts.reshape(len(prompts), -1).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.sqrt(np.mean(flat * flat, axis=1)) if flat.shape[1] else np.zeros(len(prompts))
+
+
+def out_of_scale_rows(prompts: np.ndarray, reference: float, bound: float = PROMPT_SCALE_BOUND) -> np.ndarray:
+    """(n,) True where a user's prompt RMS is more than `bound` x above or below `reference` (a non-finite
+    prompt is not flagged here: finite_rows names that reason). `bound` <= 0 turns the check off."""
+    if bound <= 0 or not np.isfinite(reference) or reference <= 0:
+        return np.zeros(len(prompts), bool)
+    rms = rms_per_user(prompts)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(rms) & ((rms > reference * bound) | (rms < reference / bound))
+
+
+def scale_reason(source: str, bound: float) -> str:
+    """The rejects table's reason for an out-of-scale prompt: one string per source (reasons are counted)."""
+    return f"prompt out of scale in source {source} (RMS beyond {bound:g}x the reference scale)"
 
 
 def check_finite(user_ids, prompts: np.ndarray, where: str) -> None:
@@ -110,6 +139,13 @@ def check_finite(user_ids, prompts: np.ndarray, where: str) -> None:
     if bad.any():
         raise StoreError(f"{where}: non-finite prompt for user {str(np.asarray(user_ids)[bad][0])!r} "
                          f"({int(bad.sum())} user(s) in all)")
+
+
+def _readable_manifest(fs, path: str) -> bool:
+    try:
+        return isinstance(read_json(fs, path, path, StoreError), dict)
+    except StoreError:
+        return False
 
 
 class StoreWriter:
@@ -123,6 +159,11 @@ class StoreWriter:
         self.path, self.model, self.l, self.template, self.task = path, model, prompt_length, template, task
         self.shard_rows, self.lineage, self.provenance = shard_rows, lineage or {}, provenance or {}
         self.fs, self.root = filesystem(path, storage)
+        if self.fs.exists(join(self.root, MANIFEST)) and not _readable_manifest(self.fs, join(self.root, MANIFEST)):
+            # a partial manifest an older (non-atomic) version left at a full disk: the store was never complete
+            print(f"store {path}: {MANIFEST} is unreadable (a partial write of an earlier run); treated as absent "
+                  "and the store written anew")
+            self.fs.rm(join(self.root, MANIFEST))
         if self.fs.exists(join(self.root, MANIFEST)):
             if not overwrite:
                 raise StoreError(f"store {path} already exists (has {MANIFEST}); pass overwrite to replace it")
@@ -143,6 +184,7 @@ class StoreWriter:
         if prompts.ndim != 3 or prompts.shape[1:] != (self.l, self.model.hidden_size):
             raise StoreError(f"store {self.path}: prompts of shape {prompts.shape[1:]} do not match "
                              f"(l={self.l}, d={self.model.hidden_size}) of {self.model.describe()}")
+        check_ids(user_ids, "user id", f"store {self.path}", StoreError)  # before numpy drops a trailing NUL
         user_ids = np.asarray(user_ids).astype(str)
         for start in range(0, len(user_ids), self.shard_rows):
             stop = start + self.shard_rows
@@ -150,6 +192,7 @@ class StoreWriter:
 
     def write_shard(self, user_ids, prompts: np.ndarray, name: str | None = None) -> dict:
         name = name or f"part-{len(self.shards):05d}.parquet"
+        check_ids(user_ids, "user id", f"store {self.path} shard {name}", StoreError)
         user_ids = np.asarray(user_ids).astype(str)
         check_finite(user_ids, prompts, f"store {self.path}")
         self._register(user_ids)
@@ -219,8 +262,9 @@ class PromptStore:
             with fs.open(mpath, "r") as f:
                 raw = json.load(f)
             manifest = Manifest(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise StoreError(f"store {path}: unreadable {MANIFEST}: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise StoreError(f"store {path}: unreadable {MANIFEST} ({type(e).__name__}: {e}); an interrupted "
+                             "write of an older puma_ray, or not a store") from None
         if manifest.format_version > FORMAT_VERSION:
             raise StoreError(f"store {path}: format {manifest.format_version} is newer than this package reads "
                              f"({FORMAT_VERSION})")
@@ -257,6 +301,7 @@ class PromptStore:
             raise StoreError(f"{where}: prompt width {getattr(col.type, 'list_size', col.type)} != l*d = {l * d}")
         if table.num_rows != entry["rows"]:
             raise StoreError(f"{where}: {table.num_rows} rows, manifest says {entry['rows']}")
+        check_id_column(table.column("user_id"), "user id", where, StoreError)
         user_ids = _id_array(table.column("user_id"))
         prompts = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, l, d)
         if finite:
@@ -279,7 +324,9 @@ class PromptStore:
         """Only the user_id column of one shard (parquet reads that column alone): cheap planning and checks."""
         with self.fs.open(child(join(self.root, SHARD_DIR), entry["name"], f"store {self.path} shards",
                                 StoreError), "rb") as f:
-            return _id_array(pq.read_table(f, columns=["user_id"]).column("user_id"))
+            column = pq.read_table(f, columns=["user_id"]).column("user_id")
+        check_id_column(column, "user id", f"store {self.path} shard {entry['name']}", StoreError)
+        return _id_array(column)
 
     def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for entry in self.manifest.shards:

@@ -24,6 +24,9 @@ class ConvertConfig:
     # jobs/migrate.py's last stage: "engine" = the actor pool when the engine is Ray; "local" = this process
     # (a demo's thousand users convert in well under a second, less than an actor pool takes to start)
     runs_on: Literal["engine", "local"] = "engine"
+    # a prompt whose RMS is beyond this many x the adapter's source scale (either way) goes to the rejects table
+    # with its reason instead of being converted; 0 turns the check off (see artifacts/store.PROMPT_SCALE_BOUND)
+    max_prompt_scale: float = 100.0
 
     def __post_init__(self):
         if self.actors < 1:
@@ -32,6 +35,8 @@ class ConvertConfig:
             raise ConfigError("convert.cpus_per_actor must be > 0 and convert.gpus_per_actor >= 0")
         if self.threads_per_actor < 1 or self.batch_rows < 1:
             raise ConfigError("convert.threads_per_actor and convert.batch_rows must be >= 1")
+        if not self.max_prompt_scale >= 0:
+            raise ConfigError(f"convert.max_prompt_scale must be >= 0 (0: no check), got {self.max_prompt_scale}")
 
 
 @dataclass
@@ -47,4 +52,5 @@ class ConversionPlan:
     provenance: dict = field(default_factory=dict)
 
     def where(self) -> dict:
-        return {"adapter": self.adapter, "sources": self.sources, "target": self.target}
+        return {"adapter": self.adapter, "sources": self.sources, "target": self.target,
+                "max_prompt_scale": self.identity.get("max_prompt_scale", 0.0)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -24,7 +24,15 @@ from safetensors.torch import load as safetensors_load
 
 from puma_ray.artifacts.adapter_io import CONFIG_FILE, HEAD_FILE, WEIGHTS_FILE, check_sources
 from puma_ray.artifacts.formats import ADAPTER_FORMAT, check_format
-from puma_ray.artifacts.store import MANIFEST, Manifest, PromptStore, StoreError
+from puma_ray.artifacts.store import (
+    MANIFEST,
+    PROMPT_SCALE_BOUND,
+    Manifest,
+    PromptStore,
+    StoreError,
+    out_of_scale_rows,
+    rms_per_user,
+)
 from puma_ray.conversion.plan import MISSING_POLICIES, ConversionPlan, ConvertConfig
 from puma_ray.conversion.units import UnitConverter, finalize, prepare_output, read_bytes, sha256_hex
 from puma_ray.errors import AdapterError
@@ -37,10 +45,15 @@ class JoinedSources:
     users: np.ndarray  # sorted ids present in every source
     prompts: list[np.ndarray]  # per source, (n, l, d_s) aligned with users
     dropped: dict[str, int]  # source path -> users it lacked (policy "reject")
+    # source path -> users whose prompt is out of scale there (left out of selection, fit and evaluation; the
+    # conversion rejects them with the reason): one user's bad prompt never moves the others' statistics
+    out_of_scale: dict[str, list[str]] = field(default_factory=dict)
 
 
-def join_sources(stores: list[PromptStore], policy: str = "error") -> JoinedSources:
-    """Every source read into memory and aligned on user_id: what fitting needs (conversion streams instead)."""
+def join_sources(stores: list[PromptStore], policy: str = "error",
+                 scale_bound: float = PROMPT_SCALE_BOUND) -> JoinedSources:
+    """Every source read into memory and aligned on user_id: what fitting needs (conversion streams instead).
+    Users whose prompt RMS is beyond `scale_bound` x their store's median user RMS are left out (`out_of_scale`)."""
     if policy not in MISSING_POLICIES:
         raise ValueError(f"missing-user policy must be one of {MISSING_POLICIES}, got {policy!r}")
     _check_prompt_lengths(stores)
@@ -58,7 +71,18 @@ def join_sources(stores: list[PromptStore], policy: str = "error") -> JoinedSour
         raise StoreError("the source stores share no user: nothing to convert ("
                          + ", ".join(s.path for s in stores) + ")")
     aligned = [prompts[np.searchsorted(ids, common)] for ids, prompts in tables]
-    return JoinedSources(common, aligned, dropped)
+    keep, out_of_scale = np.ones(len(common), bool), {}
+    for store, prompts in zip(stores, aligned):
+        rms = rms_per_user(prompts)
+        # the store's own median user RMS: a robust reference that no single user can move
+        bad = out_of_scale_rows(prompts, float(np.median(rms[np.isfinite(rms)])) if np.isfinite(rms).any()
+                                else 0.0, scale_bound)
+        if bad.any():
+            out_of_scale[store.path] = common[bad].tolist()
+            keep &= ~bad
+    if not keep.all():
+        common, aligned = common[keep], [p[keep] for p in aligned]
+    return JoinedSources(common, aligned, dropped, out_of_scale)
 
 
 def _missing_message(user, store_path: str, count: int) -> str:
@@ -118,6 +142,7 @@ def plan_conversion(adapter_path: str, source_paths: list[str], target_path: str
         "sources": [{"store": s.path, "manifest_sha256": sha256_hex(read_bytes(s.fs, join(s.root, MANIFEST)))}
                     for s in stores],
         "missing_policy": cfg.missing_policy,
+        "max_prompt_scale": cfg.max_prompt_scale,  # part of what the output is: another bound, another output
     }
     lineage = {"kind": "migrated", "adapter": adapter_path,
                "sources": [{"store": s.path, "model": s.manifest.model, "lineage": s.manifest.lineage}

@@ -34,10 +34,23 @@ from puma_ray.artifacts.store import (
     encode_head,
     encode_shard,
     finite_rows,
+    out_of_scale_rows,
+    scale_reason,
     write_manifest,
 )
 from puma_ray.conversion.plan import ConversionPlan, ConvertConfig
-from puma_ray.fs import StorageOptions, filesystem, is_remote, join, plain_name, redact, write_file
+from puma_ray.fs import (
+    StorageOptions,
+    filesystem,
+    is_temp_file,
+    join,
+    plain_name,
+    read_json,
+    redact,
+    relation,
+    write_file,
+    write_json,
+)
 from puma_ray.models.adapter import PromptAdapter
 from puma_ray.models.identity import ModelIdentity
 
@@ -68,7 +81,7 @@ def _rejects_table(user_ids: list, reasons: list) -> bytes:
     buf = io.BytesIO()
     pq.write_table(pa.table({"user_id": pa.array([str(u) for u in user_ids], pa.string()),
                              "reason": pa.array(reasons, pa.string())}), buf)
-    return buf.getvalue()
+    return buf.getvalue()  # bytes: written atomically by write_file
 
 
 class UnitConverter:
@@ -76,13 +89,17 @@ class UnitConverter:
 
     def __init__(self, where: dict, storage: StorageOptions | None, batch_rows: int, threads: int = 1,
                  device: str | None = None):
-        """where: the plan's {"adapter", "sources", "target"} (paths only: cheap to ship to every actor)."""
+        """where: the plan's {"adapter", "sources", "target", "max_prompt_scale"} (paths and the bound: cheap to
+        ship to every actor)."""
         torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.adapter = load_adapter(where["adapter"], storage)[0].to(self.device)
         self.sources = [PromptStore.open(p, storage) for p in where["sources"]]
         self.fs, self.root = filesystem(where["target"], storage)
         self.batch_rows = batch_rows
+        # each source's reference scale: the RMS the adapter normalises that source by (fixed at fit time)
+        self.references = [float(s) for s in self.adapter.source_scales.cpu()]
+        self.scale_bound = float(where.get("max_prompt_scale", 0.0))
         self.hooks = _FaultHooks.from_env()
 
     def _aligned(self, unit: dict) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
@@ -90,8 +107,9 @@ class UnitConverter:
         ("" when it can)."""
         ids, first = self.sources[0].read_shard(unit["parts"][0][0], finite=False)
         reasons = np.where(finite_rows(first), "", f"non-finite prompt in source {self.sources[0].path}")
+        reasons = self._scale_reasons(reasons, first, 0)
         prompts = [first]
-        for store, entries in zip(self.sources[1:], unit["parts"][1:]):
+        for i, (store, entries) in enumerate(zip(self.sources[1:], unit["parts"][1:]), start=1):
             read = [store.read_shard(e, finite=False) for e in entries]
             l, d = store.prompt_shape
             their_ids = np.concatenate([r[0] for r in read]) if read else np.array([], dtype=str)
@@ -102,8 +120,14 @@ class UnitConverter:
             reasons = np.where((reasons == "") & (pos < 0), f"missing from source {store.path}", reasons)
             reasons = np.where((reasons == "") & ~finite_rows(aligned),
                                f"non-finite prompt in source {store.path}", reasons)
+            reasons = self._scale_reasons(reasons, aligned, i)
             prompts.append(aligned)
         return ids, prompts, reasons.astype(object)  # object: a reason may be longer than the first one set
+
+    def _scale_reasons(self, reasons: np.ndarray, prompts: np.ndarray, source: int) -> np.ndarray:
+        """Marks users not yet rejected whose prompt is out of scale for the adapter (see PROMPT_SCALE_BOUND)."""
+        bad = out_of_scale_rows(prompts, self.references[source], self.scale_bound)
+        return np.where((reasons == "") & bad, scale_reason(self.sources[source].path, self.scale_bound), reasons)
 
     def __call__(self, unit: dict) -> dict:
         self.hooks.on_unit()
@@ -133,8 +157,8 @@ class UnitConverter:
             raise StoreError(f"unit {name}: {record['rows']} converted + {record['rejects']} rejected "
                              f"!= {record['source_rows']} source rows")
         record.update(started_at=started, finished_at=time.time())  # wall clock: units run in other processes
-        with self.fs.open(join(self.root, PROGRESS_DIR, name + ".json"), "w") as f:  # last: marks the unit done
-            json.dump(record, f)
+        # last, atomically: marks the unit done (a full disk leaves no record, so the unit is redone)
+        write_json(self.fs, join(self.root, PROGRESS_DIR, name + ".json"), record, indent=None)
         return record
 
 
@@ -158,23 +182,13 @@ class _FaultHooks:
 
 
 # ---------------------------------------------------------------------------------------------- output state
-def _location(path: str) -> str:
-    """A comparable form of a folder: the real absolute path locally, the URL without its trailing / remotely."""
-    if is_remote(path):
-        return path.replace("s3a://", "s3://", 1).rstrip("/")
-    return os.path.realpath(os.path.abspath(path.removeprefix("file://")))
-
-
 def check_output_location(plan: ConversionPlan) -> None:
     """The output may not be, contain or sit inside a source store or the adapter: a conversion that writes
     there would overwrite (or, with overwrite, delete) what it reads."""
-    out = _location(plan.target)
     for kind, path in [*(("source store", s) for s in plan.sources), ("adapter", plan.adapter)]:
-        other = _location(path)
-        relation = ("is" if out == other else "contains" if other.startswith(out + "/")
-                    else "is inside" if out.startswith(other + "/") else None)
-        if relation:
-            raise StoreError(f"output {plan.target} {relation} the {kind} {path}: write the target store to a "
+        how = relation(plan.target, path)
+        if how:
+            raise StoreError(f"output {plan.target} {how} the {kind} {path}: write the target store to a "
                              "folder of its own (a new or empty one)")
 
 
@@ -187,10 +201,10 @@ def _our_files(fs, root: str, plan: ConversionPlan, present: set[str]) -> set[st
     names = {u["name"] for u in plan.units}
     progress = join(root, PROGRESS_DIR) + "/"
     names |= {p[len(progress):-len(".json")] for p in present if p.startswith(progress) and p.endswith(".json")}
-    if join(root, MANIFEST) in present:
-        with fs.open(join(root, MANIFEST), "r") as f:
-            manifest = json.load(f)
-        names.update(e.get("name") for e in manifest.get("shards", []) if isinstance(e, dict))
+    manifest = _readable(fs, join(root, MANIFEST), f"output {plan.target}") if join(root, MANIFEST) in present \
+        else None
+    if isinstance(manifest, dict) and isinstance(manifest.get("shards"), list):
+        names.update(e.get("name") for e in manifest["shards"] if isinstance(e, dict))
     for name in names:
         plain_name(name, f"output {plan.target}", StoreError)
         ours |= {join(root, SHARD_DIR, name), join(root, REJECTS_DIR, name), join(root, PROGRESS_DIR, name + ".json")}
@@ -199,6 +213,17 @@ def _our_files(fs, root: str, plan: ConversionPlan, present: set[str]) -> set[st
 
 def _files_under(fs, root: str) -> set[str]:
     return {p.rstrip("/") for p in fs.find(root)} if fs.exists(root) else set()
+
+
+def _readable(fs, path: str, where: str, log=print):
+    """A JSON file of our own, or None when it is unreadable: a partial file an older (non-atomic) version left
+    behind at a full disk or a kill is treated as absent and redone, with one line saying so."""
+    try:
+        return read_json(fs, path, where, StoreError)
+    except StoreError:
+        log(f"{where}: {path.rsplit('/', 1)[-1]} is unreadable (a partial write of an earlier run); treated as "
+            "absent and redone")
+        return None
 
 
 def prepare_output(plan: ConversionPlan, cfg: ConvertConfig, storage=None) -> tuple[list[dict], list[dict]] | None:
@@ -211,18 +236,27 @@ def prepare_output(plan: ConversionPlan, cfg: ConvertConfig, storage=None) -> tu
     check_output_location(plan)
     fs, root = filesystem(plan.target, storage)
     present = _files_under(fs, root)
+    for leftover in sorted(p for p in present if is_temp_file(p)):
+        fs.rm(leftover)  # a temporary file of our own atomic write, left by a kill or a full disk: ours to remove
+    present = {p for p in present if not is_temp_file(p)}
     previous = None
     if present and join(root, IDENTITY_FILE) not in present:
         raise StoreError(f"output {plan.target} exists and holds files puma_ray did not write there (e.g. "
                          f"{sorted(present)[0]}); choose a new or empty folder")
     if present:
-        with fs.open(join(root, IDENTITY_FILE), "r") as f:
-            previous = json.load(f)
+        previous = _readable(fs, join(root, IDENTITY_FILE), f"output {plan.target}")
         foreign = present - _our_files(fs, root, plan, present)
         if foreign:
             raise StoreError(f"output {plan.target} holds {sorted(foreign)[0]}, which its conversion state does not "
                              f"name ({len(foreign)} such file(s)); move it away or choose another folder")
-    complete = join(root, MANIFEST) in present
+    complete = join(root, MANIFEST) in present and _readable(fs, join(root, MANIFEST), f"output {plan.target}",
+                                                              log=lambda _: None) is not None
+    if previous is None and present:
+        # the identity file is written before any unit: when it is unreadable no unit of this output can be
+        # trusted to belong to this conversion; every file present is ours (checked above), so all are redone
+        for path in sorted(present, key=lambda p: p != join(root, MANIFEST)):
+            fs.rm(path)
+        present = set()
     identity = redact(plan.identity)  # as written: the file holds no credential
     if not cfg.overwrite and present:
         if previous != identity:
@@ -236,8 +270,7 @@ def prepare_output(plan: ConversionPlan, cfg: ConvertConfig, storage=None) -> tu
             fs.rm(path)
     for sub in (SHARD_DIR, REJECTS_DIR, PROGRESS_DIR):
         fs.makedirs(join(root, sub), exist_ok=True)
-    with fs.open(join(root, IDENTITY_FILE), "w") as f:
-        json.dump(identity, f, indent=1)
+    write_json(fs, join(root, IDENTITY_FILE), identity)
     if plan.extra_users:
         reason = f"missing from source {plan.sources[0]}"
         write_file(fs, join(root, REJECTS_DIR, "_extra.parquet"),
@@ -263,9 +296,10 @@ def _finished_units(fs, root: str) -> dict[str, dict]:
     sizes = {os.path.basename(e["name"]): e["size"] for e in _listing(fs, join(root, SHARD_DIR), True)}
     finished = {}
     for entry in _listing(fs, join(root, PROGRESS_DIR), False):
-        with fs.open(entry, "r") as f:
-            record = json.load(f)
-        if sizes.get(record["name"]) == record["bytes"]:
+        if is_temp_file(entry):
+            continue
+        record = _readable(fs, entry, f"conversion progress {entry}")
+        if isinstance(record, dict) and sizes.get(record.get("name")) == record.get("bytes"):
             finished[record["name"]] = record
     return finished
 

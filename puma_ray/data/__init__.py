@@ -5,7 +5,7 @@ import numpy as np
 
 from puma_ray.config import DataConfig, from_dict
 from puma_ray.errors import ConfigError
-from puma_ray.fs import StorageOptions, is_remote
+from puma_ray.fs import StorageOptions, is_remote, pyarrow_filesystem
 
 from .records import DataError, Dataset, validate
 
@@ -65,22 +65,31 @@ def load_dataset(cfg: DataConfig, storage: StorageOptions | None = None) -> Data
         from .synthetic import read_synthetic
         ds = read_synthetic(*_need(cfg, "folder"), storage_options=so)
     elif cfg.name == "parquet":
-        ds = _load_parquet(cfg, so)
+        ds = _load_parquet(cfg, storage)
     else:
         raise DataError(f"unknown data.name {cfg.name!r}; known: {list(LOADERS)}")
     return limit_users(ds, cfg.max_users)
 
 
-def _load_parquet(cfg: DataConfig, so: dict) -> Dataset:
+def _load_parquet(cfg: DataConfig, storage: StorageOptions | None) -> Dataset:
     """records + items already in the contract's Parquet form (e.g. written by `save_dataset`), local or s3://."""
-    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from puma_ray.ids import check_id_column
     records_path, items_path = _need(cfg, "records", "items")
-    try:
-        # S3 options only for s3:// paths: pandas refuses storage_options for a local file
-        records = pd.read_parquet(records_path, storage_options=(so or None) if is_remote(records_path) else None)
-        items = pd.read_parquet(items_path, storage_options=(so or None) if is_remote(items_path) else None)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read parquet data {records_path} / {items_path}: {e}") from e
+    frames = []
+    for path in (records_path, items_path):
+        fs, inner = pyarrow_filesystem(path, storage)  # S3 options only for s3:// paths
+        try:
+            table = pq.read_table(inner, filesystem=fs)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise DataError(f"cannot read parquet data {path}: {e}") from e
+        for column in ("user_id", "item_id"):  # before pandas: invalid UTF-8 would be a traceback there
+            if column in table.column_names:
+                check_id_column(table.column(column), column, f"parquet data {path}", DataError)
+        frames.append(table.to_pandas())
+    records, items = frames
     task = cfg.options.get("task", "rating")
     return validate(Dataset(records, items, task, cfg.options.get("name", "parquet"),
                             {"records": records_path, "items": items_path}), records_path)
@@ -90,13 +99,13 @@ def save_dataset(ds: Dataset, folder: str, storage: StorageOptions | None = None
     """Writes records.parquet + items.parquet under folder (local or s3://); returns data.paths for the config."""
     import os
 
-    from puma_ray.fs import is_remote, join
-    so = (storage or StorageOptions()).fsspec_kwargs() or None
+    from puma_ray.fs import filesystem, join, write_file
     if not is_remote(folder):
         os.makedirs(folder, exist_ok=True)
     paths = {"records": join(folder, "records.parquet"), "items": join(folder, "items.parquet")}
-    ds.records.to_parquet(paths["records"], index=False, storage_options=so)
-    ds.items.to_parquet(paths["items"], index=False, storage_options=so)
+    for frame, path in ((ds.records, paths["records"]), (ds.items, paths["items"])):
+        fs, inner = filesystem(path, storage)
+        write_file(fs, inner, frame.to_parquet(index=False))  # bytes, written atomically
     return paths
 
 

@@ -9,7 +9,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from puma_ray.errors import DataError
 from puma_ray.fs import StorageOptions, pyarrow_filesystem
+from puma_ray.ids import check_id_column
+
+
+def _checked(table, path: str):
+    """The table after its id columns passed the id rules (before pandas, where bad UTF-8 is a traceback)."""
+    for column in ("user_id", "item_id"):
+        if column in table.column_names:
+            check_id_column(table.column(column), column, f"records {path}", DataError)
+    return table
 
 
 def read_user_records(records_path: str, users: np.ndarray, splits: list[str],
@@ -24,7 +34,7 @@ def read_user_records(records_path: str, users: np.ndarray, splits: list[str],
     columns = [c for c in ("user_id", "item_id", "label", "history", "split") if c in dataset.schema.names]
     table = dataset.to_table(columns=columns, filter=pc.field("user_id").isin(list(map(str, users)))
                              & pc.field("split").isin(splits))
-    frame = table.to_pandas()
+    frame = _checked(table, records_path).to_pandas()
     if "history" in frame.columns:
         frame["history"] = [list(map(str, h)) for h in frame["history"]]
     return frame.astype({"user_id": str, "item_id": str})
@@ -38,4 +48,4 @@ def read_splits(records_path: str, splits: list[str], storage: StorageOptions | 
     table = pq.read_table(inner, filesystem=fs or pafs.LocalFileSystem(),
                           columns=["user_id", "item_id", "label", "split"],
                           filters=[("split", "in", list(splits))])
-    return table.to_pandas()
+    return _checked(table, records_path).to_pandas()

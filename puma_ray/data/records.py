@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from puma_ray.errors import DataError
+from puma_ray.ids import check_ids
 
 SPLITS = ("train", "valid", "test")
 RECORD_COLUMNS = {"user_id": "string", "item_id": "string", "label": "float32", "timestamp": "int64"}
@@ -143,6 +144,8 @@ def validate(ds: Dataset, source: str = "") -> Dataset:
         empty = r[col].isna() | r[col].isin(["", "None", "nan"])
         if empty.any():
             raise DataError(f"{where}: empty {col} in {int(empty.sum())} record(s)")
+        check_ids(r[col].to_numpy(), col, f"{where} records", DataError)  # row = record index
+    check_ids(ds.items["item_id"].to_numpy(), "item_id", f"{where} items", DataError)
     bad = r[~np.isfinite(r["label"].to_numpy(dtype=np.float64))]
     if len(bad):
         raise DataError(f"{where}: non-finite label for user {bad['user_id'].iloc[0]!r}")

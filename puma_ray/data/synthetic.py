@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from puma_ray.errors import ConfigError
+from puma_ray.fs import write_file
 
 from .records import DataError, Dataset, chronological_split, normalise, validate
 
@@ -370,8 +371,9 @@ def synthetic_ground_truth(cfg: SyntheticConfig) -> dict:
 # ------------------------------------------------------------------------------------------------- persistence
 def _write_table(fs, path: str, df: pd.DataFrame, schema: pa.Schema) -> None:
     table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_file(fs, path, memoryview(sink.getvalue()))  # atomic: a data file is whole or absent
 
 
 def write_synthetic(
@@ -426,8 +428,7 @@ def write_synthetic(
         "files": files,
         "items_file": "items.parquet",
     }
-    with fs.open(f"{root}/dataset.json", "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_file(fs, f"{root}/dataset.json", json.dumps(manifest, indent=2).encode())  # last, atomically
     return manifest
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import fsspec
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -20,6 +21,8 @@ from transformers import (
     Qwen2Config,
     StableLmConfig,
 )
+
+from puma_ray.fs import write_file
 
 VOCAB_SIZE = 1024  # upper bound for byte-level BPE: any text encodes, template words become single tokens
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -103,8 +106,8 @@ def write_tiny_model(family: str, folder: str, seed: int = 0) -> str:
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
-    with open(os.path.join(folder, "tiny_model.json"), "w") as f:
-        json.dump({"family": family, "seed": seed, "made_by": "puma_ray.models.tiny"}, f)
+    write_file(fsspec.filesystem("file"), os.path.join(folder, "tiny_model.json"),  # last, atomically
+               json.dumps({"family": family, "seed": seed, "made_by": "puma_ray.models.tiny"}).encode())
     return folder
 
 

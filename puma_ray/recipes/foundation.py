@@ -19,10 +19,12 @@ import json
 import os
 import shutil
 
+import fsspec
 import pandas as pd
 
 from puma_ray.artifacts.formats import FOUNDATION_CARD, FOUNDATION_FORMAT
 from puma_ray.config import FoundationConfig, ModelConfig, TemplateConfig, task_template, to_dict
+from puma_ray.fs import write_file
 from puma_ray.models.backbone import quiet_library_progress, weight_fingerprint
 from puma_ray.training.pretrain import pretrain
 
@@ -102,8 +104,8 @@ def ensure_foundation(family: str, seed: int, cfg: FoundationConfig, train: pd.D
             "recipe": {"kind": "throwaway per-user vectors in the task template, all weights trained",
                        "config": to_dict(cfg), "template": to_dict(template), "task": task},
             **stats, "cache_key": key}
-    with open(os.path.join(tmp, CARD), "w") as f:  # last: a folder without a card is incomplete
-        json.dump(card, f, indent=1)
+    # last: a folder without a card is incomplete
+    write_file(fsspec.filesystem("file"), os.path.join(tmp, CARD), json.dumps(card, indent=1).encode())
     try:
         os.replace(tmp, folder)  # atomic: concurrent processes never see half a model
     except OSError:

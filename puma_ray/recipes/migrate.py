@@ -233,7 +233,11 @@ def load_sources(cfg: MigrateJobConfig, output: str, log=print) -> Sources:
         store.check_model(backbone.identity)
         stores.append(store)
         source_backbones.append(backbone)
-    joined = join_sources(stores, cfg.sources_missing_policy)
+    joined = join_sources(stores, cfg.sources_missing_policy, cfg.convert.max_prompt_scale)
+    for path, users in joined.out_of_scale.items():  # left out of everything but the conversion's rejects
+        log(f"source {path}: {len(users)} user(s) with an out-of-scale prompt (e.g. {users[0]!r}) left out of "
+            "selection, fit and evaluation; the conversion rejects them with the reason")
+        ds = Dataset(ds.records[~ds.records["user_id"].isin(users)], ds.items, ds.task, ds.name, ds.provenance)
     record_users = np.unique(ds.records["user_id"].to_numpy(dtype=str))  # str, not object: O(n log n) set ops
     without_prompt = np.setdiff1d(record_users, joined.users)
     if len(without_prompt):

@@ -2,33 +2,36 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import re
 
 import torch
-import yaml
 
 from puma_ray import __version__
-from puma_ray.config import ConfigError, from_dict, load_yaml
+from puma_ray.config import ConfigError, from_dict, load_yaml, parse_yaml, shown
 from puma_ray.errors import PumaError
 from puma_ray.fs import StorageOptions, filesystem, is_remote, join, redact, redact_text
+from puma_ray.fs import write_json as write_json_file
+
+MAX_OVERRIDE_CHARS = 10_000  # a command-line value; a longer one is a mistake (or a file pasted in)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """`a.b=value` pairs (value parsed as YAML) applied onto a nested config dict."""
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"override {shown(item)} must look like key.sub=value")
         key, raw = item.split("=", 1)
+        if len(item) > MAX_OVERRIDE_CHARS:
+            raise ConfigError(f"override {shown(item)} is longer than {MAX_OVERRIDE_CHARS} characters")
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+                raise ConfigError(f"override {shown(item)}: {part} is not a section")
+        node[parts[-1]] = parse_yaml(raw, f"override {shown(item)}")  # the files' safe, bounded loader
     return data
 
 
@@ -88,8 +91,7 @@ def write_json(path: str, data: dict, storage: StorageOptions | None = None) -> 
     fs, inner = filesystem(path, storage)
     if not is_remote(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with fs.open(inner, "w") as f:
-        json.dump(redact(data), f, indent=1, default=str)  # reports are shared: no credential in them
+    write_json_file(fs, inner, data)  # atomic; reports are shared: credentials masked
 
 
 def provenance(cfg_dict: dict) -> dict:

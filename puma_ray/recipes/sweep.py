@@ -25,7 +25,7 @@ import numpy as np
 from puma_ray.config import ConfigError, TemplateConfig, from_dict
 from puma_ray.data import Dataset
 from puma_ray.errors import SweepError
-from puma_ray.fs import is_remote
+from puma_ray.fs import is_remote, write_file
 from puma_ray.models.adapter import PromptAdapter
 from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import load_head
@@ -308,9 +308,8 @@ def write_outputs(report: dict, migrate: dict, output: str, storage=None, log=pr
     paths = {"report": report_path(output), "recommended": join(output, "recommended.yaml")}
     write_json(paths["report"], report, storage)
     fs, inner = filesystem(paths["recommended"], storage)
-    with fs.open(inner, "w") as f:
-        f.write(recommended_header(report, paths["recommended"]))
-        yaml.safe_dump(config, f, sort_keys=False)
+    write_file(fs, inner, (recommended_header(report, paths["recommended"])
+                           + yaml.safe_dump(config, sort_keys=False)).encode())
     try:
         from puma_ray.reports.markdown import write_sweep_report
     except ImportError as e:  # written by another part of the project; the sweep's results stand without it

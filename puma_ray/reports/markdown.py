@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from puma_ray.fs import filesystem, is_remote, join
+from puma_ray.fs import filesystem, is_remote, join, write_file
 from puma_ray.tasks import get_task
 
 # Row order and names of the paper's Table 2 (methods a report may lack are skipped; unknown ones go last)
@@ -353,8 +353,7 @@ class ReportWriter:
             os.makedirs(out_dir, exist_ok=True)
 
     def write(self, name: str, data: bytes | str) -> str:
-        with self.fs.open(join(self.root, name), "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+        write_file(self.fs, join(self.root, name), data.encode() if isinstance(data, str) else data)
         return join(self.out_dir, name)
 
     def figure(self, name: str, png: bytes, caption: str) -> str:
