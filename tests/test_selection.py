@@ -19,6 +19,7 @@ from puma_ray.selection.strategies import (
     SelectionError,
     SelectionInput,
     allocate,
+    binned_quota,
     kmeans_labels,
     normal_weights,
     quantile_bins,
@@ -163,7 +164,7 @@ def _strata_counts(inputs, blob, chosen, budget):
         bins = quantile_bins(inputs.variance[members], 5)
         capacity = np.bincount(bins, minlength=5)
         got.append(np.bincount(bins[picked[members]], minlength=5))
-        want.append(allocate(int(quota[c]), capacity, weights))
+        want.append(binned_quota(int(quota[c]), capacity, weights))
         cap.append(capacity)
     return np.array(got), np.array(want), np.array(cap)
 
@@ -210,11 +211,16 @@ def test_allocate_is_largest_remainder(users):
         share = total * weight / weight.sum()
         got = allocate(total, np.full(n, 1000), weight)
         assert np.all(np.abs(got - share) < 1), (got, share)
-    # so PUMA's aggregate over clusters stays within one user per cluster of budget x weights
+    # so PUMA's aggregate over clusters stays within one user per cluster of one per bin and cluster + the rest
+    # by the weights (the spectrum rule); by the weights alone under the old rule
     inputs, blob = users
     chosen = select("kmeans_variance", inputs, 120, K, seed=0)
     got, _, _ = _strata_counts(inputs, blob, chosen, 120)
-    assert np.all(np.abs(got.sum(0) - 120 * w) < K)
+    assert np.all(np.abs(got.sum(0) - (K + (120 - 5 * K) * w)) < K)
+    old = SelectionInput(inputs.user_ids, inputs.prompts, variance=inputs.variance, options={"bin_rule": "weights"})
+    chosen = select("kmeans_variance", old, 120, K, seed=0)
+    got = np.bincount(quantile_bins(inputs.variance, 5)[chosen], minlength=5)
+    assert abs(got.sum() - 120) == 0 and got[0] + got[4] < 0.15 * 120
 
 
 def test_puma_strata_redistribute_full_bins(users):
@@ -230,6 +236,41 @@ def test_puma_strata_redistribute_full_bins(users):
     assert np.all(got[:, 1:4] == cap[:, 1:4])  # middle bins taken whole
     total = got.sum(0)
     assert total[2] >= total.max() and total[0] < total[2]
+
+
+def test_the_spectrum_rule_keeps_the_extremes_at_a_few_users_a_cluster(users):
+    """The review's case: ~6 users a cluster. The weights alone give [0 2 2 2 0] per cluster (no extreme quintile
+    ever chosen); the paper's rule spans the whole spectrum and still favours the middle."""
+    w = normal_weights(5, 2.0)
+    assert binned_quota(6, np.full(5, 100), w, "weights").tolist() == [0, 2, 2, 2, 0]
+    assert binned_quota(6, np.full(5, 100), w).tolist() == [1, 1, 2, 1, 1]
+    assert binned_quota(3, np.full(5, 100), w).tolist() == [1, 0, 1, 0, 1]  # fewer than bins: spread, ends in
+    assert binned_quota(1, np.full(5, 100), w).tolist() == [0, 0, 1, 0, 0]
+    assert binned_quota(4, np.array([0, 3, 3, 3, 0]), w).tolist() == [0, 1, 2, 1, 0]  # only bins that have users
+    inputs, blob = users
+    budget = 36  # 6 a cluster
+    by_rule = {}
+    for rule in ("spectrum", "weights"):
+        x = SelectionInput(inputs.user_ids, inputs.prompts, variance=inputs.variance, options={"bin_rule": rule})
+        got, _, _ = _strata_counts(inputs, blob, select("kmeans_variance", x, budget, K, seed=0), budget)
+        by_rule[rule] = got
+    small = _cluster_quota(budget) <= 7  # the clusters with ~6 users: no extreme quintile under the weights alone
+    assert small.sum() >= 3 and by_rule["weights"][small][:, [0, 4]].sum() <= 1  # one tie broken to bin 0
+    assert by_rule["spectrum"][small][:, [0, 4]].sum() == 2 * small.sum()
+    assert by_rule["spectrum"][:, [0, 4]].sum() >= 2 * K
+    quota = _cluster_quota(budget)
+    assert (by_rule["spectrum"][quota >= 5] >= 1).all()  # every within-cluster quintile of every cluster
+    assert (by_rule["spectrum"][quota == 3] == [1, 0, 1, 0, 1]).all()  # fewer users than bins: ends and middle
+    total = by_rule["spectrum"].sum(0)
+    assert total[2] == total.max() and total[0] < total[2]  # the middle still weighted most
+
+
+def test_the_spectrum_rule_is_shared_by_the_bucketing_strategies(users):
+    inputs, _ = users
+    for name, stat in (("variance_bucketing", inputs.variance), ("loss_bucketing", inputs.loss)):
+        chosen = select(name, inputs, 5, K, seed=0)  # fewer users than the 8 global bins: spread over the range
+        bins = quantile_bins(stat, 8)[chosen]
+        assert 0 in bins and 7 in bins and len(set(bins.tolist())) == 5
 
 
 # ---------------------------------------------------------------------------------------------- building blocks

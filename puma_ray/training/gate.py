@@ -1,0 +1,87 @@
+"""The per-user gate: is each user's new system (target model + converted prompt) worse than their old one
+(source model + old prompt), on that user's own validation records?
+
+Every migration figure is an average; this says how many users a migration made worse. The rule must respect
+~10 records a user: a one-sided paired t-test per user on the per-record loss difference (new - old; squared
+error for ratings, log loss for clicks), at level `alpha`, plus a `margin` of mean loss below which a difference
+is called unchanged whatever the test says. Vectorised over users (group means and variances, Student's t
+survival function): a million users cost one pass. Validation records only: the test split is never read, so a
+margin or alpha chosen on these numbers is never chosen on test.
+
+Under no real difference the share of users flagged worse is at most `alpha` (`tests/test_gate.py` measures it);
+a user with fewer than `min_records` records, or whose differences are all equal, is "unchanged" unless the
+difference is exactly the same sign on every record and above the margin (the t-test has no variance to use).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+VERDICTS = ("worse", "better", "unchanged")
+
+
+@dataclass
+class GateConfig:
+    alpha: float = 0.05  # one-sided level per user: the share of unharmed users a gate may flag (~10 records each)
+    margin: float = 0.0  # mean loss difference (new - old) below which a user counts as unchanged regardless
+    min_records: int = 3  # fewer paired records carry no test: such users are "unchanged" (and counted as such)
+    worst: int = 20  # users listed by name in the report
+
+
+def record_losses(task: str, labels: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Per-record loss of a prediction: squared error (rating) or log loss of a click probability (ctr)."""
+    labels, pred = np.asarray(labels, np.float64), np.asarray(pred, np.float64)
+    if task == "rating":
+        return (pred - labels) ** 2
+    p = np.clip(pred, 1e-7, 1 - 1e-7)
+    return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+
+
+def per_user_gate(user_ids: np.ndarray, task: str, labels: np.ndarray, old_pred: np.ndarray,
+                  new_pred: np.ndarray, cfg: GateConfig | None = None) -> pd.DataFrame:
+    """One row per user: records, old and new mean loss, their difference, t, one-sided p-values, verdict."""
+    cfg = cfg or GateConfig()
+    old, new = record_losses(task, labels, old_pred), record_losses(task, labels, new_pred)
+    frame = pd.DataFrame({"user_id": np.asarray(user_ids).astype(str), "old": old, "new": new, "diff": new - old})
+    g = frame.groupby("user_id", sort=True)
+    table = pd.DataFrame({"records": g.size(), "old_loss": g["old"].mean(), "new_loss": g["new"].mean(),
+                          "diff": g["diff"].mean(), "sd": g["diff"].std(ddof=1).fillna(0.0)})
+    n = table["records"].to_numpy(np.float64)
+    mean, sd = table["diff"].to_numpy(), table["sd"].to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = mean / (sd / np.sqrt(n))
+    # no spread: every record moved by the same amount; a test has nothing to weigh, the sign decides (p 0 or 1)
+    flat = sd <= 1e-12 * np.maximum(np.abs(mean), 1.0)
+    t = np.where(flat, np.where(mean > 0, np.inf, np.where(mean < 0, -np.inf, 0.0)), t)
+    dof = np.maximum(n - 1, 1)
+    p_worse = np.where(flat & (mean == 0), 1.0, stats.t.sf(t, dof))
+    p_better = np.where(flat & (mean == 0), 1.0, stats.t.cdf(t, dof))
+    enough = n >= cfg.min_records
+    worse = enough & (p_worse < cfg.alpha) & (mean > cfg.margin)
+    better = enough & (p_better < cfg.alpha) & (mean < -cfg.margin)
+    table["t"], table["p_worse"], table["p_better"] = t, p_worse, p_better
+    table["verdict"] = np.where(worse, "worse", np.where(better, "better", "unchanged"))
+    return table.drop(columns="sd").reset_index()
+
+
+def gate_summary(table: pd.DataFrame, cfg: GateConfig | None = None) -> dict:
+    """Counts per verdict, the distribution of the difference, and the worst users by mean loss increase."""
+    cfg = cfg or GateConfig()
+    counts = {v: int((table["verdict"] == v).sum()) for v in VERDICTS}
+    diff = table["diff"].to_numpy()
+    worst = table[table["verdict"] == "worse"].sort_values("diff", ascending=False).head(cfg.worst)
+    return {
+        "rule": {"test": "one-sided paired t-test per user on validation records", "alpha": cfg.alpha,
+                 "margin": cfg.margin, "min_records": cfg.min_records},
+        "users": int(len(table)), **counts,
+        "share_worse": round(counts["worse"] / max(len(table), 1), 4),
+        "too_few_records": int((table["records"] < cfg.min_records).sum()),
+        "diff_quantiles": {str(q): float(np.quantile(diff, q)) for q in (0.01, 0.1, 0.5, 0.9, 0.99)}
+        if len(diff) else {},
+        "worst_users": [{"user_id": r.user_id, "records": int(r.records), "old_loss": round(float(r.old_loss), 4),
+                         "new_loss": round(float(r.new_loss), 4), "p": float(r.p_worse)}
+                        for r in worst.itertuples()],
+    }
