@@ -98,7 +98,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "movielens100k"  # movielens100k | amazon | yelp | mind | synthetic | parquet
+    CHOICES: typing.ClassVar[dict] = {"name": lambda: _data_loaders()}
+    name: str = "movielens100k"  # which loader reads the data (puma_ray/data): a packaged dataset or your files
     paths: dict[str, str] = field(default_factory=dict)  # loader-specific files, e.g. {"reviews": ..., "meta": ...}
     max_users: int | None = None  # keep the first N users (sorted id order): small runs on big data
     valid_frac: float = 0.1  # each user's latest records after train: early stopping / model choice
@@ -379,6 +380,52 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data
+
+
+# ---- what --help shows of a config class: every field's default and meaning (its comment in the source)
+def field_docs(cls) -> dict[str, str]:
+    """{field: its comment} read from the class's source: the comment on the field's line, else the comment lines
+    right above it. The meanings live once, next to the defaults (nanoGPT's why-comments); --help shows them."""
+    import inspect
+    import io
+    import tokenize
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}
+    fields_at: dict[int, str] = {}
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names and tok.start[0] not in fields_at:
+            fields_at[tok.start[0]] = tok.string
+    docs = {}
+    for line, name in fields_at.items():
+        if line in comments:
+            docs[name] = comments[line]
+            continue
+        above, row = [], line - 1
+        while row in comments and row not in fields_at:
+            above.insert(0, comments[row])
+            row -= 1
+        if above:
+            docs[name] = " ".join(above)
+    return docs
+
+
+def field_choices(cls, name: str, hint) -> list | None:
+    """The values a field may take: a Literal's, or those its class names in CHOICES (a registry, read lazily)."""
+    if typing.get_origin(hint) is typing.Literal:
+        return list(typing.get_args(hint))
+    provider = getattr(cls, "CHOICES", {}).get(name)
+    return list(provider()) if provider else None
+
+
+def _data_loaders() -> tuple[str, ...]:
+    from puma_ray.data import LOADERS  # lazy: the data package imports this module
+    return LOADERS
 
 
 def to_dict(cfg):

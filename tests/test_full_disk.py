@@ -3,7 +3,8 @@
 command completes and `--verify` passes, with no file deleted by hand.
 
 Every file these tiny stores write fits one 4 KiB page, so a tmpfs of N pages fails exactly the (N+1)-th write:
-conversion writes `_conversion.json`, then per unit its shard and its progress record, then head and manifest.
+conversion writes its `_lock`, `_conversion.json`, then per unit its shard and its progress record, then head
+and manifest.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ USERS, L, D_S, D_T, SHARD = 6, 1, 4, 8, 2  # 3 units; every file < 1 page
 PAGE = 4096
 UNITS = USERS // SHARD
 # the conversion's writes in order (local engine: units in plan order)
-CONVERSION_WRITES = ["_conversion.json"] + [f for u in range(UNITS) for f in
+CONVERSION_WRITES = ["_lock", "_conversion.json"] + [f for u in range(UNITS) for f in
                                             (f"shards/part-{u:05d}.parquet", f"_progress/part-{u:05d}.parquet.json")] \
     + ["head.safetensors", "manifest.json"]
 
@@ -86,7 +87,7 @@ def _temp_files(folder: Path) -> list[str]:
     return [str(p) for p in folder.rglob("*") if ".puma-tmp-" in p.name]
 
 
-@pytest.mark.parametrize("point", ["_conversion.json", "shards/part-00000.parquet",
+@pytest.mark.parametrize("point", ["_lock", "_conversion.json", "shards/part-00000.parquet",
                                    "_progress/part-00001.parquet.json", "head.safetensors", "manifest.json"])
 def test_conversion_full_disk_at_each_write_point_recovers(point, disk, made, load_job, capsys):
     pages = CONVERSION_WRITES.index(point)  # room for every write before it, none for it
@@ -129,7 +130,8 @@ def test_export_full_disk_at_each_write_point_recovers(disk, made, load_job, cap
     store = tmp_path / "store"
     assert _convert(load_job, made, store, capsys)[0] == 0
     # the export's writes: the pending record, one file per shard, export.json
-    writes = ["_export_pending.json"] + [f"prompts-part-{u:05d}.safetensors" for u in range(UNITS)] + ["export.json"]
+    writes = ["_lock", "_export_pending.json"] + [f"prompts-part-{u:05d}.safetensors" for u in range(UNITS)] \
+        + ["export.json"]
     for point in ("prompts-part-00001.safetensors", "export.json"):
         disk.mount(writes.index(point))
         out = disk.path / "serve"
@@ -143,7 +145,7 @@ def test_export_full_disk_at_each_write_point_recovers(disk, made, load_job, cap
         assert code == 0, captured.err
         assert "not writable" not in captured.err  # no torch warning on the console
         assert len(ServingPrompts(str(out)).users) == USERS
-        assert sorted(os.listdir(out)) == sorted(writes[1:])  # the pending record removed: ours, done with
+        assert sorted(os.listdir(out)) == sorted(writes[2:])  # lock and pending record removed: ours, done with
         disk.unmount()
 
 

@@ -25,6 +25,9 @@ CONVERSION_IDENTITY = "_conversion.json"
 CONVERSION_PROGRESS_DIR = "_progress"
 CONVERSION_REJECTS_DIR = "rejects"
 
+# ---- every output a conversion or export writes (artifacts/lock.py): held by the one writer at a time
+OUTPUT_LOCK = "_lock"
+
 # ---- serving export (artifacts/serving.py)
 SERVING_FORMAT = "puma_ray.serving/1"
 SERVING_EXPORT = "export.json"  # written last: lists every file of the export

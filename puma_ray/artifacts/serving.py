@@ -23,12 +23,14 @@ from puma_ray import __version__
 from puma_ray.artifacts.formats import (
     ADAPTER_CONFIG,
     CONVERSION_IDENTITY,
+    OUTPUT_LOCK,
     SERVING_EXPORT,
     SERVING_EXPORT_PENDING,
     SERVING_FORMAT,
     STORE_MANIFEST,
     sha256_hex,
 )
+from puma_ray.artifacts.lock import OutputLock
 from puma_ray.artifacts.store import MANIFEST, PromptStore, StoreError
 from puma_ray.fs import (
     StorageOptions,
@@ -110,10 +112,15 @@ def export_for_serving(store_path: str, out_dir: str, dtype: str = "float32",
     store = PromptStore.open(store_path, storage)
     fs, root = filesystem(out_dir, storage)
     check_export_location(store_path, out_dir, fs, root)
+    with OutputLock(out_dir, "an export", storage):  # one writer: a second export into the folder is refused
+        return _export_locked(store, store_path, out_dir, dtype, fs, root)
+
+
+def _export_locked(store: PromptStore, store_path: str, out_dir: str, dtype: str, fs, root: str) -> dict:
     present = {p.rstrip("/") for p in fs.find(root)} if fs.exists(root) else set()
     for leftover in sorted(p for p in present if is_temp_file(p)):
         fs.rm(leftover)  # a temporary file of our own atomic write
-    present = {p for p in present if not is_temp_file(p)}
+    present = {p for p in present if not is_temp_file(p) and p != join(root, OUTPUT_LOCK)}
     foreign = present - _owned_files(fs, root, present, out_dir)
     if foreign:
         raise StoreError(f"export folder {out_dir} holds {sorted(foreign)[0]}, which this package did not write "

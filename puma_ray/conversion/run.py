@@ -24,6 +24,7 @@ from safetensors.torch import load as safetensors_load
 
 from puma_ray.artifacts.adapter_io import CONFIG_FILE, HEAD_FILE, WEIGHTS_FILE, check_sources
 from puma_ray.artifacts.formats import ADAPTER_FORMAT, check_format
+from puma_ray.artifacts.lock import OutputLock
 from puma_ray.artifacts.store import (
     MANIFEST,
     PROMPT_SCALE_BOUND,
@@ -34,7 +35,14 @@ from puma_ray.artifacts.store import (
     rms_per_user,
 )
 from puma_ray.conversion.plan import MISSING_POLICIES, ConversionPlan, ConvertConfig
-from puma_ray.conversion.units import UnitConverter, finalize, prepare_output, read_bytes, sha256_hex
+from puma_ray.conversion.units import (
+    UnitConverter,
+    check_output_location,
+    finalize,
+    prepare_output,
+    read_bytes,
+    sha256_hex,
+)
 from puma_ray.errors import AdapterError
 from puma_ray.fs import StorageOptions, filesystem, join
 
@@ -202,6 +210,13 @@ def convert(adapter_path: str, source_paths: list[str], target_path: str, cfg: C
     cfg = cfg or ConvertConfig()
     start = time.perf_counter()
     plan = plan_conversion(adapter_path, source_paths, target_path, cfg, storage, provenance)
+    check_output_location(plan)  # before the lock creates anything: an output inside a source is refused clean
+    with OutputLock(target_path, "a conversion", storage):  # one writer: a second run is refused, one line
+        return _convert_locked(plan, cfg, storage, runner, log, start)
+
+
+def _convert_locked(plan: ConversionPlan, cfg: ConvertConfig, storage, runner: Runner, log, start: float) -> dict:
+    target_path = plan.target
     state = prepare_output(plan, cfg, storage)
     if state is None:
         manifest = PromptStore.open(target_path, storage).manifest

@@ -23,7 +23,13 @@ from safetensors.torch import load as st_load
 
 from puma_ray import __version__
 from puma_ray.artifacts.adapter_io import CONFIG_FILE, HEAD_FILE, load_adapter
-from puma_ray.artifacts.formats import CONVERSION_IDENTITY, CONVERSION_PROGRESS_DIR, CONVERSION_REJECTS_DIR, sha256_hex
+from puma_ray.artifacts.formats import (
+    CONVERSION_IDENTITY,
+    CONVERSION_PROGRESS_DIR,
+    CONVERSION_REJECTS_DIR,
+    OUTPUT_LOCK,
+    sha256_hex,
+)
 from puma_ray.artifacts.store import (
     HEAD,
     MANIFEST,
@@ -238,7 +244,8 @@ def prepare_output(plan: ConversionPlan, cfg: ConvertConfig, storage=None) -> tu
     present = _files_under(fs, root)
     for leftover in sorted(p for p in present if is_temp_file(p)):
         fs.rm(leftover)  # a temporary file of our own atomic write, left by a kill or a full disk: ours to remove
-    present = {p for p in present if not is_temp_file(p)}
+    # the lock is the running writer's own (taken before this call), never part of the output's state
+    present = {p for p in present if not is_temp_file(p) and p != join(root, OUTPUT_LOCK)}
     previous = None
     if present and join(root, IDENTITY_FILE) not in present:
         raise StoreError(f"output {plan.target} exists and holds files puma_ray did not write there (e.g. "

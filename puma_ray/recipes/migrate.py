@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import os
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,7 +47,7 @@ from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.recipes.runs import provenance
 from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, item_texts, train_store
 from puma_ray.selection.statistics import ffn_features, label_variance, source_loss
-from puma_ray.selection.strategies import NEEDS, SelectionInput, check_selection, resolve_budget, select
+from puma_ray.selection.strategies import NEEDS, STRATEGIES, SelectionInput, check_selection, resolve_budget, select
 from puma_ray.tasks import get_task
 from puma_ray.training.cost import Cost
 from puma_ray.training.evaluate import evaluate
@@ -64,6 +65,7 @@ class SourceConfig:
 
 @dataclass
 class SelectionConfig:
+    CHOICES: typing.ClassVar[dict] = {"strategy": lambda: sorted(STRATEGIES)}
     strategy: str = "kmeans_variance"  # PUMA; any name in selection.STRATEGIES
     k: int = 15  # the paper's K
     budget: float = 0.1  # users to fit on: a count (>= 1) or a fraction of all users

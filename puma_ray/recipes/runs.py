@@ -35,20 +35,38 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def config_sections(cls) -> str:
-    """The config's fields and their types, one line each, nested sections indented: what --help lists."""
+def _default_text(f) -> str:
     import dataclasses
+    if f.default is not dataclasses.MISSING:
+        return f" = {shown(f.default)}"
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return "" if dataclasses.is_dataclass(value) else f" = {shown(value)}"
+    return " (required)"
+
+
+def config_sections(cls) -> str:
+    """The config's fields, one line each with type, default, meaning (the comment beside the field in the source)
+    and allowed values; nested sections indented: what --help lists."""
+    import dataclasses
+    import textwrap
     import typing
 
+    from puma_ray.config import field_choices, field_docs
+
     def describe(c, indent: str) -> list[str]:
-        hints, lines = typing.get_type_hints(c), []
+        hints, lines, docs = typing.get_type_hints(c), [], field_docs(c)
         for f in dataclasses.fields(c):
             if not f.init:
                 continue
             hint = hints[f.name]
             name = getattr(hint, "__name__", None) if isinstance(hint, type) else None
             text = name or re.sub(r"\b(?:typing|puma_ray(?:\.\w+)*)\.(\w+)", r"\1", str(hint))
-            lines.append(f"{indent}{f.name}: {text}")
+            lines.append(f"{indent}{f.name}: {text}{_default_text(f)}")
+            choices = field_choices(c, f.name, hint)
+            meaning = docs.get(f.name, "") + (f" [one of: {', '.join(map(str, choices))}]" if choices else "")
+            if meaning:
+                lines += textwrap.wrap(meaning, 110, initial_indent=indent + "    ", subsequent_indent=indent + "    ")
             inner = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
             if inner and indent.count(" ") < 6:
                 lines += describe(inner[0], indent + "  ")
