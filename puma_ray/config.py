@@ -98,7 +98,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    CHOICES: typing.ClassVar[dict] = {"name": lambda: _data_loaders()}
+    # the allowed names (data.LOADERS) are registered by the data package, which imports this module
+    CHOICES: typing.ClassVar[dict] = {}
     name: str = "movielens100k"  # which loader reads the data (puma_ray/data): a packaged dataset or your files
     paths: dict[str, str] = field(default_factory=dict)  # loader-specific files, e.g. {"reviews": ..., "meta": ...}
     max_users: int | None = None  # keep the first N users (sorted id order): small runs on big data
@@ -421,11 +422,6 @@ def field_choices(cls, name: str, hint) -> list | None:
         return list(typing.get_args(hint))
     provider = getattr(cls, "CHOICES", {}).get(name)
     return list(provider()) if provider else None
-
-
-def _data_loaders() -> tuple[str, ...]:
-    from puma_ray.data import LOADERS  # lazy: the data package imports this module
-    return LOADERS
 
 
 def to_dict(cfg):

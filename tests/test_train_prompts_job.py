@@ -34,7 +34,8 @@ def toy_paths(toy_dataset, tmp_path_factory):
 
 
 def _args(paths: dict, output: Path, *extra: str) -> list[str]:
-    return ["--output", str(output), "model.name=tiny:stablelm", "data.name=parquet",
+    return ["--output", str(output), "model.name=tiny:stablelm", "model.foundation=null",
+            "data.name=parquet",
             f"data.paths.records={paths['records']}", f"data.paths.items={paths['items']}", "threads=1", *extra]
 
 

@@ -10,6 +10,7 @@ from puma_ray.fs import StorageOptions, is_remote, pyarrow_filesystem
 from .records import DataError, Dataset, validate
 
 LOADERS = ("movielens100k", "amazon", "yelp", "mind", "synthetic", "synthetic_dir", "parquet")
+DataConfig.CHOICES["name"] = lambda: LOADERS  # --help lists them; registered here so config imports no data
 
 
 def _need(cfg: DataConfig, *keys: str) -> list[str]:
