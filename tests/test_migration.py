@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import puma_ray.recipes.migrate as migration
+import puma_ray.recipes.migration as migration
 from puma_ray.artifacts.adapter_io import load_adapter
 from puma_ray.artifacts.store import PromptStore, StoreError, write_store
 from puma_ray.config import ConfigError, from_dict
