@@ -46,6 +46,9 @@ FIT_OPTIMIZER_PREFIX = "optimizer-rank"  # + rank + .safetensors: each rank's Ad
 # ---- job outputs
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+# ---- the per-user gate of a migration (training/gate.py, reports/gate.py)
+GATE_TABLE = "gate/users.parquet"  # one row per user: old/new validation loss, test statistics, verdict
+GATE_PLOT = "gate.png"  # beside report.md
 
 
 def check_format(found, expected: str, where: str, error: type[Exception]) -> None:
