@@ -43,7 +43,23 @@ FIT_BEST = "best.safetensors"
 FIT_CURRENT = "current.safetensors"
 FIT_OPTIMIZER_PREFIX = "optimizer-rank"  # + rank + .safetensors: each rank's Adam moments (ZeRO partitions)
 
+# ---- a 1+N system in open formats, going in (importing/) and coming out (export --format open)
+SYSTEM_FORMAT = "puma_ray.system/1"
+SYSTEM_SPEC = "system.json"  # names every part of the system, by path relative to its folder; written last
+OPEN_HEAD_FORMAT = "puma_ray.head/1"  # the head JSON naming its layers (importing/readout.py)
+OPEN_PROMPTS = "prompts.parquet"  # user_id + prompt: fixed_size_list<float32>[l*d]
+OPEN_PEFT_DIR = "prompts_peft"  # <user_id>/adapter_config.json + adapter_model.safetensors (PEFT prompt tuning)
+OPEN_HEAD_WEIGHTS = "head.safetensors"
+OPEN_HEAD_LAYERS = "head.json"
+
+# ---- serving export with the template spliced in (artifacts/serving_splice.py)
+SERVING_SPLICE_FORMAT = "puma_ray.serving-splice/1"
+SERVING_SPLICE = "splice.json"  # the recipe: pieces in order, offsets, the readout; written before export.json
+SERVING_PIECES = "template_pieces.safetensors"  # literal template pieces' and items' embedded rows
+SERVING_READOUT = "readout.safetensors"  # the label tokens' output-layer rows + the task head's weights
+
 # ---- job outputs
+REPORT_FORMAT = "puma_ray.report/1"  # report.json "format": the reports' shape (keys a reader may rely on)
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
