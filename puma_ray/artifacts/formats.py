@@ -52,14 +52,7 @@ OPEN_PEFT_DIR = "prompts_peft"  # <user_id>/adapter_config.json + adapter_model.
 OPEN_HEAD_WEIGHTS = "head.safetensors"
 OPEN_HEAD_LAYERS = "head.json"
 
-# ---- serving export with the template spliced in (artifacts/serving_splice.py)
-SERVING_SPLICE_FORMAT = "puma_ray.serving-splice/1"
-SERVING_SPLICE = "splice.json"  # the recipe: pieces in order, offsets, the readout; written before export.json
-SERVING_PIECES = "template_pieces.safetensors"  # literal template pieces' and items' embedded rows
-SERVING_READOUT = "readout.safetensors"  # the label tokens' output-layer rows + the task head's weights
-
 # ---- job outputs
-REPORT_FORMAT = "puma_ray.report/1"  # report.json "format": the reports' shape (keys a reader may rely on)
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
