@@ -25,6 +25,7 @@ import ray
 from ray import tune
 
 from puma_ray.config import to_dict
+from puma_ray.data import records_in_place
 from puma_ray.fs import is_remote, join, pyarrow_filesystem
 from puma_ray.recipes.migrate import resolve_foundations
 from puma_ray.recipes.runs import provenance
@@ -124,7 +125,7 @@ def run_sweep(cfg: SweepJobConfig, output: str, log=print) -> dict:
     ensure_ray(job.engine.address, job.engine.local_cpus)
     variance_fn = label_variance
     if job.engine.kind == "ray":
-        records = job.data.paths.get("records") if job.data.name == "parquet" else None
+        records = records_in_place(job.data, job.storage)
         variance_fn = make_variance_fn(records, job.storage)
     ctx = prepare_context(job, search.strategies, output, log, variance_fn)
     check_feasible(search, ctx)
