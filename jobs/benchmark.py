@@ -19,6 +19,7 @@ from puma_ray.recipes.runs import (
     job_args,
     library_logs_to_file,
     new_run_dir,
+    print_config,
     set_threads,
     user_errors_to_exit_code,
 )
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     words = ["python", "jobs/benchmark.py", *(sys.argv[1:] if argv is None else argv)]
 
     def body() -> int:
+        if args.print_config:
+            return print_config(JOB.load(args.config, args.overrides))
         md, wall_s = run_benchmark(args.config, args.output, args.overrides, " ".join(map(shlex.quote, words)))
         print(f"benchmark: {md} ({wall_s / 60:.1f} min)")
         return 0

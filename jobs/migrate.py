@@ -17,6 +17,7 @@ from puma_ray.recipes.runs import (
     job_args,
     library_logs_to_file,
     new_run_dir,
+    print_config,
     report_path,
     set_threads,
     user_errors_to_exit_code,
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
 
     def body() -> int:
         cfg = JOB.load(args.config, args.overrides)
+        if args.print_config:
+            return print_config(cfg)
         set_threads(cfg.threads)
         output = new_run_dir(args.output, "migrate")
         print(f"library and Ray messages: {library_logs_to_file(output, 'migrate')}")

@@ -16,6 +16,7 @@ from puma_ray.recipes.runs import (
     job_args,
     library_logs_to_file,
     new_run_dir,
+    print_config,
     set_threads,
     user_errors_to_exit_code,
 )
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
 
     def body() -> int:
         cfg = JOB.load(args.config, args.overrides)
+        if args.print_config:
+            return print_config(cfg)
         set_threads(cfg.job.threads)
         output = new_run_dir(args.output, "sweep")
         print(f"library and Ray messages: {library_logs_to_file(output, 'sweep')}")

@@ -2,7 +2,8 @@
 
     python jobs/train_prompts.py [--config configs/X.yaml] [--output DIR] [key=value ...]
 
-With no config it runs configs/train_prompts_ml100k_tiny.yaml (MovieLens-100K on a tiny random Llama).
+With no config it runs configs/train_prompts_ml100k_foundation.yaml (MovieLens-100K on the demo's small Llama-family
+foundation, pretrained and cached by the first run of any job).
 
 It is how a source system is made, and the full-retraining baseline of a migration. Prints test RMSE/MAE (or
 AUC/uAUC) beside the reference predictors and writes report.json + the store under --output.
@@ -15,6 +16,7 @@ from puma_ray.recipes.runs import (
     job_args,
     library_logs_to_file,
     new_run_dir,
+    print_config,
     report_path,
     set_threads,
     user_errors_to_exit_code,
@@ -31,6 +33,8 @@ def main(argv=None) -> int:
 
     def body() -> int:
         cfg = JOB.load(args.config, args.overrides)
+        if args.print_config:
+            return print_config(cfg)
         set_threads(cfg.threads)
         output = new_run_dir(args.output, "train_prompts")
         print(f"library and Ray messages: {library_logs_to_file(output, 'train_prompts')}")

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # everything not listed here is internal and may move.
 _PUBLIC = {
     "puma_ray.errors": ["PumaError", "ConfigError", "DataError", "StoreError", "AdapterError", "CheckpointError",
-                        "TemplateError", "SelectionError", "SweepError"],
+                        "TemplateError", "SystemImportError", "SelectionError", "SweepError"],
     "puma_ray.tasks": ["TASKS", "Task", "get_task"],
     "puma_ray.config": ["ModelConfig", "FoundationConfig", "DataConfig", "TemplateConfig", "PromptTrainConfig",
                         "StoreConfig", "EngineConfig", "from_dict", "to_dict", "load_yaml"],
@@ -27,6 +27,7 @@ _PUBLIC = {
     "puma_ray.artifacts.adapter_io": ["save_adapter", "load_adapter"],
     "puma_ray.artifacts.verify": ["verify_store"],
     "puma_ray.artifacts.serving": ["export_for_serving"],
+    "puma_ray.importing": ["ImportConfig", "import_system", "export_open"],
     "puma_ray.training.prompts": ["train_prompts"],
     "puma_ray.training.fit": ["FitConfig", "fit_mapping"],
     "puma_ray.training.loop": ["run_epochs"],

@@ -5,6 +5,7 @@ Unknown keys are errors that name the key and the file: a typo must not silently
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import reprlib
 import types
@@ -25,7 +26,7 @@ class FoundationConfig:
     the template and the train records determine the weights, and so the cache folder."""
     hidden_size: int = 64  # d: the demo's two foundations differ in width (48 vs 64), as real model generations do
     layers: int = 2  # 2 layers fit a 1-minute pretraining on 2 cores; depth bought no RMSE on ML-100K (measured)
-    heads: int = 4
+    heads: int = 4  # attention heads: head width 12-16 at the demo widths 48/64
     vocab_size: int = 4096  # BPE over templates + train item texts: most title words become one token (item identity)
     prompt_length: int = 1  # throwaway per-user vectors in the user slot: the model learns to read a preference vector
     # over the train split; no early stopping: the valid split is never read. Measured on ML-100K (d=64, Eq. 1 of
@@ -36,7 +37,7 @@ class FoundationConfig:
     user_lr: float = 2e-2  # the throwaway user vectors (in embedding-RMS units), each seen in few batches per epoch
     embedding_lr: float | None = None  # token embeddings (item words); None: lr (2e-2 helped valid, not test)
     warmup_frac: float = 0.0  # linear warm-up over this fraction of the steps, then cosine to 0
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW's usual small decay for a from-scratch transformer
     max_train_records: int | None = None  # cap per epoch (sampled): big datasets pretrain on a sample
     # input/output embeddings tied or not; None: the family's own choice (Qwen2 and Gemma3 tie). A tied output row of
     # a label token ("4") is also the input embedding of that digit in every title's year ("(1995)")
@@ -72,7 +73,7 @@ class ModelConfig:
     # hub id, local folder, "tiny:<family>" (a tiny random model the package builds and caches locally), or
     # "foundation:<family>" (a small model of that family pretrained on the job's train split, then frozen)
     name: str = "tiny:llama"
-    revision: str | None = None
+    revision: str | None = None  # a hub id's commit/tag, resolved in the local HF cache only (no downloads)
     # CPU: float32; GPUs: bfloat16 (the LLM is frozen, so precision only costs accuracy)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0  # weights of tiny:<family> and foundation:<family> models
@@ -119,8 +120,8 @@ class TemplateConfig:
     text: str = RATING_TEMPLATE  # the paper's wording; placeholders below are filled per record
     labels: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5"])  # read out at the answer position
     user_placeholder: str = "<UserID>"  # becomes l positions holding the user's prompt vectors
-    item_placeholder: str = "<ItemTitle>"
-    history_placeholder: str = "<History>"
+    item_placeholder: str = "<ItemTitle>"  # where the item's text goes in the template
+    history_placeholder: str = "<History>"  # where the user's recent items go (CTR templates)
     max_item_tokens: int = 32  # item text is cut, the answer cue never is
     max_history_tokens: int = 96  # CTR history keeps the most recent titles that fit
     # a named wording of the task's template instead of `text`: "paper" (Section 4.1) or "item_first" (the same
@@ -159,11 +160,11 @@ class PromptTrainConfig:
     head_lr: float = 3e-3  # the 601-parameter head sees every batch, so it needs less
     epochs: int = 15  # the paper's prompt pre-training length
     patience: int = 4  # early stop on validation, as the paper
-    batch_size: int = 64
+    batch_size: int = 64  # records per step: one prompt row each, so small batches touch many users
     eval_batch_size: int = 256  # no backward: larger batches are free
     init_scale: float = 1.0  # initial prompt RMS, relative to token embeddings (paper: uniform(-0.1, 0.1) raw)
     clip: float = 8.0  # prompt values stay within +-clip token-embedding RMS, or one user can drown the template
-    seed: int = 0
+    seed: int = 0  # initial prompts and record sampling: a store is reproducible from its config
     max_train_records: int | None = None  # cap per epoch (sampled), for quick runs on large data
     # one prompt for every user, trained the same way: the control that shows whether the personalization is in
     # the per-user prompts or already in the (pretrained) foundation
@@ -184,7 +185,7 @@ class PromptTrainConfig:
 @dataclass
 class StoreConfig:
     shard_rows: int = 65_536  # rows per prompt shard: ~150 MB at l*d = 576, small enough to stream
-    overwrite: bool = False
+    overwrite: bool = False  # replace an existing store at the output path (never a folder we did not write)
 
     def __post_init__(self):
         if self.shard_rows < 1:
@@ -198,7 +199,7 @@ class EngineConfig:
     kind: Literal["ray", "local"] = "ray"
     address: str | None = None  # Ray cluster address; None: RAY_ADDRESS (ray job submit sets it) or a local Ray
     num_workers: int = 1  # Train workers (data parallel); one per GPU on a GPU cluster
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per Train worker; False on CPU clusters and in tests
     cpus_per_worker: float = 1.0  # leave CPU for Ray Data's read tasks, or a 2-CPU machine deadlocks
     threads_per_worker: int = 1  # torch threads per worker: oversubscribing cores slows tiny models 40x
     zero_stage: int = 2  # DeepSpeed ZeRO stage (0-3); 2 partitions optimizer state + gradients
@@ -240,7 +241,9 @@ def from_dict(cls, data: dict | None, where: str):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        near = {k: difflib.get_close_matches(k, sorted(names), 1) for k in unknown}
+        hint = "; ".join(f"did you mean {m[0]!r} for {k!r}?" for k, m in near.items() if m)
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; {hint + '; ' if hint else ''}known: {sorted(names)}")
     kwargs = {key: convert_value(hints[key], value, f"{where}.{key}") for key, value in data.items()}
     try:
         return cls(**kwargs)

@@ -34,6 +34,11 @@ class TemplateError(PumaError):
     """A template that a tokenizer cannot serve (e.g. a label that is not exactly one token)."""
 
 
+class SystemImportError(PumaError):
+    """A user's own 1+N system (prompts, model, template, readout, logs) that does not fit together; the message
+    names the file, row or user (importing/)."""
+
+
 class SelectionError(PumaError):
     """A selection strategy, budget or K that cannot be satisfied on these users."""
 
@@ -43,4 +48,4 @@ class SweepError(PumaError):
 
 
 __all__ = ["PumaError", "ConfigError", "DataError", "StoreError", "AdapterError", "CheckpointError", "TemplateError",
-           "SelectionError", "SweepError"]
+           "SystemImportError", "SelectionError", "SweepError"]

@@ -20,7 +20,7 @@ class StorageOptions:
     endpoint_url: str | None = None  # None: botocore's default chain (AWS_ENDPOINT_URL, then AWS itself)
     key: str | None = field(default=None, repr=False)  # None: AWS_ACCESS_KEY_ID / instance profile
     secret: str | None = field(default=None, repr=False)  # never in a repr, a log line or an output file
-    region: str | None = None
+    region: str | None = None  # None: AWS_REGION / the profile's (moto and MinIO accept any)
 
     def fsspec_kwargs(self) -> dict:
         kw: dict = {}

@@ -38,7 +38,7 @@ def _x(b: int, l: int, d: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- shapes
-@pytest.mark.parametrize("kind", ["mlp", "linear"])
+@pytest.mark.parametrize("kind", ["mlp", "linear", "mlp_skip"])
 @pytest.mark.parametrize("l", [1, 3])
 def test_maps_each_prompt_vector(kind, l):
     torch.manual_seed(0)
@@ -49,6 +49,19 @@ def test_maps_each_prompt_vector(kind, l):
     # applied to each vector independently: vector j of the output depends on vector j of the input only
     for j in range(l):
         torch.testing.assert_close(adapter(x[:, j:j + 1])[:, 0], y[:, j])
+
+
+def test_skip_path_is_the_mlp_plus_a_linear_map():
+    """mlp_skip = the paper's MLP + Linear(d_in, d_t): with the MLP's output zeroed it is exactly a linear map."""
+    torch.manual_seed(0)
+    skip = PromptAdapter([8], 24, AdapterConfig(kind="mlp_skip", hidden=16), [2.0], 3.0).eval()
+    x = _x(4, 2, 8)
+    with torch.no_grad():
+        skip.net[-1].fc2.weight.zero_()
+        skip.net[-1].fc2.bias.zero_()
+        expected = skip.skip(x / 2.0) * 3.0
+    torch.testing.assert_close(skip(x), expected)
+    assert num_parameters(skip) == num_parameters(PromptAdapter([8], 24, AdapterConfig(hidden=16))) + 8 * 24 + 24
 
 
 def test_aggregated_sources_concatenate():
@@ -110,7 +123,7 @@ def test_default_hidden_and_linear_size():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"kind": "conv"}, r"adapter.kind must be one of \['mlp', 'linear'\], got 'conv'"),
+    ({"kind": "conv"}, r"adapter.kind must be one of \['mlp', 'linear', 'mlp_skip'\], got 'conv'"),
     ({"hidden": 0}, "adapter.hidden must be >= 1"),
     ({"dropout": 1.0}, r"adapter.dropout must be in \[0, 1\)"),
     ({"dropout": -0.1}, r"adapter.dropout must be in \[0, 1\)"),

@@ -76,7 +76,7 @@ def test_nested_job_config_round_trips_with_its_sections():
     (DataConfig, {"max_users": True}, "model.max_users must be an integer, got True"),
     (DataConfig, {"paths": ["records.parquet"]}, "model.paths must be a mapping"),
     (DataConfig, {"paths": {"records": 3}}, "model.paths.records must be a string, got int 3"),
-    (ModelConfig, {"nmae": "x"}, r"model: unknown key\(s\) \['nmae'\]"),
+    (ModelConfig, {"nmae": "x"}, r"model: unknown key\(s\) \['nmae'\]; did you mean 'name' for 'nmae'\?"),
     (ModelConfig, ["tiny:llama"], "model: expected a mapping, got list"),
 ])
 def test_wrong_types_name_the_field(cls, data, message):

@@ -78,3 +78,43 @@ def test_ctr_uses_log_loss():
     good = np.where(y == 1, 0.8, 0.2)
     table = per_user_gate(ids, "ctr", y, good, 1 - good)  # the new system inverted every click
     assert (table["verdict"] == "worse").all()
+
+
+def test_gate_systems_through_a_real_model_and_its_table_and_plot(toy_dataset, tmp_path):
+    """Old and new through a real tiny model: untouched users' losses are identical (unchanged, difference exactly
+    0), corrupted users' differ; the table round-trips through Parquet and the plot is a PNG."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from puma_ray.config import TemplateConfig
+    from puma_ray.models.backbone import load_backbone
+    from puma_ray.models.heads import RatingHead
+    from puma_ray.models.prompted_lm import PromptedLM
+    from puma_ray.recipes.train_prompts import item_texts
+    from puma_ray.reports.gate import gate_markdown, plot_gate, write_gate_table
+    from puma_ray.training.gate import System, gate_systems
+    from puma_ray.training.records import RecordSet
+
+    plm = PromptedLM(load_backbone("tiny:llama"), TemplateConfig(), 1, item_texts(toy_dataset))
+    users = toy_dataset.users
+    torch.manual_seed(0)
+    head = RatingHead()
+    old = torch.randn(len(users), 1, plm.d) * plm.embed_rms
+    new = old.clone()
+    corrupted = np.arange(0, len(users), 8)
+    new[corrupted] = torch.randn(len(corrupted), 1, plm.d) * plm.embed_rms * 30
+    records = RecordSet.from_frame(toy_dataset.split("train"), users)
+    table = gate_systems("rating", records, System(plm, head, lambda i: old[i]), System(plm, head, lambda i: new[i]),
+                         64)
+    touched = table["user_id"].isin(users[corrupted].astype(str))
+    assert touched.sum() == len(corrupted) and len(table) == len(users)
+    assert (table.loc[~touched, "diff"] == 0).all() and (table.loc[~touched, "verdict"] == "unchanged").all()
+    assert (table.loc[touched, "diff"] != 0).all()
+
+    path = write_gate_table(table, str(tmp_path))
+    back = pq.read_table(path).to_pandas()
+    assert back["user_id"].tolist() == table["user_id"].tolist()
+    assert np.allclose(back["diff"], table["diff"]) and back["verdict"].tolist() == table["verdict"].tolist()
+    assert plot_gate(table, "squared error")[:8] == b"\x89PNG\r\n\x1a\n"
+    section = "\n".join(gate_markdown({**gate_summary(table), "table": path}, None))
+    assert f"| {len(users)} |" in section and "paired t-test" in section

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +55,8 @@ def test_job_in_process(job, toy_paths, toy_dataset, tmp_path, capsys):
         assert 0 < m["mae"] <= m["rmse"] < 4, name
         assert m["records"] == toy_dataset.summary()["records"]["test"]
     assert len(report["training"]["history"]) == 2
+    # the trained prompts against their random start: 2 short epochs at init_scale 1 leave them mostly the start
+    assert 0.5 < report["training"]["init_correlation"] <= 1.0
     assert report["model"]["name"] == "tiny:stablelm" and report["model"]["family"] == "stablelm"
     assert report["data"]["users"] == 40
     assert report["provenance"]["config"]["train"]["epochs"] == 2
@@ -120,3 +123,14 @@ def test_store_trained_on_the_gpu_matches_the_cpu(job, toy_paths, tmp_path):
         reports[device] = json.loads((out / "report.json").read_text())
     a, b = (reports[d]["methods"]["store"]["rmse"] for d in ("cpu", "cuda"))
     assert abs(a - b) < 1e-3, (a, b)
+
+
+def test_init_correlation_is_pearson_over_every_value():
+    from puma_ray.training.prompts import init_correlation
+    rng = np.random.default_rng(0)
+    start = rng.uniform(-1, 1, (200, 1, 16))
+    assert init_correlation(start, start) == pytest.approx(1.0)
+    assert init_correlation(start, -2 * start) == pytest.approx(-1.0)
+    assert abs(init_correlation(start, rng.normal(size=start.shape))) < 0.05
+    signal = rng.normal(size=start.shape)  # equal variances: correlation 1/sqrt(2)
+    assert init_correlation(start, start / start.std() + signal / signal.std()) == pytest.approx(2 ** -0.5, abs=0.03)

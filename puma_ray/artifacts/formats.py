@@ -43,9 +43,21 @@ FIT_BEST = "best.safetensors"
 FIT_CURRENT = "current.safetensors"
 FIT_OPTIMIZER_PREFIX = "optimizer-rank"  # + rank + .safetensors: each rank's Adam moments (ZeRO partitions)
 
+# ---- a 1+N system in open formats, going in (importing/) and coming out (export --format open)
+SYSTEM_FORMAT = "puma_ray.system/1"
+SYSTEM_SPEC = "system.json"  # names every part of the system, by path relative to its folder; written last
+OPEN_HEAD_FORMAT = "puma_ray.head/1"  # the head JSON naming its layers (importing/readout.py)
+OPEN_PROMPTS = "prompts.parquet"  # user_id + prompt: fixed_size_list<float32>[l*d]
+OPEN_PEFT_DIR = "prompts_peft"  # <user_id>/adapter_config.json + adapter_model.safetensors (PEFT prompt tuning)
+OPEN_HEAD_WEIGHTS = "head.safetensors"
+OPEN_HEAD_LAYERS = "head.json"
+
 # ---- job outputs
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+# ---- the per-user gate of a migration (training/gate.py, reports/gate.py)
+GATE_TABLE = "gate/users.parquet"  # one row per user: old/new validation loss, test statistics, verdict
+GATE_PLOT = "gate.png"  # beside report.md
 
 
 def check_format(found, expected: str, where: str, error: type[Exception]) -> None:

@@ -5,11 +5,11 @@ import numpy as np
 
 from puma_ray.config import DataConfig, from_dict
 from puma_ray.errors import ConfigError
-from puma_ray.fs import StorageOptions, is_remote, pyarrow_filesystem
+from puma_ray.fs import StorageOptions, is_remote
 
-from .records import DataError, Dataset, validate
+from .records import DataError, Dataset
 
-LOADERS = ("movielens100k", "amazon", "yelp", "mind", "synthetic", "synthetic_dir", "parquet")
+LOADERS = ("movielens100k", "amazon", "yelp", "mind", "synthetic", "synthetic_dir", "parquet", "generic")
 DataConfig.CHOICES["name"] = lambda: LOADERS  # --help lists them; registered here so config imports no data
 
 
@@ -65,35 +65,35 @@ def load_dataset(cfg: DataConfig, storage: StorageOptions | None = None) -> Data
     elif cfg.name == "synthetic_dir":
         from .synthetic import read_synthetic
         ds = read_synthetic(*_need(cfg, "folder"), storage_options=so)
-    elif cfg.name == "parquet":
-        ds = _load_parquet(cfg, storage)
+    elif cfg.name in ("parquet", "generic"):
+        ds = _load_generic(cfg, storage)
     else:
         raise DataError(f"unknown data.name {cfg.name!r}; known: {list(LOADERS)}")
     return limit_users(ds, cfg.max_users)
 
 
-def _load_parquet(cfg: DataConfig, storage: StorageOptions | None) -> Dataset:
-    """records + items already in the contract's Parquet form (e.g. written by `save_dataset`), local or s3://."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from puma_ray.ids import check_id_column
+def _load_generic(cfg: DataConfig, storage: StorageOptions | None) -> Dataset:
+    """records + items in the generic records format (data/generic.py: Parquet, CSV or JSONL, local or s3://), split
+    chronologically by data.valid_frac/test_frac unless the records carry their own `split` column."""
+    from .generic import load_generic
     records_path, items_path = _need(cfg, "records", "items")
-    frames = []
-    for path in (records_path, items_path):
-        fs, inner = pyarrow_filesystem(path, storage)  # S3 options only for s3:// paths
-        try:
-            table = pq.read_table(inner, filesystem=fs)
-        except (OSError, ValueError, pa.ArrowException) as e:
-            raise DataError(f"cannot read parquet data {path}: {e}") from e
-        for column in ("user_id", "item_id"):  # before pandas: invalid UTF-8 would be a traceback there
-            if column in table.column_names:
-                check_id_column(table.column(column), column, f"parquet data {path}", DataError)
-        frames.append(table.to_pandas())
-    records, items = frames
-    task = cfg.options.get("task", "rating")
-    return validate(Dataset(records, items, task, cfg.options.get("name", "parquet"),
-                            {"records": records_path, "items": items_path}), records_path)
+    unknown = sorted(set(cfg.options) - {"task", "name"})
+    if unknown:
+        raise ConfigError(f"data.options.{unknown[0]} is not an option of the {cfg.name} loader; known: "
+                          "['task', 'name']")
+    return load_generic(records_path, items_path, cfg.options.get("task", "rating"), cfg.valid_frac, cfg.test_frac,
+                        cfg.options.get("name", cfg.name), storage)
+
+
+def records_in_place(cfg: DataConfig, storage: StorageOptions | None = None) -> str | None:
+    """The records file Ray may read where it lies (Ray Data shards it): a Parquet file already in the contract,
+    `split` column included. None for anything else (CSV/JSONL logs, or logs this package splits itself): the
+    driver's loaded Dataset is the source then."""
+    if cfg.name != "parquet" or "records" not in cfg.paths:
+        return None
+    from .generic import file_format, has_column
+    path = cfg.paths["records"]
+    return path if file_format(path) == "parquet" and has_column(path, "split", storage) else None
 
 
 def save_dataset(ds: Dataset, folder: str, storage: StorageOptions | None = None) -> dict[str, str]:
@@ -123,4 +123,4 @@ def limit_users(ds: Dataset, max_users: int | None) -> Dataset:
     return Dataset(records, items, ds.task, ds.name, {**ds.provenance, "max_users": max_users})
 
 
-__all__ = ["Dataset", "DataError", "load_dataset", "save_dataset", "limit_users", "LOADERS"]
+__all__ = ["Dataset", "DataError", "load_dataset", "save_dataset", "limit_users", "records_in_place", "LOADERS"]

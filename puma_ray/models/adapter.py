@@ -24,8 +24,9 @@ from puma_ray.errors import AdapterError
 
 @dataclass
 class AdapterConfig:
-    # "mlp": the paper's adapter; "linear": the baseline that shows what non-linearity buys
-    kind: Literal["mlp", "linear"] = "mlp"
+    # "mlp": the paper's adapter; "linear": the baseline that shows what non-linearity buys; "mlp_skip": the
+    # paper's MLP plus a linear path around it, so the fit starts from (and can stay at) what a linear map does
+    kind: Literal["mlp", "linear", "mlp_skip"] = "mlp"
     hidden: int | None = None  # MLP hidden width; None: 2 x max(d_in, d_t), as 4096 is ~2x 2048 in the paper
     dropout: float = 0.1  # the paper's
 
@@ -74,6 +75,8 @@ class PromptAdapter(nn.Module):
                 MLPBlock(target_dim, h, target_dim, cfg.dropout, residual=True),
                 MLPBlock(target_dim, h, target_dim, cfg.dropout, residual=False),
             )
+        # the linear path of "mlp_skip" (None otherwise: the paper's and the linear adapters keep their weights)
+        self.skip = nn.Linear(d_in, target_dim) if cfg.kind == "mlp_skip" else None
 
     def forward(self, *sources: torch.Tensor) -> torch.Tensor:
         """sources: one (B, l, d_s) tensor per source model, in the order of source_dims → (B, l, d_t)."""
@@ -84,7 +87,9 @@ class PromptAdapter(nn.Module):
             if x.shape[-1] != d:
                 raise AdapterError(f"source {i}: prompt width {x.shape[-1]}, adapter expects {d}")
             parts.append(x.to(self.source_scales.dtype) / self.source_scales[i])  # follows bf16 engines
-        return self.net(torch.cat(parts, dim=-1)) * self.target_scale
+        x = torch.cat(parts, dim=-1)
+        y = self.net(x) if self.skip is None else self.net(x) + self.skip(x)
+        return y * self.target_scale
 
     def flops_per_vector(self) -> float:
         return 2.0 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))

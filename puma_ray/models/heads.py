@@ -43,7 +43,31 @@ class CTRHead(nn.Module):
         return (logits.float()[..., 0] * self.scale.float() + self.bias.float())  # a click logit
 
 
+class VerbalizerHead(nn.Module):
+    """A readout over the label tokens that needs no trained head (an imported system's verbalizer): rating: the
+    expected label value under the softmax of the label logits; ctr: the first label's logit minus the second's
+    (the first alone when there is one). An affine scale/bias (1, 0: the plain verbalizer) keeps it trainable."""
+
+    def __init__(self, task: str, values=(1.0, 2.0, 3.0, 4.0, 5.0)):
+        super().__init__()
+        self.task, self.values = task, [float(v) for v in values]
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.sizes = [len(self.values), 1]
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.task == "rating":
+            values = torch.tensor(self.values, device=logits.device)
+            raw = (torch.softmax(logits, -1) * values).sum(-1)
+        else:
+            raw = logits[..., 0] - logits[..., 1] if logits.shape[-1] > 1 else logits[..., 0]
+        return raw * self.scale.float() + self.bias.float()
+
+
 def make_head(task: str, config: dict | None = None) -> nn.Module:
+    if (config or {}).get("kind") == "VerbalizerHead":
+        return VerbalizerHead(task, config.get("values", (1.0, 2.0, 3.0, 4.0, 5.0)))
     if task == "rating":
         return RatingHead(tuple((config or {}).get("sizes", (5, 32, 12, 1))))
     if task == "ctr":
@@ -52,7 +76,8 @@ def make_head(task: str, config: dict | None = None) -> nn.Module:
 
 
 def head_config(task: str, head: nn.Module) -> dict:
-    return {"task": task, "kind": type(head).__name__, "sizes": head.sizes}
+    config = {"task": task, "kind": type(head).__name__, "sizes": head.sizes}
+    return {**config, "values": head.values} if isinstance(head, VerbalizerHead) else config
 
 
 def load_head(state: dict, config: dict) -> nn.Module:

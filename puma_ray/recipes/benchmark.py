@@ -93,7 +93,7 @@ class ExperimentsConfig:
 class BenchmarkJobConfig:
     families: dict[str, ModelConfig] = field(default_factory=dict)  # label → model
     source: str = "llama"  # family label of the main migration's source (Tables 2-4, Figure 3)
-    target: str = "qwen2"
+    target: str = "qwen2"  # family label of the main migration's target (a key of `families`)
     prepare: PromptTrainConfig = field(default_factory=PromptTrainConfig)  # every family's store; = full retraining
     migrate: dict = field(default_factory=dict)  # a migrate config without sources/target: data, selection, fit, ...
     experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from puma_ray.data import records_in_place
 from puma_ray.fs import join
 from puma_ray.recipes.migration.executor import Executor
 from puma_ray.recipes.migration.in_process import InProcess
@@ -20,7 +21,7 @@ def engine_functions(cfg, output: str) -> dict:
     ensure_ray(cfg.engine.address, cfg.engine.local_cpus)
     storage_path = cfg.engine.storage_path or join(output, "train")
     name = cfg.engine.run_name or os.path.basename(output.rstrip("/"))
-    records = cfg.data.paths.get("records") if cfg.data.name == "parquet" else None
+    records = records_in_place(cfg.data, cfg.storage)
     return {"fit_fn": make_ray_fit(cfg.engine, cfg.target, storage_path, cfg.storage, run_name=name),
             "variance_fn": make_variance_fn(records, cfg.storage), "convert_runner": run_on_ray}
 

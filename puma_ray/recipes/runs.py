@@ -87,8 +87,20 @@ def job_args(argv, doc: str, configs: str, override_example: str, default_config
                         help=f"YAML config (see {configs})"
                         + ("" if config_required else f"; default: {default_config}"))
     parser.add_argument("--output", help="run folder (local or s3://); default: a new folder under runs/")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config (file + overrides, credentials masked) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help=f"config overrides, e.g. {override_example}")
     return parser.parse_args(argv)
+
+
+def print_config(cfg) -> int:
+    """--print-config: the config a job would run, every field with its value after the file and the overrides
+    (the YAML loads back through the same job: `--config printed.yaml` runs the same thing); exit code 0."""
+    import yaml
+
+    from puma_ray.config import to_dict
+    print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False, width=120), end="")
+    return 0
 
 
 def load_job_config(cls, path: str, overrides: list[str] | None = None):

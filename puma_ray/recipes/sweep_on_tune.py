@@ -22,6 +22,7 @@ import os
 import time
 
 from puma_ray.config import to_dict
+from puma_ray.data import records_in_place
 from puma_ray.fs import is_remote, join
 from puma_ray.ray_layer import ensure_ray, make_ray_fit, make_variance_fn
 from puma_ray.ray_layer.tune import (
@@ -104,8 +105,7 @@ def run_sweep(cfg: SweepJobConfig, output: str, log=print) -> dict:
     ensure_ray(job.engine.address, job.engine.local_cpus)
     variance_fn = label_variance
     if job.engine.kind == "ray":
-        records = job.data.paths.get("records") if job.data.name == "parquet" else None
-        variance_fn = make_variance_fn(records, job.storage)
+        variance_fn = make_variance_fn(records_in_place(job.data, job.storage), job.storage)
     ctx = prepare_context(job, search.strategies, output, log, variance_fn)
     check_feasible(search, ctx)
     resources, concurrent = trial_resources(cfg, cluster_resources())

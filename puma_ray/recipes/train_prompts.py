@@ -78,7 +78,8 @@ def train_store(cfg: TrainPromptsJobConfig, ds: Dataset, store_path: str, log=pr
         "data": ds.summary(),
         "methods": {"store": test_metrics, **refs},
         "primary_metric": metric,
-        "training": {"history": result.history, "best_epoch": result.best_epoch, "valid": result.valid},
+        "training": {"history": result.history, "best_epoch": result.best_epoch, "valid": result.valid,
+                     "init_correlation": result.init_correlation},
         "cost": {"train_prompts": result.cost.to_dict()},
         "store": store_path,
     }
@@ -108,5 +109,7 @@ def run(cfg: TrainPromptsJobConfig, output: str, log=print) -> dict:
     report, _ = train_store(cfg, ds, store_path, log=log)
     report["provenance"] = provenance(to_dict(cfg))
     log(format_methods(report["methods"], ds.task))
+    if report["training"].get("init_correlation") is not None:  # the store's signal against its random start
+        log(f"trained prompts' correlation with their random start: {report['training']['init_correlation']:.3f}")
     return report
 

@@ -29,15 +29,15 @@ from puma_ray.training.records import RecordSet, forward_batch
 @dataclass
 class FitConfig:
     lr: float = 1e-3  # paper: 1e-4 for an 88M adapter on 4 GPUs; small adapters on CPU want a larger step
-    head_lr: float = 1e-3
+    head_lr: float = 1e-3  # the target head starts from the source's: a gentler step than the adapter's
     epochs: int = 4  # the paper's adapter epochs
     batch_size: int = 32  # the paper's per-GPU batch
-    eval_batch_size: int = 256
-    weight_decay: float = 0.0
+    eval_batch_size: int = 256  # no backward: larger batches are free
+    weight_decay: float = 0.0  # the paper states none; dropout regularises the MLP
     grad_clip: float = 1.0  # the paper's
     patience: int = 2  # epochs without validation gain before stopping
     schedule: Literal["cosine", "constant"] = "cosine"  # the paper's cosine decay, no warm-up; or "constant"
-    seed: int = 0
+    seed: int = 0  # adapter init, dropout and record order: the same seed gives the same adapter
 
     def __post_init__(self):
         if self.lr <= 0 or self.head_lr < 0:

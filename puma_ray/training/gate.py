@@ -15,16 +15,22 @@ difference is exactly the same sign on every record and above the margin (the t-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from puma_ray.training.cost import Cost
+from puma_ray.training.evaluate import predict
+from puma_ray.training.records import PromptFn, RecordSet
 
 VERDICTS = ("worse", "better", "unchanged")
 
 
 @dataclass
 class GateConfig:
+    enabled: bool = True  # after conversion: two passes over the validation records (~1/8 of an evaluation)
     alpha: float = 0.05  # one-sided level per user: the share of unharmed users a gate may flag (~10 records each)
     margin: float = 0.0  # mean loss difference (new - old) below which a user counts as unchanged regardless
     min_records: int = 3  # fewer paired records carry no test: such users are "unchanged" (and counted as such)
@@ -85,3 +91,20 @@ def gate_summary(table: pd.DataFrame, cfg: GateConfig | None = None) -> dict:
                          "new_loss": round(float(r.new_loss), 4), "p": float(r.p_worse)}
                         for r in worst.itertuples()],
     }
+
+
+@dataclass
+class System:
+    """One side of the gate: a frozen model (PromptedLM), its task head and each user's prompt (by record row)."""
+    plm: Any
+    head: Any
+    prompts_for: PromptFn
+
+
+def gate_systems(task: str, records: RecordSet, old: System, new: System, batch_size: int,
+                 cfg: GateConfig | None = None, cost: Cost | None = None) -> pd.DataFrame:
+    """The per-user table of the old system against the new on the same records (each user's validation
+    records): one prediction pass of each, then `per_user_gate`."""
+    old_pred = predict(old.plm, old.head, task, old.prompts_for, records, batch_size, cost)
+    new_pred = predict(new.plm, new.head, task, new.prompts_for, records, batch_size, cost)
+    return per_user_gate(records.user_ids, task, records.labels, old_pred, new_pred, cfg)

@@ -32,6 +32,17 @@ class PromptTrainResult:
     best_epoch: int
     cost: Cost
     valid: dict
+    # Pearson correlation of the trained prompt values with their random start: near 1, the store is mostly its
+    # initial noise (what an adapter then maps is noise); the paper's small init keeps it low. None: not tracked
+    init_correlation: float | None = None
+
+
+def init_correlation(start: np.ndarray, trained: np.ndarray) -> float:
+    """Correlation over every prompt value of the trained table with its initial one (both in the same units)."""
+    a, b = np.asarray(start, np.float64).ravel(), np.asarray(trained, np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
 def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.DataFrame, users: np.ndarray,
@@ -42,6 +53,7 @@ def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.Dat
     table = torch.nn.Embedding(1 if cfg.shared else n, l * d, sparse=True)
     with torch.no_grad():  # uniform with RMS init_scale (in embedding-RMS units), like the paper's uniform init
         table.weight.uniform_(-cfg.init_scale * 3 ** 0.5, cfg.init_scale * 3 ** 0.5)
+    start = table.weight.detach().clone()
     head = head if head is not None else make_head(task)
     opt_prompts = torch.optim.SparseAdam(table.parameters(), lr=cfg.lr)
     opt_head = torch.optim.Adam(head.parameters(), lr=cfg.head_lr)
@@ -82,4 +94,5 @@ def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.Dat
     prompts = (rows.reshape(n, l, d) * scale).numpy().astype(np.float32)
     return PromptTrainResult(users=users, prompts=prompts, head=head, history=state.history,
                              best_epoch=state.best_epoch, cost=cost,
-                             valid={get_task(task).primary: state.best})
+                             valid={get_task(task).primary: state.best},
+                             init_correlation=init_correlation(start.numpy(), table.weight.detach().numpy()))
