@@ -58,6 +58,7 @@ def test_same_adapters(both_reports):
         tolerance = ADAPTER_REL if name == "puma" else 1e-6  # linear: fitted in the driver by both (fits_on local)
         for ours, theirs in ((got, want), (got_head, want_head)):
             for key, value in theirs.state_dict().items():
+                print(f"measured {name} {key}: relative norm difference {_relative(ours.state_dict()[key], value):.2e}")
                 assert _relative(ours.state_dict()[key], value) < tolerance, (name, key)
 
 
@@ -66,6 +67,7 @@ def test_same_metrics(both_reports):
     for name, metrics in in_process["methods"].items():
         tolerance = FIT_METRIC_ABS if name == "puma" else SAME_FIT_ABS
         for key in ("rmse", "mae"):
+            print(f"measured {name} {key}: {abs(on_ray['methods'][name][key] - metrics[key]):.2e}")
             assert on_ray["methods"][name][key] == pytest.approx(metrics[key], abs=tolerance), (name, key)
         assert on_ray["methods"][name]["records"] == metrics["records"]
     for name, metrics in in_process["reference"].items():

@@ -71,6 +71,7 @@ class Fitted:
     result: FitResult
     adapter: str | None = None
     prompts: list[np.ndarray] | None = None
+    meta: dict = field(default_factory=dict)  # what the adapter artifact says of its fit (adapter_config.json)
 
 
 @dataclass

@@ -138,8 +138,16 @@ def _adapter(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selec
                           "users_total": len(src.users)},
             "fit": to_dict(cfg.fit), "history": result.history, "best_epoch": result.best_epoch, "data": src.data,
             "provenance": provenance(to_dict(cfg))}
-    save_adapter(path, result.mapping, result.head, head_config(src.task, result.head), meta, cfg.storage)
-    return Fitted(result, path)
+    fitted = Fitted(result, path, meta=meta)
+    save_fitted(fitted, src.task, cfg.storage)
+    return fitted
+
+
+def save_fitted(fitted: Fitted, task: str, storage, **more) -> None:
+    """The adapter artifact of `fitted`, its meta plus `more` (conversion and the actors' evaluation read it)."""
+    result = fitted.result
+    save_adapter(fitted.adapter, result.mapping, result.head, head_config(task, result.head), {**fitted.meta, **more},
+                 storage)
 
 
 def fit(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selection) -> Fits:
@@ -192,6 +200,8 @@ def evaluation(run: Run, ex: Executor, src: Sources, fits: Fits, base: Baselines
 
 
 def conversion(run: Run, ex: Executor, src: Sources, fits: Fits, ev: Evaluation) -> Conversion:
+    # the artifact carries its test metrics from here on (the evaluation needed it saved without them)
+    save_fitted(fits.methods["puma"], src.task, run.cfg.storage, metrics=ev.methods["puma"])
     target_path = run.cfg.target_store.format(output=run.output)
     run.log(f"convert every user → {target_path}")
     summary = convert_everyone(run.cfg, fits.methods["puma"].adapter, [s.path for s in src.stores], target_path,
