@@ -14,10 +14,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.usefixtur
 
 # the PUMA fit: DeepSpeed's step on Ray Train against torch's AdamW in process. Same seeds, same batches; their
 # float sums differ in the last bits, and Adam turns that noise into lr-sized steps on near-zero-gradient entries,
-# so the adapter is compared as a whole (relative norm), and its test metrics to what that moves them
-ADAPTER_REL = 1e-3
-FIT_METRIC_ABS = 1e-4
-SAME_FIT_ABS = 1e-6  # everything computed by the same code on the same numbers: source store, linear map, reference
+# so the adapter is compared tensor by tensor as a whole (relative norm). Measured on 2 cores: at most 5e-6 (a
+# LayerNorm bias), test metrics 1e-9 apart
+ADAPTER_REL = 1e-4
+METRIC_ABS = 1e-6  # every method's test metrics, and the reference rows (same code, same numbers: 1e-9)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,7 +55,8 @@ def test_same_adapters(both_reports):
         want, want_head, _ = load_adapter(str(folder / "in_process" / path))
         got, got_head, _ = load_adapter(str(folder / "on_ray" / path))
         assert got.source_scales.tolist() == pytest.approx(want.source_scales.tolist(), rel=1e-6)
-        tolerance = ADAPTER_REL if name == "puma" else 1e-6  # linear: fitted in the driver by both (fits_on local)
+        # linear: fitted in the driver by both (fits_on local), on inputs read two ways: measured 6e-7
+        tolerance = ADAPTER_REL if name == "puma" else 1e-5
         for ours, theirs in ((got, want), (got_head, want_head)):
             for key, value in theirs.state_dict().items():
                 print(f"measured {name} {key}: relative norm difference {_relative(ours.state_dict()[key], value):.2e}")
@@ -65,10 +66,9 @@ def test_same_adapters(both_reports):
 def test_same_metrics(both_reports):
     in_process, on_ray, _ = both_reports
     for name, metrics in in_process["methods"].items():
-        tolerance = FIT_METRIC_ABS if name == "puma" else SAME_FIT_ABS
         for key in ("rmse", "mae"):
             print(f"measured {name} {key}: {abs(on_ray['methods'][name][key] - metrics[key]):.2e}")
-            assert on_ray["methods"][name][key] == pytest.approx(metrics[key], abs=tolerance), (name, key)
+            assert on_ray["methods"][name][key] == pytest.approx(metrics[key], abs=METRIC_ABS), (name, key)
         assert on_ray["methods"][name]["records"] == metrics["records"]
     for name, metrics in in_process["reference"].items():
         assert on_ray["reference"][name]["rmse"] == pytest.approx(metrics["rmse"], abs=1e-9), name
