@@ -139,6 +139,7 @@ def test_rerun_with_other_worker_count_resumes(local_ray, fit_case, tmp_path):
     assert [h["workers"] for h in second.history] == [1, 1, 2]
 
 
+@pytest.mark.slow  # four Ray Train fits (~2 min idle; fit_identity's unit test runs by default)
 def test_rerun_with_other_settings_or_adapter_starts_fresh(local_ray, fit_case, tmp_path):
     """Issue 28: a rerun into the same storage under another lr, or with another adapter kind, never resumes the
     old fit's weights (nor dies in a state_dict traceback): each fit has its own <run>-<fit>-<identity> folder."""

@@ -309,7 +309,7 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
                                  "optimizer": engine.optimizer})
         run = f"{run_name}-{name}-{identity}"
         # a resumed run restores its latest checkpoint: every one of them is checked here first (one line, no pickle)
-        check_run_checkpoints(storage_path, run, storage)
+        had_checkpoints = check_run_checkpoints(storage_path, run, storage) > 0
         fs, path = pyarrow_filesystem(storage_path, storage)
         trainer = TorchTrainer(
             _worker_loop, train_loop_config=loop_cfg,
@@ -334,6 +334,8 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
                 saved = json.load(f)
             best = load_file(os.path.join(d, _BEST))
         state = LoopState.from_json(saved["loop"])
+        if had_checkpoints and state.resumed_from is None:  # a finished fit rerun: nothing new ran or was saved
+            state.resumed_from = state.epoch
         if lines.lost:  # the live lines stopped with their queue: the whole history, as the checkpoint holds it
             for h in state.history:
                 log("  " + describe_epoch(h, get_task(task).primary))
