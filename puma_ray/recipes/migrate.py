@@ -24,7 +24,7 @@ import torch
 
 from puma_ray.artifacts.adapter_io import save_adapter
 from puma_ray.artifacts.formats import sha256_hex
-from puma_ray.artifacts.store import MANIFEST, PromptStore, StoreError
+from puma_ray.artifacts.store import MANIFEST, PromptStore, StoreError, prompt_scale
 from puma_ray.config import (
     ConfigError,
     DataConfig,
@@ -292,7 +292,7 @@ def split_users(sel: SelectionConfig, users: np.ndarray, ds: Dataset, chosen: np
 
 
 def prompt_rms(prompts: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(prompts, dtype=np.float64)))) or 1.0
+    return prompt_scale(prompts)
 
 
 def run(cfg: MigrateJobConfig, output: str, log=print, fit_fn=fit_mapping, variance_fn=label_variance,
@@ -430,7 +430,7 @@ def migration_report(cfg: MigrateJobConfig, *, task, sources, target, budget, us
         "methods": methods, "reference": reference, "cost": costs, "primary_metric": metric,
         "store": target_path, "adapter": adapter_path, "conversion": conversion,
         "source_training": {p: {"methods": r["methods"], "cost": r["cost"]} for p, r in source_reports.items()},
-        "fits": {k: {"history": v.history, "best_epoch": v.best_epoch} for k, v in fits.items()},
+        "fits": {k: v.summary() for k, v in fits.items()},
         "data": data, "wall_s": round(wall_s, 2),
         "provenance": provenance(to_dict(cfg)), "foundations": _foundation_cards(cfg), **extra,
     }
