@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # everything not listed here is internal and may move.
 _PUBLIC = {
     "puma_ray.errors": ["PumaError", "ConfigError", "DataError", "StoreError", "AdapterError", "CheckpointError",
-                        "TemplateError", "SystemImportError", "SelectionError", "SweepError"],
+                        "TemplateError", "SystemImportError", "SelectionError", "SweepError", "ClusterError"],
     "puma_ray.tasks": ["TASKS", "Task", "get_task"],
     "puma_ray.config": ["ModelConfig", "FoundationConfig", "DataConfig", "TemplateConfig", "PromptTrainConfig",
                         "StoreConfig", "EngineConfig", "from_dict", "to_dict", "load_yaml"],

@@ -47,5 +47,10 @@ class SweepError(PumaError):
     """A sweep whose search space or trials cannot produce a result."""
 
 
+class ClusterError(PumaError):
+    """A Ray cluster the job was told to join that cannot be reached (a wrong address, a stopped head, a stale
+    session file); the message names the address."""
+
+
 __all__ = ["PumaError", "ConfigError", "DataError", "StoreError", "AdapterError", "CheckpointError", "TemplateError",
-           "SystemImportError", "SelectionError", "SweepError"]
+           "SystemImportError", "SelectionError", "SweepError", "ClusterError"]

@@ -173,6 +173,17 @@ def read_json(fs, path: str, what: str, error: type[Exception] = ValueError):
         raise error(f"{what}: unreadable JSON ({type(e).__name__}: {e})") from None
 
 
+def stamp(path: str, storage: StorageOptions | None = None) -> list:
+    """What identifies the bytes at `path` without reading them: (name, size, ETag or modification time) of the
+    file, or of every file under the folder, sorted: a resumable run over input files names its state by this."""
+    fs, root = filesystem(path, storage)
+    if not fs.exists(root):
+        return []
+    infos = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
+    return sorted([name[len(root):], info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
+                  for name, info in infos.items())
+
+
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 

@@ -118,3 +118,23 @@ def test_gate_systems_through_a_real_model_and_its_table_and_plot(toy_dataset, t
     assert plot_gate(table, "squared error")[:8] == b"\x89PNG\r\n\x1a\n"
     section = "\n".join(gate_markdown({**gate_summary(table), "table": path}, None))
     assert f"| {len(users)} |" in section and "paired t-test" in section
+
+
+def test_partial_sums_add_up_to_the_whole_gate():
+    """Sums of disjoint passes (as actors return them) give the same table as all records in one place."""
+    from puma_ray.training.gate import gate_from_stats, user_loss_stats
+    rng, ids, labels = _records(3, users=300)
+    old = np.clip(labels + rng.normal(0, 0.9, len(ids)), 1, 5)
+    new = np.clip(labels + rng.normal(1.0, 0.9, len(ids)), 1, 5)
+    whole = per_user_gate(ids, "rating", labels, old, new)
+    order = rng.permutation(len(ids))
+    parts = [user_loss_stats(ids[p], "rating", labels[p], old[p], new[p]) for p in np.array_split(order, 7)]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.add(part, fill_value=0)
+    summed = gate_from_stats(total)
+    assert summed["user_id"].tolist() == whole["user_id"].tolist()
+    np.testing.assert_allclose(summed["diff"], whole["diff"], atol=1e-12)
+    np.testing.assert_allclose(summed["p_worse"], whole["p_worse"], rtol=1e-6)
+    assert summed["verdict"].tolist() == whole["verdict"].tolist()
+    assert (whole["verdict"] == "worse").sum() > 30  # verdicts of both kinds are compared (63 of 300 here)

@@ -123,4 +123,4 @@ def test_adapter_fit_survives_a_lost_node(cluster, toy_dataset, tmp_path):
     # resumed from a registered checkpoint (the latest one registered when the node died), not from scratch
     assert result.valid["resumed_from"] is not None
     assert [h["epoch"] for h in result.history] == list(range(6))  # every epoch once, none repeated
-    assert Path(tmp_path / "train" / "lost-fit").is_dir()
+    assert len(list(Path(tmp_path / "train").glob("lost-fit-*"))) == 1  # <run>-<fit>-<identity>: one folder

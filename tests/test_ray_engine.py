@@ -41,7 +41,8 @@ def fit_case(toy_dataset):
             "train": toy_dataset.split("train"), "valid": toy_dataset.split("valid")}
 
 
-def _fit(case, tmp_path, workers, name, epochs=3, pid_dir=None, storage=None, log=lambda m: None):
+def _fit(case, tmp_path, workers, name, epochs=3, pid_dir=None, storage=None, log=lambda m: None, fit_changes=None,
+         mapping=None):
     from puma_ray.config import EngineConfig
     from puma_ray.ray_layer import make_ray_fit
     from puma_ray.training.fit import FitConfig
@@ -49,7 +50,9 @@ def _fit(case, tmp_path, workers, name, epochs=3, pid_dir=None, storage=None, lo
     engine = EngineConfig(num_workers=workers, cpus_per_worker=0.5, zero_stage=2, max_failures=2)
     fit_fn = make_ray_fit(engine, case["model"], storage or str(tmp_path / "train"), run_name=name, pid_dir=pid_dir)
     adapter, head = case["make"]()
-    cfg = FitConfig(epochs=epochs, batch_size=16, lr=3e-3, head_lr=3e-3, patience=5)
+    adapter = mapping if mapping is not None else adapter
+    cfg = FitConfig(**{"epochs": epochs, "batch_size": 16, "lr": 3e-3, "head_lr": 3e-3, "patience": 5,
+                       **(fit_changes or {})})
     return fit_fn(case["plm"], "rating", adapter, [case["sources"]], case["users"], case["train"], case["valid"],
                   head, cfg, log=log, name="fit")
 
@@ -136,6 +139,27 @@ def test_rerun_with_other_worker_count_resumes(local_ray, fit_case, tmp_path):
     assert [h["workers"] for h in second.history] == [1, 1, 2]
 
 
+@pytest.mark.slow  # four Ray Train fits (~2 min idle; fit_identity's unit test runs by default)
+def test_rerun_with_other_settings_or_adapter_starts_fresh(local_ray, fit_case, tmp_path):
+    """Issue 28: a rerun into the same storage under another lr, or with another adapter kind, never resumes the
+    old fit's weights (nor dies in a state_dict traceback): each fit has its own <run>-<fit>-<identity> folder."""
+    import dataclasses
+
+    from puma_ray.models.adapter import AdapterConfig, PromptAdapter
+    first = _fit(fit_case, tmp_path, 1, "rerun", epochs=1)
+    assert first.checkpoints["resumed_from"] is None
+    other_lr = _fit(fit_case, tmp_path, 1, "rerun", epochs=1, fit_changes={"lr": 0.05})
+    assert other_lr.checkpoints["resumed_from"] is None and other_lr.valid["resumed_from"] is None
+    assert other_lr.checkpoints["folder"] != first.checkpoints["folder"]
+    linear = PromptAdapter([32], 48, dataclasses.replace(AdapterConfig(), kind="linear"),
+                           [float(np.sqrt((fit_case["sources"] ** 2).mean()))], fit_case["plm"].embed_rms, seed=0)
+    lin = _fit(fit_case, tmp_path, 1, "rerun", epochs=1, mapping=linear)
+    assert lin.checkpoints["resumed_from"] is None
+    again = _fit(fit_case, tmp_path, 1, "rerun", epochs=1)  # the very same fit: resumes its own, finished
+    assert again.checkpoints["folder"] == first.checkpoints["folder"] and again.checkpoints["resumed_from"] == 0
+    assert len(list((tmp_path / "train").glob("rerun-fit-*"))) == 3
+
+
 def test_streaming_user_stats_match_pandas(local_ray, toy_dataset, tmp_path, s3_server):
     """Per-user label variance by Ray Data aggregation (from Parquet on S3) equals the in-process computation."""
     from puma_ray.data import save_dataset
@@ -198,7 +222,7 @@ def test_planted_pickle_never_runs_and_the_resume_fails_with_one_line(local_ray,
     from puma_ray.errors import CheckpointError
     first = _fit(fit_case, tmp_path, 1, "planted", epochs=2)
     assert first.valid["resumed_from"] is None
-    run = tmp_path / "train" / "planted-fit"
+    [run] = (tmp_path / "train").glob("planted-fit-*")  # <run>-<fit>-<identity>
     checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
     assert checkpoints
     written = {p.relative_to(c).as_posix() for c in checkpoints for p in c.rglob("*") if p.is_file()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -368,7 +369,8 @@ def test_train_in_tune_sweep(local_ray, sweep_job, toy_paths, tmp_path):
     report = _check_report(out, 2, 0.02)
     assert report["engine"] == "ray" and report["concurrent_trials"] == 2
     runs = sorted(p.name for p in (out / "train").iterdir())
-    assert len(runs) == 2 and all(r.endswith("-puma") for r in runs)  # one Train run per trial
+    # one Train run per trial, each in its own <run>-puma-<identity> folder
+    assert len(runs) == 2 and all(re.fullmatch(r".+-puma-[0-9a-f]{12}", r) for r in runs), runs
     for t in report["trials"]:
         assert t["epochs"] == 1 and t["cost"]["backward_records"] == t["train_records"]
     live = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]

@@ -134,3 +134,23 @@ def test_init_correlation_is_pearson_over_every_value():
     assert abs(init_correlation(start, rng.normal(size=start.shape))) < 0.05
     signal = rng.normal(size=start.shape)  # equal variances: correlation 1/sqrt(2)
     assert init_correlation(start, start / start.std() + signal / signal.std()) == pytest.approx(2 ** -0.5, abs=0.03)
+
+
+def test_sigterm_is_one_line_and_the_rerun_completes(job, toy_paths, tmp_path):
+    """A `kill` (SIGTERM) mid-training takes Ctrl-C's way out: one `interrupted:` line, exit 130, no traceback, no
+    store marked done; the same command then completes."""
+    import signal
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(JOB), *_args(toy_paths, out, "train.epochs=200", "train.patience=200")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # each line as it is printed
+    for line in proc.stdout:  # wait until the epoch loop runs
+        if "epoch 0" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted:" in err and "Traceback" not in err, err[-2000:]
+    assert not (out / "report.json").exists() and not (out / "store" / "manifest.json").exists()
+    assert job.main(_args(toy_paths, out, "train.epochs=1")) == 0  # in process: one interpreter start is enough
+    assert PromptStore.open(str(out / "store")).manifest.num_users == 40

@@ -119,6 +119,20 @@ def rms_per_user(prompts: np.ndarray) -> np.ndarray:
         return np.sqrt(np.mean(flat * flat, axis=1)) if flat.shape[1] else np.zeros(len(prompts))
 
 
+def typical_rms(rms: np.ndarray) -> float:
+    """The median of per-user prompt RMS values (finite ones; 0.0 when none): a store's scale that no single user
+    moves, where the RMS of all prompts together is one 1e6 prompt's (and shrank every other input)."""
+    rms = np.asarray(rms, dtype=np.float64)
+    rms = rms[np.isfinite(rms)]
+    return float(np.median(rms)) if len(rms) else 0.0
+
+
+def prompt_scale(prompts: np.ndarray) -> float:
+    """The adapter's source scale for these (n, l, d) prompts: their typical per-user RMS (1.0 for all-zero
+    prompts: dividing by it must stay defined)."""
+    return typical_rms(rms_per_user(prompts)) or 1.0
+
+
 def out_of_scale_rows(prompts: np.ndarray, reference: float, bound: float = PROMPT_SCALE_BOUND) -> np.ndarray:
     """(n,) True where a user's prompt RMS is more than `bound` x above or below `reference` (a non-finite
     prompt is not flagged here: finite_rows names that reason). `bound` <= 0 turns the check off."""

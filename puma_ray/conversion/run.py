@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as safetensors_load
 
+from puma_ray import __version__
 from puma_ray.artifacts.adapter_io import CONFIG_FILE, HEAD_FILE, WEIGHTS_FILE, check_sources
 from puma_ray.artifacts.formats import ADAPTER_FORMAT, check_format
 from puma_ray.artifacts.lock import OutputLock
@@ -33,6 +34,7 @@ from puma_ray.artifacts.store import (
     StoreError,
     out_of_scale_rows,
     rms_per_user,
+    typical_rms,
 )
 from puma_ray.conversion.plan import MISSING_POLICIES, ConversionPlan, ConvertConfig
 from puma_ray.conversion.units import (
@@ -81,10 +83,8 @@ def join_sources(stores: list[PromptStore], policy: str = "error",
     aligned = [prompts[np.searchsorted(ids, common)] for ids, prompts in tables]
     keep, out_of_scale = np.ones(len(common), bool), {}
     for store, prompts in zip(stores, aligned):
-        rms = rms_per_user(prompts)
         # the store's own median user RMS: a robust reference that no single user can move
-        bad = out_of_scale_rows(prompts, float(np.median(rms[np.isfinite(rms)])) if np.isfinite(rms).any()
-                                else 0.0, scale_bound)
+        bad = out_of_scale_rows(prompts, typical_rms(rms_per_user(prompts)), scale_bound)
         if bad.any():
             out_of_scale[store.path] = common[bad].tolist()
             keep &= ~bad
@@ -151,6 +151,7 @@ def plan_conversion(adapter_path: str, source_paths: list[str], target_path: str
                     for s in stores],
         "missing_policy": cfg.missing_policy,
         "max_prompt_scale": cfg.max_prompt_scale,  # part of what the output is: another bound, another output
+        "puma_ray": __version__,  # another code version may convert differently: its progress is not resumed
     }
     lineage = {"kind": "migrated", "adapter": adapter_path,
                "sources": [{"store": s.path, "model": s.manifest.model, "lineage": s.manifest.lineage}

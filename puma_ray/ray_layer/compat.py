@@ -66,3 +66,13 @@ def tune_report_callback():
     """Ray Train → Tune reporting callback (its import path moved in the V2 API)."""
     from ray.tune.integration.ray_train import TuneReportCallback
     return TuneReportCallback()
+
+
+def bootstrap_address(address: str) -> str | None:
+    """The host:port that ray.init(address) would connect to: "auto" is read from the session file Ray keeps under
+    its temp dir (the last `ray start`), a `ray://` client address is its host:port. Ray 2.60 keeps this in a
+    private module; None when nothing names a cluster."""
+    if address.startswith("ray://"):
+        return address[len("ray://"):].split("/")[0]
+    from ray._private.services import canonicalize_bootstrap_address
+    return canonicalize_bootstrap_address(address)

@@ -27,11 +27,12 @@ from puma_ray.artifacts.store import SHARD_DIR, PromptStore, StoreError, StoreWr
 from puma_ray.artifacts.store_index import sorted_member
 from puma_ray.config import EngineConfig, ModelConfig, PromptTrainConfig, TemplateConfig
 from puma_ray.errors import CheckpointError, PumaError
-from puma_ray.fs import StorageOptions, filesystem, join, pyarrow_filesystem, write_file
+from puma_ray.fs import StorageOptions, filesystem, join, pyarrow_filesystem, stamp, write_file
 from puma_ray.metrics import merge_partial_metrics, partial_metrics
 from puma_ray.tasks import get_task
 from puma_ray.training.cost import Cost
 from puma_ray.training.loop import EpochSteps, LoopState, describe_epoch, run_epochs
+from puma_ray.training.run_identity import RunIdentity
 
 from .compat import user_error
 from .progress import LiveLines, sender
@@ -247,6 +248,12 @@ def train_store_on_ray(store_path: str, model: ModelConfig, fingerprint: str, id
                 "task": task, "users": users, "records": records_path, "train": train, "store": store_path,
                 "shard_rows": shard_rows, "storage": storage, "threads": engine.threads_per_worker,
                 "progress": lines.queue, "pid_dir": pid_dir, "use_gpu": engine.use_gpu}
+    # checkpoints in a folder named by what makes this training: another config, model or records file is
+    # another run that starts fresh, never a resume of this one's prompts
+    ident = (RunIdentity("prompt-train").add("train", train).add("target", fingerprint).add("task", task)
+             .add("template", vars(template)).add("records", stamp(records_path, storage))
+             .add("item_texts", sorted((str(k), str(v)) for k, v in item_texts.items())).add_array("users", users))
+    run_name = f"{run_name}-{ident.hexdigest()}"
     afs, apath = pyarrow_filesystem(storage_path, storage)
     trainer = TorchTrainer(
         _worker, train_loop_config=loop_cfg,
@@ -302,6 +309,7 @@ def train_store_on_ray(store_path: str, model: ModelConfig, fingerprint: str, id
     fs.rm(join(root, RECORDS_DIR), recursive=True)
     counted.wall_s = wall
     return {"history": state.history, "best_epoch": state.best_epoch, "resumed_from": state.resumed_from,
+            "checkpoints": {"folder": join(storage_path, run_name), "resumed_from": state.resumed_from},
             "valid": {get_task(task).primary: state.best}, "cost": counted, "manifest": manifest, "head": head}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from puma_ray.artifacts.store import PromptStore, StoreError
+from puma_ray.artifacts.store import PromptStore, StoreError, typical_rms
 from puma_ray.artifacts.store_index import StoreIndex, sorted_positions
 from puma_ray.config import TemplateConfig
 from puma_ray.fs import StorageOptions
@@ -71,19 +71,19 @@ def shard_pass(stores: list[PromptStore], users: np.ndarray, model, storage, act
                               **actor_retries())
     labels, ffn_labels = np.full(len(users), -2, np.int32), np.full(len(users), -2, np.int32)
     seen = np.zeros(len(users), np.int64)
-    sumsq = np.zeros(len(stores))
+    sumsq = np.zeros((len(users), len(stores)))
     for batch in parts.iter_batches(batch_size=65_536, batch_format="numpy"):
         pos = sorted_positions(users, batch["user_id"].astype(str))
         kept = pos >= 0  # not kept: dropped by the missing-user policy
         labels[pos[kept]] = batch["label"][kept]
         ffn_labels[pos[kept]] = batch["ffn_label"][kept]
         np.add.at(seen, pos[kept], 1)
-        sumsq += np.asarray(batch["sumsq"], np.float64)[kept].sum(0)
+        sumsq[pos[kept]] = np.asarray(batch["sumsq"], np.float64)[kept]
     if (seen != 1).any():  # a user in no shard or in two: the store changed since it was indexed
         bad = int(np.flatnonzero(seen != 1)[0])
         raise StoreError(f"store {stores[0].path}: user {str(users[bad])!r} read {int(seen[bad])} times in its shards")
-    values = [len(users) * s.manifest.prompt_length * s.manifest.hidden_size for s in stores]
-    return labels, ffn_labels, [float(np.sqrt(s / v)) or 1.0 for s, v in zip(sumsq, values)]
+    values = [s.manifest.prompt_length * s.manifest.hidden_size for s in stores]
+    return labels, ffn_labels, [typical_rms(np.sqrt(sumsq[:, i] / v)) or 1.0 for i, v in enumerate(values)]
 
 
 def lean_ffn_clusters(plm, index: StoreIndex, users: np.ndarray, k: int, seed: int, sample: int):

@@ -3,9 +3,10 @@ loaded on every worker from its id/path (never checkpointed), training records s
 
 Checkpoints (every epoch, to the run's storage path, local or S3) hold only safetensors and JSON: the current and
 best adapter/head weights, each rank's Adam moments, and the loop state (history, early stopping, cost, the
-schedule's position). A run restarted with the same name and storage resumes from the latest, checked first (no
-pickle is ever read); a worker failure is retried from it (FailureConfig). With a different number of workers the
-weights resume and the optimizer moments restart (ZeRO partitions them per rank).
+schedule's position). The run's folder is `<run name>-<fit name>-<identity>` (training/run_identity.py: a hash of the
+fit's settings, inputs and code version): only the same fit restarted resumes from the latest checkpoint, checked
+first (no pickle is ever read); a worker failure is retried from it (FailureConfig). With a different number of
+workers the weights resume and the optimizer moments restart (ZeRO partitions them per rank).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.tasks import get_task
 from puma_ray.training.cost import Cost
 from puma_ray.training.evaluate import evaluate
-from puma_ray.training.fit import FitConfig, FitResult, adapter_param_groups, epoch_orders
+from puma_ray.training.fit import FitConfig, FitResult, adapter_param_groups, epoch_orders, fit_identity
 from puma_ray.training.loop import EpochSteps, LoopState, describe_epoch, lr_schedule, run_epochs
 from puma_ray.training.records import RecordSet
 
@@ -301,14 +302,20 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
         }
         lines = LiveLines(log)  # the workers' epoch lines, on the console as they happen
         loop_cfg["progress"] = lines.queue
+        # the run's folder is named by what makes the fit (settings, inputs, code version): only the same fit
+        # resumes; a rerun with other settings or another adapter starts fresh in a folder of its own
+        identity = fit_identity(plm, task, mapping, inputs, users, train, valid, head, cfg,
+                                {"zero_stage": engine.zero_stage, "precision": engine.precision,
+                                 "optimizer": engine.optimizer})
+        run = f"{run_name}-{name}-{identity}"
         # a resumed run restores its latest checkpoint: every one of them is checked here first (one line, no pickle)
-        check_run_checkpoints(storage_path, f"{run_name}-{name}", storage)
+        had_checkpoints = check_run_checkpoints(storage_path, run, storage) > 0
         fs, path = pyarrow_filesystem(storage_path, storage)
         trainer = TorchTrainer(
             _worker_loop, train_loop_config=loop_cfg,
             scaling_config=ScalingConfig(num_workers=engine.num_workers, use_gpu=engine.use_gpu,
                                          resources_per_worker={"CPU": engine.cpus_per_worker}),
-            run_config=RunConfig(name=f"{run_name}-{name}", storage_path=path, storage_filesystem=fs,
+            run_config=RunConfig(name=run, storage_path=path, storage_filesystem=fs,
                                  failure_config=FailureConfig(max_failures=engine.max_failures)),
             datasets={"train": train_ds})
         start = time.perf_counter()
@@ -327,6 +334,8 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
                 saved = json.load(f)
             best = load_file(os.path.join(d, _BEST))
         state = LoopState.from_json(saved["loop"])
+        if had_checkpoints and state.resumed_from is None:  # a finished fit rerun: nothing new ran or was saved
+            state.resumed_from = state.epoch
         if lines.lost:  # the live lines stopped with their queue: the whole history, as the checkpoint holds it
             for h in state.history:
                 log("  " + describe_epoch(h, get_task(task).primary))
@@ -340,6 +349,8 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
                     tokens_forward=counted.tokens_forward * world, tokens_backward=counted.tokens_backward * world,
                     flops_per_token=counted.flops_per_token, extra_flops=counted.extra_flops * world)
         return FitResult(fitted.mapping, fitted.head, state.history, state.best_epoch,
-                         {"best": state.best, "resumed_from": state.resumed_from}, cost)
+                         {"best": state.best, "resumed_from": state.resumed_from}, cost,
+                         checkpoints={"folder": join(storage_path, run), "identity": identity,
+                                      "resumed_from": state.resumed_from})
 
     return ray_fit

@@ -5,6 +5,7 @@ import datetime as _dt
 import os
 import platform
 import re
+import signal
 
 import torch
 
@@ -151,11 +152,34 @@ def user_errors_to_exit_code(body) -> int:
     full disk) is one `error:` line and exit 2. Whatever was half-written is not marked done (manifests and
     progress records are written last), so a rerun recovers."""
     import sys
+    previous = _sigterm_as_interrupt()
     try:
         return body()
     except (PumaError, OSError) as e:
         print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler, `kill`): one line, not a traceback
+        print("interrupted: nothing half-written is marked done; rerun the same command to resume", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+INTERRUPTED_EXIT = 130  # the shell's code for a run stopped by SIGINT; SIGTERM ends the same way here
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt in the main thread, so a `kill` takes the same way out as Ctrl-C: one line,
+    then exit_job shuts our Ray down (its worker processes go with it). Returns the previous handler (None when
+    not on the main thread, where Python cannot install one)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 # the libraries whose internal messages (deprecations, token-auth notices, progress chatter) go to the log file

@@ -21,6 +21,7 @@ from sklearn.decomposition import PCA
 
 from puma_ray.config import ConfigError
 from puma_ray.errors import SelectionError
+from puma_ray.selection.fence import FencedModel, RowFence, fence_rows
 
 
 @dataclass
@@ -194,10 +195,14 @@ def kmeans_sample_rows(n: int, seed: int, sample: int = 100_000) -> np.ndarray |
     return np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
 
 
-def sampled_kmeans(x_sample: np.ndarray, k: int, seed: int) -> MiniBatchKMeans:
-    """The model fitted on the rows kmeans_sample_rows named; `.predict` then assigns any chunk of users."""
-    return MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3).fit(
-        np.asarray(x_sample, dtype=np.float32))
+def sampled_kmeans(x_sample: np.ndarray, k: int, seed: int) -> FencedModel:
+    """The model fitted on the rows kmeans_sample_rows named (outliers beyond the fence left out); `.predict` then
+    assigns any chunk of users, outliers clipped onto the fence."""
+    x_sample = np.asarray(x_sample, dtype=np.float32)
+    fence = RowFence.fit(x_sample)
+    inliers = fence.inliers(x_sample)
+    fit_rows = x_sample[inliers] if inliers.sum() >= k else x_sample
+    return FencedModel(fence, MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3).fit(fit_rows))
 
 
 def kmeans_labels(x: np.ndarray, k: int, seed: int, sample: int = 100_000) -> np.ndarray:
@@ -207,7 +212,12 @@ def kmeans_labels(x: np.ndarray, k: int, seed: int, sample: int = 100_000) -> np
     x = np.asarray(x, dtype=np.float32)
     rows = kmeans_sample_rows(len(x), seed, sample)
     if rows is None:
-        return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
+        fence = RowFence.fit(x)
+        inliers = fence.inliers(x)
+        if inliers.all() or inliers.sum() < k:
+            return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
+        # the outliers do not move the centres; each still gets the cluster nearest its clipped row
+        return KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x[inliers]).predict(fence.apply(x))
     model = sampled_kmeans(x[rows], k, seed)
     return np.concatenate([model.predict(x[i:i + 65_536]) for i in range(0, len(x), 65_536)])
 
@@ -319,7 +329,13 @@ def kmeans_pca(inputs, budget, k, seed):
     rng = np.random.default_rng(seed)
     prompts = inputs.need("prompts")
     n_comp = min(_opt(inputs, "pca_components", 32), prompts.shape[1], len(inputs))
-    reduced = PCA(n_components=n_comp, random_state=seed).fit_transform(prompts)
+    fence = RowFence.fit(prompts)  # the axes of the users inside the fence, not of one outlier's direction
+    inliers = fence.inliers(prompts)
+    pca = PCA(n_components=n_comp, random_state=seed)
+    if inliers.all() or inliers.sum() < n_comp:
+        reduced = pca.fit_transform(prompts)
+    else:
+        reduced = pca.fit(prompts[inliers]).transform(fence.apply(prompts))
     return stratified_within(_clusters(reduced, k, seed, inputs), budget, k, rng, _uniform_pick(rng))
 
 
@@ -327,7 +343,7 @@ def kmeans_pca(inputs, budget, k, seed):
 def kmeans_fps(inputs, budget, k, seed):
     rng = np.random.default_rng(seed)
     return stratified_within(_prompt_clusters(inputs, k, seed), budget, k, rng,
-                             _farthest_point_pick(inputs.need("prompts")))
+                             _farthest_point_pick(fence_rows(inputs.need("prompts"))))
 
 
 def _kmeans_binned(clusters, values, inputs, budget, k, seed):

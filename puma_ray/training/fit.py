@@ -7,6 +7,7 @@ runs the same epoch loop (training/loop.py), batches and parameter groups inside
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +25,11 @@ from puma_ray.training.cost import Cost
 from puma_ray.training.evaluate import evaluate
 from puma_ray.training.loop import EpochSteps, lr_schedule, run_epochs
 from puma_ray.training.records import RecordSet, forward_batch
+from puma_ray.training.run_identity import RunIdentity
+
+# FitConfig fields that do not make a fit another one: more epochs continue the same fit (a rerun with a larger
+# fit.epochs resumes it), patience only says when to stop, the evaluation batch changes no number
+_NOT_IDENTITY = ("epochs", "patience", "eval_batch_size")
 
 
 @dataclass
@@ -61,6 +67,14 @@ class FitResult:
     best_epoch: int
     valid: dict
     cost: Cost
+    # where a resumable fit kept its checkpoints and whether it resumed ({"folder", "identity", "resumed_from":
+    # the epoch it went on from, or None}); None for a fit that keeps none (this process's)
+    checkpoints: dict | None = None
+
+    def summary(self) -> dict:
+        """The fit's entry in a report: its history, best epoch and, when it has them, its checkpoints."""
+        out = {"history": self.history, "best_epoch": self.best_epoch}
+        return {**out, "checkpoints": self.checkpoints} if self.checkpoints is not None else out
 
 
 def mapped_prompts(mapping: nn.Module, inputs: list[np.ndarray]):
@@ -94,6 +108,22 @@ def epoch_orders(n_records: int, seed: int):
         drawn[0] += 1
         return rng.permutation(n_records)
     return order
+
+
+def fit_identity(plm: PromptedLM, task: str, mapping: nn.Module, inputs: list[np.ndarray], users: np.ndarray,
+                 train: pd.DataFrame, valid: pd.DataFrame, head: nn.Module, cfg: FitConfig,
+                 engine: dict | None = None) -> str:
+    """The short hash naming a fit's checkpoint folder: its settings (`engine`: the runner's, such as precision),
+    the target model and template, the mapping and head as they start, the source prompts, users and records."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY}
+    ident = RunIdentity("adapter-fit").add("fit", settings).add("engine", engine or {}).add("task", task)
+    ident.add("target", plm.backbone.identity.fingerprint).add("template", vars(plm.template)).add("l", plm.l)
+    ident.add("item_texts", sorted((str(k), str(v)) for k, v in (plm.item_texts or {}).items()))
+    ident.add_module("mapping", mapping).add_module("head", head).add_array("users", np.asarray(users, dtype=str))
+    for i, x in enumerate(inputs):
+        ident.add_array(f"inputs.{i}", np.asarray(x, dtype=np.float32))
+    columns = ["user_id", "item_id", "label", "timestamp", "history"]
+    return ident.add_frame("train", train, columns).add_frame("valid", valid, columns).hexdigest()
 
 
 def fit_mapping(plm: PromptedLM, task: str, mapping: nn.Module, inputs: list[np.ndarray], users: np.ndarray,

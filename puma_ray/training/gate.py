@@ -46,21 +46,37 @@ def record_losses(task: str, labels: np.ndarray, pred: np.ndarray) -> np.ndarray
     return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
 
 
-def per_user_gate(user_ids: np.ndarray, task: str, labels: np.ndarray, old_pred: np.ndarray,
-                  new_pred: np.ndarray, cfg: GateConfig | None = None) -> pd.DataFrame:
-    """One row per user: records, old and new mean loss, their difference, t, one-sided p-values, verdict."""
-    cfg = cfg or GateConfig()
+STAT_COLUMNS = ("records", "old_sum", "new_sum", "diff_sum", "diff_sqsum")  # what partial passes add up
+
+
+def user_loss_stats(user_ids: np.ndarray, task: str, labels: np.ndarray, old_pred: np.ndarray,
+                    new_pred: np.ndarray) -> pd.DataFrame:
+    """Per-user sums of one pass over some records (indexed by user_id): passes over disjoint records (actors'
+    batches, shards) add up, so a million users' gate never gathers their records in one place."""
     old, new = record_losses(task, labels, old_pred), record_losses(task, labels, new_pred)
-    frame = pd.DataFrame({"user_id": np.asarray(user_ids).astype(str), "old": old, "new": new, "diff": new - old})
-    g = frame.groupby("user_id", sort=True)
-    table = pd.DataFrame({"records": g.size(), "old_loss": g["old"].mean(), "new_loss": g["new"].mean(),
-                          "diff": g["diff"].mean(), "sd": g["diff"].std(ddof=1).fillna(0.0)})
-    n = table["records"].to_numpy(np.float64)
-    mean, sd = table["diff"].to_numpy(), table["sd"].to_numpy()
+    diff = new - old
+    frame = pd.DataFrame({"user_id": np.asarray(user_ids).astype(str), "records": 1, "old_sum": old,
+                          "new_sum": new, "diff_sum": diff, "diff_sqsum": diff * diff})
+    return frame.groupby("user_id", sort=True)[list(STAT_COLUMNS)].sum()
+
+
+def gate_from_stats(sums: pd.DataFrame, cfg: GateConfig | None = None) -> pd.DataFrame:
+    """One row per user from `user_loss_stats` sums: records, old and new mean loss, their difference, t,
+    one-sided p-values, verdict."""
+    cfg = cfg or GateConfig()
+    n = sums["records"].to_numpy(np.float64)
+    mean = sums["diff_sum"].to_numpy() / n
+    # sample variance from the sums; clipped at 0 (cancellation when every difference is the same)
+    var = np.maximum(sums["diff_sqsum"].to_numpy() - n * mean * mean, 0.0) / np.maximum(n - 1, 1)
+    sd = np.where(n > 1, np.sqrt(var), 0.0)
+    table = pd.DataFrame({"user_id": sums.index.astype(str), "records": n.astype(np.int64),
+                          "old_loss": sums["old_sum"].to_numpy() / n, "new_loss": sums["new_sum"].to_numpy() / n,
+                          "diff": mean})
     with np.errstate(divide="ignore", invalid="ignore"):
         t = mean / (sd / np.sqrt(n))
-    # no spread: every record moved by the same amount; a test has nothing to weigh, the sign decides (p 0 or 1)
-    flat = sd <= 1e-12 * np.maximum(np.abs(mean), 1.0)
+    # no spread: every record moved by the same amount; a test has nothing to weigh, the sign decides (p 0 or 1).
+    # The bound allows the float error of the sums (var from sums of squares loses ~1e-8 relative)
+    flat = sd <= 1e-6 * np.maximum(np.abs(mean), 1e-6)
     t = np.where(flat, np.where(mean > 0, np.inf, np.where(mean < 0, -np.inf, 0.0)), t)
     dof = np.maximum(n - 1, 1)
     p_worse = np.where(flat & (mean == 0), 1.0, stats.t.sf(t, dof))
@@ -70,7 +86,13 @@ def per_user_gate(user_ids: np.ndarray, task: str, labels: np.ndarray, old_pred:
     better = enough & (p_better < cfg.alpha) & (mean < -cfg.margin)
     table["t"], table["p_worse"], table["p_better"] = t, p_worse, p_better
     table["verdict"] = np.where(worse, "worse", np.where(better, "better", "unchanged"))
-    return table.drop(columns="sd").reset_index()
+    return table
+
+
+def per_user_gate(user_ids: np.ndarray, task: str, labels: np.ndarray, old_pred: np.ndarray,
+                  new_pred: np.ndarray, cfg: GateConfig | None = None) -> pd.DataFrame:
+    """The gate over records in one place: `gate_from_stats` of their per-user sums."""
+    return gate_from_stats(user_loss_stats(user_ids, task, labels, old_pred, new_pred), cfg)
 
 
 def gate_summary(table: pd.DataFrame, cfg: GateConfig | None = None) -> dict:

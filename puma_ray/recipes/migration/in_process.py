@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from puma_ray.artifacts.store import PromptStore, StoreError
+from puma_ray.artifacts.store import PromptStore, StoreError, prompt_scale
 from puma_ray.config import ModelConfig, PromptTrainConfig, TemplateConfig
 from puma_ray.conversion.run import JoinedSources, join_sources, run_locally
 from puma_ray.data import Dataset, load_dataset
@@ -28,7 +28,7 @@ from .handles import FitData, Fits, Fitted, Selection, Sources, Statistics
 
 
 def prompt_rms(prompts: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(prompts, dtype=np.float64)))) or 1.0
+    return prompt_scale(prompts)
 
 
 def user_statistics(cfg: SelectionConfig, needs, joined: JoinedSources, ds: Dataset, source_plm, source_head, task,

@@ -49,7 +49,7 @@ def migration_report(cfg: MigrateJobConfig, *, task, sources, target, budget, us
         "methods": methods, "reference": reference, "cost": costs, "primary_metric": metric,
         "store": target_path, "adapter": adapter_path, "conversion": conversion,
         "source_training": {p: {"methods": r["methods"], "cost": r["cost"]} for p, r in source_reports.items()},
-        "fits": {k: {"history": v.history, "best_epoch": v.best_epoch} for k, v in fits.items()},
+        "fits": {k: v.summary() for k, v in fits.items()},
         "data": data, "wall_s": round(wall_s, 2),
         "provenance": provenance(to_dict(cfg)), "foundations": foundation_cards(cfg), **extra,
     }
