@@ -35,13 +35,13 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_MODEL, TARGET_MODEL = "tiny:llama", "tiny:qwen2"
 PROMPT_LENGTH = 1
-# a job log line that marks where a stage begins (jobs/migrate.py via puma_ray.recipes.migrate.run or, with
-# --driver lean, puma_ray.ray_layer.lean_migrate.run_lean): (how, text, stage)
+# a job log line that marks where a stage begins (jobs/migrate.py: puma_ray.recipes.migration's stages under the
+# in-process executor or, with --driver lean, the Ray executor): (how, text, stage)
 STAGES = {
     "full": (("startswith", "data {", "source store read + join, variance (Ray Data), K-means"),
              ("startswith", "selection ", "target load, test RecordSet"),
-             ("startswith", "fit puma", "adapter fit (Ray Train)"),
-             ("startswith", "  epoch ", "test evaluation (driver), adapter save"),
+             ("startswith", "fit puma", "adapter fit (Ray Train), adapter save"),
+             ("startswith", "evaluate puma", "test evaluation (driver)"),
              ("contains", "_UnitActor", "conversion (Ray Data actor pool)"),
              ("startswith", "converted ", "report, Ray shutdown")),
     "lean": (("startswith", "data ", "store index, K-means sample, shard pass (actors)"),

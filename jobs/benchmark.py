@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from puma_ray.recipes.benchmark import Benchmark
-from puma_ray.recipes.engine import engine_functions
+from puma_ray.recipes.engine import migration_executor
 from puma_ray.recipes.jobs import JOBS
 from puma_ray.recipes.runs import (
     exit_job,
@@ -31,7 +31,7 @@ JOB = JOBS["benchmark"]
 def run_benchmark(config: str, output: str | None, overrides: list[str], command: str) -> tuple[str, float]:
     """Runs the benchmark; benchmark.md is rewritten after each experiment. Returns (benchmark.md, wall seconds)."""
     cfg = JOB.load(config, overrides)
-    bench = Benchmark(cfg, new_run_dir(output, "benchmark"), engine=engine_functions)
+    bench = Benchmark(cfg, new_run_dir(output, "benchmark"), engine=migration_executor)
     print(f"library and Ray messages: {library_logs_to_file(bench.output, 'benchmark')}")
     set_threads(bench.base.threads)
     storage = bench.base.storage

@@ -9,9 +9,9 @@ Writes the target store, the adapter and report.json under --output (default: a 
 """
 from __future__ import annotations
 
-from puma_ray.recipes.engine import engine_functions, migration_runner
+from puma_ray.recipes.engine import migration_executor
 from puma_ray.recipes.jobs import JOBS
-from puma_ray.recipes.migrate import format_report, resolve_foundations
+from puma_ray.recipes.migration import format_report, resolve_foundations, run
 from puma_ray.recipes.runs import (
     exit_job,
     job_args,
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
         output = new_run_dir(args.output, "migrate")
         print(f"library and Ray messages: {library_logs_to_file(output, 'migrate')}")
         cfg = resolve_foundations(cfg)  # before the Ray layer: its Train workers load the pretrained folders
-        run = migration_runner(cfg)  # before Ray starts: a setting the lean driver cannot honour is one line
-        report = run(cfg, output, **engine_functions(cfg, output))
+        # before Ray starts: a setting the lean driver cannot honour is one line
+        report = run(cfg, output, executor=migration_executor(cfg, output))
         write_json(report_path(output), report, cfg.storage)
         report_md = write_migration_report(report, output, cfg.storage)
         print(format_report(report))

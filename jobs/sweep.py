@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         set_threads(cfg.job.threads)
         output = new_run_dir(args.output, "sweep")
         print(f"library and Ray messages: {library_logs_to_file(output, 'sweep')}")
-        from puma_ray.ray_layer import run_sweep
+        from puma_ray.recipes.sweep_on_tune import run_sweep
         report = run_sweep(cfg, output)
         paths = write_outputs(report, cfg.migrate, output, cfg.job.storage)
         rec = report["recommended"]

@@ -35,7 +35,7 @@ _PUBLIC = {
     "puma_ray.conversion.plan": ["ConvertConfig"],
     "puma_ray.conversion.run": ["convert"],
     "puma_ray.recipes.jobs": ["JOBS"],
-    "puma_ray.recipes.migrate": ["MigrateJobConfig"],
+    "puma_ray.recipes.migration.config": ["MigrateJobConfig"],
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
 __all__ = ["__version__", *_HOME]

@@ -155,6 +155,14 @@ def write_json(fs, path: str, data, indent: int | None = 1) -> None:
     write_file(fs, path, json.dumps(redact(data), indent=indent, default=str).encode())
 
 
+def write_json_to(path: str, data, storage: StorageOptions | None = None) -> None:
+    """write_json at a path (local or s3://), its local folder made first."""
+    fs, inner = filesystem(path, storage)
+    if not is_remote(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json(fs, inner, data)
+
+
 def read_json(fs, path: str, what: str, error: type[Exception] = ValueError):
     """A JSON document we wrote, read back; an unreadable one (truncated by an older version's non-atomic write,
     or not JSON at all) is one `error` naming `what`, never a JSONDecodeError traceback."""

@@ -177,3 +177,62 @@ def load_job():
         return module
 
     return load
+
+
+# ---------------------------------------------------------------------------------------------- Parquet data + a store
+SHARD_ROWS = 64  # several shards even for a few hundred users: the shard pass and StoreIndex cross shards
+
+
+def write_random_store(path: str, users: np.ndarray, model: str = "tiny:llama", seed: int = 0,
+                       shard_rows: int = SHARD_ROWS) -> str:
+    """Random prompts at the model's embedding scale, two clusters of users apart (K-means has something to
+    find), bound to the model's identity; users written in a shuffled order (shards are not id ranges)."""
+    from puma_ray.artifacts.store import StoreWriter
+    from puma_ray.config import TemplateConfig, to_dict
+    from puma_ray.models.backbone import embedding_rms, load_backbone
+    from puma_ray.models.heads import RatingHead, head_config
+    backbone = load_backbone(model)
+    d, rms = backbone.identity.hidden_size, embedding_rms(backbone.model)
+    rng = np.random.default_rng(seed)
+    prompts = (rng.standard_normal((len(users), 1, d)) * rms).astype(np.float32)
+    prompts[: len(users) // 2] += 2 * rms
+    order = rng.permutation(len(users))
+    writer = StoreWriter(path, backbone.identity, 1, to_dict(TemplateConfig()), "rating", shard_rows=shard_rows,
+                         lineage={"kind": "trained", "data": "toy", "note": "random"})
+    for start in range(0, len(users), shard_rows):
+        rows = order[start:start + shard_rows]
+        writer.write_shard(users[rows], prompts[rows])
+    head = RatingHead()
+    writer.write_head(head.state_dict(), head_config("rating", head))
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def lean_data(tmp_path_factory):
+    """240 toy users as parquet files + a tiny:llama source store of them."""
+    from puma_ray.data import save_dataset
+    folder = tmp_path_factory.mktemp("lean")
+    ds = make_toy_dataset(n_users=240, records_per_user=12)
+    paths = save_dataset(ds, str(folder / "data"))
+    store = write_random_store(str(folder / "source-store"), np.sort(ds.users.astype(str)))
+    return ds, paths, store, folder
+
+
+def lean_config(lean_data, output: str, change: dict | None = None):
+    """A migrate config over lean_data for the Ray executor (engine.driver lean): what it can run, small."""
+    from puma_ray.config import from_dict
+    from puma_ray.recipes.migration import MigrateJobConfig
+    _, paths, store, _ = lean_data
+    raw = {"sources": [{"store": store, "model": {"name": "tiny:llama"}}], "target": {"name": "tiny:qwen2"},
+           "data": {"name": "parquet", "paths": paths},
+           "selection": {"strategy": "kmeans_variance", "k": 4, "budget": 30, "valid_users": 20,
+                         "kmeans_sample": 100},
+           "fit": {"epochs": 1, "batch_size": 32, "lr": 0.01, "patience": 1},
+           "baselines": {"source": True, "random_init": False, "linear": True, "full_retrain": False,
+                         "fits_on": "local"},
+           "store": {"shard_rows": SHARD_ROWS}, "convert": {"actors": 1, "progress": False},
+           "engine": {"kind": "ray", "num_workers": 1, "driver": "lean", "actors": 2}}
+    for section, values in (change or {}).items():
+        raw[section] = {**raw[section], **values}
+    return from_dict(MigrateJobConfig, raw, "test")

@@ -102,7 +102,7 @@ def test_launcher_semantics():
 
 
 def test_paper_config_fits_the_launcher_cluster():
-    from puma_ray.recipes.migrate import MigrateJobConfig
+    from puma_ray.recipes.migration import MigrateJobConfig
     engine = load_job_config(MigrateJobConfig, str(CONFIGS / "migrate_llama1b_to_3b_amazon.yaml")).engine
     cfg = _yaml(LAUNCHER)
     node = cfg["available_node_types"]["a100"]

@@ -165,7 +165,7 @@ def test_shared_prompt_is_one_prompt_for_everyone(toy_dataset):
 def test_migration_between_two_foundations(toy_dataset, tmp_path, monkeypatch):
     """foundation:<family> names work in a migrate config: both pretrained on the run's data (train split), the
     source store bound to its foundation, the report carries both cards and the reference rows."""
-    import puma_ray.recipes.migrate as migration
+    import puma_ray.recipes.migration as migration
     from puma_ray.artifacts.store import PromptStore
     from puma_ray.config import from_dict, to_dict
     from puma_ray.data import save_dataset

@@ -66,7 +66,7 @@ def test_multi_token_label_is_one_line_and_exit_2(job, toy_data, tmp_path):
 ])
 def test_impossible_selection_is_refused_before_any_training(selection, message, toy_data, tmp_path):
     """Checked against the users as soon as the data is read: no source store is trained first."""
-    import puma_ray.recipes.migrate as migrate
+    import puma_ray.recipes.migration as migrate
     from puma_ray.config import from_dict
     from puma_ray.errors import ConfigError
     config = _migrate(toy_data)

@@ -1,6 +1,6 @@
 """The package layout holds: dependencies point one way (no import cycle, type-only ones included), no module
-imports another's private name, jobs never patch sys.path, the core imports no Ray, and the public surface of
-`puma_ray` resolves without importing torch."""
+imports another's private name, layers only point down (the Ray layer and the reports import no recipe), jobs never
+patch sys.path, the core imports no Ray, and the public surface of `puma_ray` resolves without importing torch."""
 from __future__ import annotations
 
 import ast
@@ -79,6 +79,20 @@ def test_no_private_names_across_modules():
             if module.startswith("puma_ray") and module != name:
                 crossings += [f"{name} imports {module}.{n}" for n in names if n.startswith("_") and n != "__version__"]
     assert not crossings, crossings
+
+
+def test_layers_only_point_down():
+    """ray_layer/ offers Ray utilities and reports/ renders results: neither imports a recipe, lazily or not (the
+    recipes sit on top of both). Every import at any depth, as `git grep "from puma_ray.recipes"` would show."""
+    upward = [f"{name} imports {module}" for name, path in MODULES.items()
+              if name.startswith(("puma_ray.ray_layer", "puma_ray.reports"))
+              for module, names in _imports(path)
+              if any(m == "puma_ray.recipes" or m.startswith("puma_ray.recipes.")
+                     for m in [module, *(f"{module}.{n}" for n in names)])]
+    assert not upward, upward
+    grep = subprocess.run(["git", "grep", "-n", "-e", "from puma_ray.recipes", "-e", "import puma_ray.recipes", "--",
+                           "puma_ray/ray_layer", "puma_ray/reports"], cwd=REPO, capture_output=True, text=True)
+    assert grep.returncode == 1 and not grep.stdout, grep.stdout
 
 
 def test_core_imports_no_ray():

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import puma_ray.recipes.migrate as migration
+import puma_ray.recipes.migration as migration
 from puma_ray.artifacts.adapter_io import load_adapter
 from puma_ray.artifacts.store import PromptStore, StoreError, write_store
 from puma_ray.config import ConfigError, from_dict
@@ -117,6 +117,7 @@ def test_single_source_target_store(run_a, toy_dataset):
     assert config["sources"][0]["fingerprint"] == source.identity.fingerprint
     assert config["target"]["fingerprint"] == target.identity.fingerprint
     assert config["selection"]["users_selected"] == 10 and config["selection"]["users_total"] == 40
+    assert config["metrics"] == report["methods"]["puma"]  # the artifact says how good it is on the test records
     _, src_prompts = source.read_all()
     with torch.no_grad():
         mapped = adapter(torch.from_numpy(src_prompts.copy())).numpy()

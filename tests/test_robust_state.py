@@ -16,7 +16,7 @@ def _clustered(n_per=30, k=4, d=16, seed=0):
 
 @pytest.mark.parametrize("factor", [50.0, 1e6])
 def test_one_outlier_prompt_does_not_move_the_source_scale(factor):
-    from puma_ray.recipes.migrate import prompt_rms
+    from puma_ray.recipes.migration.in_process import prompt_rms
     prompts = np.random.default_rng(0).normal(0, 0.02, (40, 1, 48)).astype(np.float32)
     clean = prompt_rms(prompts)
     prompts[7] *= factor  # finite, inside or beyond the out-of-scale bound: either way it must not set the scale

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from puma_ray.config import ConfigError, from_dict
-from puma_ray.recipes.migrate import MigrateJobConfig
+from puma_ray.recipes.migration import MigrateJobConfig
 from puma_ray.recipes.runs import load_job_config
 from puma_ray.recipes.sweep import (
     SearchConfig,
@@ -165,7 +165,7 @@ def _sizing(engine: dict, search: dict | None = None):
 
 
 def test_trial_resources_leave_room_for_train_workers():
-    from puma_ray.ray_layer.tune import trial_resources
+    from puma_ray.recipes.sweep_on_tune import trial_resources
     two = {"CPU": 2.0}
     assert trial_resources(_sizing({"kind": "local"}), two) == ({"cpu": 1.0}, 2)
     assert trial_resources(_sizing({"kind": "local"}, {"max_concurrent_trials": 1}), two) == ({"cpu": 1.0}, 1)
@@ -185,11 +185,11 @@ def test_search_space_kinds():
     grid = search_space(SearchConfig(strategies=["random", "kmeans_pca"], budgets=[5, 0.5]))
     assert grid["strategy"] == tune.grid_search(["random", "kmeans_pca"])
     assert grid["budget"] == tune.grid_search([5, 0.5])
-    assert search_algorithm(SearchConfig(), up=False) is None
+    assert search_algorithm(SearchConfig(), {"quality": "min", "llm_record_passes": "min"}) is None
     space = search_space(SearchConfig(kind="optuna", lrs=[0.01, 0.001]))
     assert space["lr"].lower == 0.001 and space["lr"].upper == 0.01
     assert search_space(SearchConfig(kind="optuna", lrs=[0.01]))["lr"] == 0.01
-    algo = search_algorithm(SearchConfig(kind="optuna"), up=True)
+    algo = search_algorithm(SearchConfig(kind="optuna"), {"quality": "max", "llm_record_passes": "min"})
     assert algo.metric == ["quality", "llm_record_passes"] and algo.mode == ["max", "min"]
 
 

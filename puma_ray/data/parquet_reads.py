@@ -1,6 +1,6 @@
 """Reads of the records' Parquet files that never materialise the whole table: one user set, or some splits.
 
-The lean driver (ray_layer/lean_migrate.py) reads its fit users' records this way, each Eq. 1 worker on Ray Train
+The Ray executor (recipes/migration/on_ray.py) reads its fit users' records this way, each Eq. 1 worker on Ray Train
 its own users' (ray_layer/prompt_train.py), and the reference-rows task the train and test splits. pyarrow skips
 row groups and rows by the filter; nothing becomes a Python object per record until the final frame.
 """

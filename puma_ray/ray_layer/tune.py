@@ -1,54 +1,13 @@
-"""The sweep on Ray Tune: each trial a Tune function trainable that selects users, fits the adapter and scores it on
-the validation records (puma_ray.recipes.sweep.run_trial); with engine.kind "ray" the fit is a Ray Train + DeepSpeed run
-started from inside the trial (Train V2: a TorchTrainer's fit() called in the trainable), with "local" the
-in-process fit.
-
-Resources, so that concurrent trials never starve each other (a 2-CPU machine hangs silently otherwise):
-- engine "ray": a trial process reserves only `search.driver_cpus` (it selects and evaluates); its Train run
-  reserves num_workers x cpus_per_worker in a placement group of its own, outside the trial's. Tune knows nothing of
-  the latter, so the number of concurrent trials is capped at what the cluster holds for driver + workers together
-  (and at search.max_concurrent_trials): a trial never waits for Train workers that other trials hold.
-- engine "local": a trial reserves `search.cpus_per_trial` and fits in its own process with as many torch threads.
-
-The shared work (data, source stores, per-user features) is done once in the driver; trials get it as one
-object-store reference (tune.with_parameters). Trials report once, at the end: their objectives (validation quality,
-LLM record passes) exist only after the fit and the evaluation, and an intermediate report without them fails Tune's
-strict metric check under a searcher with metrics (Optuna).
-"""
+"""Ray Tune, as the sweep recipe (recipes/sweep_on_tune.py) uses it: the search space and searcher of a
+SearchConfig, a trial's id and its one report, and a Tuner run over a function trainable."""
 from __future__ import annotations
 
-import json
-import os
-import time
-
-import ray
 from ray import tune
 
-from puma_ray.config import to_dict
-from puma_ray.data import records_in_place
-from puma_ray.fs import is_remote, join, pyarrow_filesystem
-from puma_ray.recipes.migrate import resolve_foundations
-from puma_ray.recipes.runs import provenance
-from puma_ray.recipes.sweep import (
-    COST_KEY,
-    SETTING_KEYS,
-    SearchConfig,
-    SweepError,
-    SweepJobConfig,
-    build_report,
-    check_feasible,
-    maximize,
-    prepare_context,
-    run_trial,
-)
-from puma_ray.selection.statistics import label_variance
-from puma_ray.training.reference import reference_metrics
-
-from .data import make_variance_fn
-from .session import ensure_ray
+from puma_ray.fs import StorageOptions, pyarrow_filesystem
 
 
-def search_space(search: SearchConfig) -> dict:
+def search_space(search) -> dict:
     """grid: every combination of the listed values; optuna: categorical strategy / K / budget, lr log-uniform
     between the smallest and largest listed (a constant when only one is listed)."""
     if search.kind == "grid":
@@ -59,106 +18,37 @@ def search_space(search: SearchConfig) -> dict:
             "budget": tune.choice(list(search.budgets)), "lr": tune.loguniform(lo, hi) if lo < hi else lo}
 
 
-def search_algorithm(search: SearchConfig, up: bool):
-    """None (Tune's grid/variant generator) or multi-objective Optuna: quality (max for AUC, min for RMSE) and
-    LLM record passes (min)."""
+def search_algorithm(search, objectives: dict[str, str]):
+    """None (Tune's grid/variant generator) or multi-objective Optuna over `objectives` ({metric: "max"/"min"})."""
     if search.kind == "grid":
         return None
     from ray.tune.search.optuna import OptunaSearch
-    return OptunaSearch(metric=["quality", COST_KEY], mode=["max" if up else "min", "min"], seed=search.seed)
+    return OptunaSearch(metric=list(objectives), mode=list(objectives.values()), seed=search.seed)
 
 
-def trial_resources(cfg: SweepJobConfig, cluster: dict) -> tuple[dict, int]:
-    """({"cpu": .., "gpu": ..} of a trial's own process, how many trials may run at once)."""
-    engine, search = cfg.job.engine, cfg.search
-    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    if engine.kind == "local":
-        own, need_cpu, need_gpu = search.cpus_per_trial, search.cpus_per_trial, 0.0
-    else:  # the Train run's workers sit in their own placement group: count them here, reserve them there
-        own = search.driver_cpus
-        need_cpu = own + engine.num_workers * engine.cpus_per_worker
-        need_gpu = engine.num_workers if engine.use_gpu else 0.0
-    fits = int(cpus / need_cpu + 1e-9)
-    if need_gpu:
-        fits = min(fits, int(gpus / need_gpu + 1e-9))
-    if fits < 1:
-        raise SweepError(f"one trial needs {need_cpu:g} CPU(s)" + (f" and {need_gpu:g} GPU(s)" if need_gpu else "")
-                         + f" (trial process + Train workers); the cluster has {cpus:g} CPU(s), {gpus:g} GPU(s): "
-                         "lower engine.num_workers / engine.cpus_per_worker / search.driver_cpus")
-    return {"cpu": own}, min(fits, search.max_concurrent_trials or fits)
+def trial_id() -> str:
+    return tune.get_context().get_trial_id()
 
 
-def _trial(config: dict, ctx, cfg: SweepJobConfig, train_storage: str) -> None:
-    """One Tune trial (runs in a Tune actor): run_trial with this process's or a Ray Train fit, then one report."""
-    import warnings
-
-    import torch
-
-    from puma_ray.training.fit import fit_mapping
-
-    from .train import make_ray_fit
-    job = cfg.job
-    trial_id = tune.get_context().get_trial_id()
-    setting = {k: config[k] for k in SETTING_KEYS}
-    # the shared arrays arrive read-only from the object store; they are only ever read
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    if job.engine.kind == "local":
-        torch.set_num_threads(job.threads or max(1, int(cfg.search.cpus_per_trial)))
-        fit_fn = fit_mapping
-    else:
-        torch.set_num_threads(1)  # this process only evaluates; the Train workers set their own threads
-        fit_fn = make_ray_fit(job.engine, job.target, train_storage, job.storage,
-                              run_name=f"{job.engine.run_name or 'sweep'}-{trial_id}")
-    trial = run_trial(ctx, job, setting, fit_fn, log=lambda m: print(f"[trial {trial_id}] {m}", flush=True))
-    trial["trial_id"] = trial_id
-    tune.report({"quality": trial["quality"], COST_KEY: trial["cost"][COST_KEY], "trial_json": json.dumps(trial)})
+def report_trial(metrics: dict) -> None:
+    tune.report(metrics)
 
 
-def run_sweep(cfg: SweepJobConfig, output: str, log=print) -> dict:
-    """The whole sweep: shared preparation, the Tune run, the report (recipes.sweep.build_report's contract)."""
-    start = time.perf_counter()
-    cfg.job = resolve_foundations(cfg.job, log)  # pretrained once here; every trial loads the same folders
-    job, search = cfg.job, cfg.search
-    output = output if is_remote(output) else os.path.abspath(output)  # trial processes run elsewhere
-    # trials keep the driver's working directory (relative model folders, data paths), not Tune's trial folder
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    ensure_ray(job.engine.address, job.engine.local_cpus)
-    variance_fn = label_variance
-    if job.engine.kind == "ray":
-        records = records_in_place(job.data, job.storage)
-        variance_fn = make_variance_fn(records, job.storage)
-    ctx = prepare_context(job, search.strategies, output, log, variance_fn)
-    check_feasible(search, ctx)
-    resources, concurrent = trial_resources(cfg, ray.cluster_resources())
-    up = maximize(ctx.metric)
-    trials_planned = search.grid_size() * search.num_samples if search.kind == "grid" else search.num_samples
-    log(f"sweep ({search.kind}): {trials_planned} trials, {concurrent} at a time, each {resources} "
-        f"+ engine {job.engine.kind}")
-    train_storage = job.engine.storage_path or join(output, "train")
-    if not is_remote(train_storage):
-        train_storage = os.path.abspath(train_storage)
-    fs, path = pyarrow_filesystem(search.storage_path or join(output, "tune"), job.storage)
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx, cfg=cfg, train_storage=train_storage),
-                                    resources)
+def run_tuner(trainable, resources: dict, param_space: dict, *, num_samples: int, max_concurrent: int, search_alg,
+              storage_path: str, storage: StorageOptions | None, **parameters) -> list:
+    """Tune results of `trainable(config, **parameters)` (the parameters shipped once through the object store),
+    each trial holding `resources`."""
+    fs, path = pyarrow_filesystem(storage_path, storage)
+    runnable = tune.with_resources(tune.with_parameters(trainable, **parameters), resources)
     tuner = tune.Tuner(
-        trainable, param_space=search_space(search),
-        tune_config=tune.TuneConfig(num_samples=search.num_samples, max_concurrent_trials=concurrent,
-                                    search_alg=search_algorithm(search, up),
+        runnable, param_space=param_space,
+        tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=max_concurrent,
+                                    search_alg=search_alg,
                                     reuse_actors=True),  # a trial process imports torch + transformers once
         run_config=tune.RunConfig(name="sweep", storage_path=path, storage_filesystem=fs, verbose=1))
-    results = tuner.fit()
-    trials, failed = [], []
-    for result in results:
-        setting = {k: (result.config or {}).get(k) for k in SETTING_KEYS}
-        if result.error is not None or not result.metrics or "trial_json" not in result.metrics:
-            failed.append({"config": setting, "error": str(result.error or "no result reported").strip()[-2000:]})
-        else:
-            trials.append(json.loads(result.metrics["trial_json"]))
-    for f in failed:
-        log(f"trial {f['config']} failed: {f['error'].splitlines()[-1] if f['error'] else ''}")
-    return build_report(trials, search.tolerance, failed, search=to_dict(search), engine=job.engine.kind,
-                        concurrent_trials=concurrent, trial_resources=resources, source_stores=ctx.source_stores,
-                        source_training=ctx.source_training, data=ctx.ds.summary(),
-                        reference=reference_metrics(ctx.task, ctx.ds.split("train"), ctx.ds.split("valid")),
-                        wall_s=round(time.perf_counter() - start, 2),
-                        provenance=provenance({"migrate": cfg.migrate, "search": to_dict(search)}))
+    return list(tuner.fit())
+
+
+def cluster_resources() -> dict:
+    import ray
+    return ray.cluster_resources()

@@ -6,7 +6,8 @@
     engine.py         where heavy stages run: local runners or the Ray layer's
     train_prompts.py  a store trained on one model (Eq. 1): a source system, or full retraining
     foundation.py     foundation:<family> models: pretrained once per dataset (training/pretrain.py), cached
-    migrate.py        sources → select → fit → evaluate (PUMA + baselines) → convert → report
-    sweep.py          the sweep's trials and report (Ray Tune runs them: ray_layer/tune.py)
+    migration/        a migration's stages, defined once (stages.py), run in process or on Ray (executors)
+    sweep.py          the sweep's trials and report
+    sweep_on_tune.py  the sweep's trials as Ray Tune trials
     benchmark.py      the paper's tables and figures from one config
 """

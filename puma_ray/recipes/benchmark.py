@@ -28,8 +28,8 @@ from puma_ray.artifacts.store import MANIFEST, PromptStore
 from puma_ray.config import ConfigError, ModelConfig, PromptTrainConfig, from_dict, to_dict
 from puma_ray.data import load_dataset
 from puma_ray.fs import filesystem, join
-from puma_ray.recipes.migrate import MigrateJobConfig
-from puma_ray.recipes.migrate import run as run_migration
+from puma_ray.recipes.migration import MigrateJobConfig
+from puma_ray.recipes.migration import run as run_migration
 from puma_ray.recipes.runs import provenance, write_json
 from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, train_store
 from puma_ray.reports.markdown import (
@@ -162,10 +162,10 @@ def _budget_times(budget: float, factor: float) -> float:
 
 
 class Benchmark:
-    """Runs the experiments of one config into `output`; `engine(cfg, run_dir) -> dict` gives the fit functions
-    (`{}`: in this process)."""
+    """Runs the experiments of one config into `output`; `engine(cfg, run_dir)` gives the migration's executor
+    (None: in this process)."""
 
-    def __init__(self, cfg: BenchmarkJobConfig, output: str, log=print, engine: Callable = lambda c, o: {}):
+    def __init__(self, cfg: BenchmarkJobConfig, output: str, log=print, engine: Callable = lambda c, o: None):
         self.cfg, self.output, self.log, self.engine = cfg, output, log, engine
         self.base = cfg.migrate_config("base", [("base", cfg.source)], cfg.source)
         self.stores_dir = cfg.stores.format(output=output)
@@ -252,7 +252,7 @@ class Benchmark:
         report = self._finished(run_dir, key)
         if report is None:
             self.log(f"[run {name}] {' + '.join(f for _, f in sources)} → {target}")
-            report = run_migration(cfg, run_dir, log=lambda m: self.log("  " + m), **self.engine(cfg, run_dir))
+            report = run_migration(cfg, run_dir, log=lambda m: self.log("  " + m), executor=self.engine(cfg, run_dir))
             report.update(benchmark_key=key, benchmark_run=name)
             write_json(join(run_dir, "report.json"), report, cfg.storage)
             write_migration_report(report, run_dir, cfg.storage)

@@ -41,7 +41,7 @@ class Job:
 
 
 JOBS = {job.name: job for job in (
-    Job("migrate", "puma_ray.recipes.migrate:MigrateJobConfig", "configs/migrate_default.yaml"),
+    Job("migrate", "puma_ray.recipes.migration.config:MigrateJobConfig", "configs/migrate_default.yaml"),
     # the foundation testbed, as migrate's default: a tiny random model's store loses to the per-user mean
     # (1.1839 vs 1.1727 test RMSE), no default should show the weakest system
     Job("train_prompts", "puma_ray.recipes.train_prompts:TrainPromptsJobConfig",

@@ -12,8 +12,7 @@ import torch
 from puma_ray import __version__
 from puma_ray.config import ConfigError, from_dict, load_yaml, parse_yaml, shown
 from puma_ray.errors import PumaError
-from puma_ray.fs import StorageOptions, filesystem, is_remote, join, redact, redact_text
-from puma_ray.fs import write_json as write_json_file
+from puma_ray.fs import is_remote, join, redact, redact_text, write_json_to
 
 MAX_OVERRIDE_CHARS = 10_000  # a command-line value; a longer one is a mistake (or a file pasted in)
 
@@ -118,11 +117,7 @@ def new_run_dir(output: str | None, job: str) -> str:
     return os.path.join("runs", f"{job}-{stamp}-{os.getpid()}")
 
 
-def write_json(path: str, data: dict, storage: StorageOptions | None = None) -> None:
-    fs, inner = filesystem(path, storage)
-    if not is_remote(path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json_file(fs, inner, data)  # atomic; reports are shared: credentials masked
+write_json = write_json_to  # the jobs' name for it
 
 
 def provenance(cfg_dict: dict) -> dict:

@@ -8,7 +8,7 @@ strategy reads, plus those of the fit (training passes + early-stopping evaluati
 
 The recommendation is the cheapest trial (fewest LLM record passes) whose quality is within `tolerance` (relative)
 of the best trial's; it is always on the Pareto front. The Tune part (trials as Ray Tune trials, each fit a Ray
-Train run) lives in ray_layer/tune.py.
+Train run) lives in recipes/sweep_on_tune.py.
 """
 from __future__ import annotations
 
@@ -30,15 +30,17 @@ from puma_ray.models.adapter import PromptAdapter
 from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import load_head
 from puma_ray.models.prompted_lm import PromptedLM
-from puma_ray.recipes.migrate import (
-    MigrateJobConfig,
-    load_sources,
-    new_head,
+from puma_ray.recipes.migration.config import MigrateJobConfig
+from puma_ray.recipes.migration.executor import Run
+from puma_ray.recipes.migration.in_process import (
+    InProcess,
+    fit_records,
     prompt_rms,
-    split_users,
+    source_plm,
     statistics_cost,
     user_statistics,
 )
+from puma_ray.recipes.migration.stages import choose_valid, new_head, sources
 from puma_ray.selection.statistics import label_variance
 from puma_ray.selection.strategies import NEEDS, STRATEGIES, SelectionInput, resolve_budget, select
 from puma_ray.tasks import metric_direction
@@ -63,7 +65,7 @@ class SearchConfig:
     # adapter learning rates (fit.lr); optuna: sampled log-uniformly between the smallest and the largest
     lrs: list[float] = field(default_factory=lambda: [0.01])
     num_samples: int = 1  # grid: repeats of the whole grid; optuna: the number of trials
-    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs hold (see ray_layer/tune.py)
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs hold (see recipes/sweep_on_tune.py)
     tolerance: float = 0.02  # recommended: the cheapest trial within this relative distance of the best quality
     seed: int = 0  # optuna's sampler
     cpus_per_trial: float = 1.0  # engine "local": the trial process runs the fit itself
@@ -139,17 +141,18 @@ def prepare_context(cfg: MigrateJobConfig, strategies: list[str], output: str, l
                     variance_fn=label_variance) -> SweepContext:
     """Data, source stores (trained first when missing, as migration.run does) and the per-user features of every
     strategy in the sweep: once, before any trial."""
-    src = load_sources(cfg, output, log)
+    src = sources(Run(cfg, output, log), InProcess())  # the migration's own first stage, in this process
+    joined, (head_state, head_cfg) = src.prompts, src.head
     needs = sorted({n for s in strategies for n in NEEDS[s]})
-    source_head = load_head(src.head_state, src.head_cfg)
     t0 = time.perf_counter()
-    inputs, feature_costs = user_statistics(cfg.selection, needs, src.joined, src.ds, src.source_plm, source_head,
+    inputs, feature_costs = user_statistics(cfg.selection, needs, joined, src.records,
+                                            source_plm(src, 0, cfg.sources[0].model), load_head(head_state, head_cfg),
                                             src.task, variance_fn)
-    log(f"per-user features {needs or '(none)'} for {len(src.joined.users)} users: {time.perf_counter() - t0:.1f}s")
+    log(f"per-user features {needs or '(none)'} for {len(src.users)} users: {time.perf_counter() - t0:.1f}s")
     return SweepContext(
-        ds=src.ds, task=src.task, metric=src.metric, users=src.joined.users, prompts=src.joined.prompts,
-        template=src.template, l=src.l, texts=src.texts, head_state=src.head_state, head_cfg=src.head_cfg,
-        source_dims=[b.hidden_size for b in src.backbones], scales=[prompt_rms(p) for p in src.joined.prompts],
+        ds=src.records, task=src.task, metric=src.metric, users=src.users, prompts=joined.prompts,
+        template=src.template, l=src.l, texts=src.texts, head_state=head_state, head_cfg=head_cfg,
+        source_dims=[b.hidden_size for b in src.backbones], scales=[prompt_rms(p) for p in joined.prompts],
         inputs=inputs, feature_costs=feature_costs, source_stores=[s.path for s in src.stores],
         source_training={p: {"methods": r["methods"], "cost": r["cost"]} for p, r in src.reports.items()})
 
@@ -184,14 +187,15 @@ def run_trial(ctx: SweepContext, cfg: MigrateJobConfig, setting: dict, fit_fn=fi
     chosen = select(sel.strategy, ctx.inputs, budget, sel.k, sel.seed)
     cost = statistics_cost(ctx.feature_costs, sel.strategy)
     cost.wall_s += time.perf_counter() - t0
-    split = split_users(sel, ctx.users, ctx.ds, chosen)
+    valid_idx, fit_idx = choose_valid(sel, n_users, chosen)
+    train, valid_records = fit_records(ctx.ds, ctx.users, chosen, valid_idx)
     target = load_model(cfg.target)
     plm = PromptedLM(target, ctx.template, ctx.l, ctx.texts, cfg.target.prefix_cache_mib)
     # the adapter's initial weights: the same in a fresh or a reused trial process
     mapping = PromptAdapter(ctx.source_dims, target.hidden_size, cfg.adapter, ctx.scales, plm.embed_rms,
                             seed=cfg.fit.seed)
-    result = fit_fn(plm, ctx.task, mapping, [p[split.fit_idx] for p in ctx.prompts], split.fit_users, split.train,
-                    split.valid, new_head(ctx.head_state, ctx.head_cfg, ctx.task), cfg.fit, log=log, name="puma")
+    result = fit_fn(plm, ctx.task, mapping, [p[fit_idx] for p in ctx.prompts], ctx.users[fit_idx], train,
+                    valid_records, new_head(ctx.head_state, ctx.head_cfg, ctx.task), cfg.fit, log=log, name="puma")
     cost = cost.merge(result.cost)
     eval_cost = Cost(flops_per_token=result.cost.flops_per_token)
     valid = RecordSet.from_frame(ctx.ds.split("valid"), ctx.users)
@@ -199,7 +203,7 @@ def run_trial(ctx: SweepContext, cfg: MigrateJobConfig, setting: dict, fit_fn=fi
                        cfg.fit.eval_batch_size, eval_cost)
     return {"config": dict(setting), "quality": float(metrics[ctx.metric]), "metric": ctx.metric,
             "cost": cost.to_dict(), "valid_metrics": metrics, "users_selected": int(budget),
-            "validation_users": int(len(split.valid_idx)), "train_records": int(len(split.train)),
+            "validation_users": int(len(valid_idx)), "train_records": int(len(train)),
             "best_epoch": result.best_epoch, "epochs": len(result.history), "eval_cost": eval_cost.to_dict()}
 
 

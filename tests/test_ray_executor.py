@@ -1,5 +1,6 @@
-"""The lean driver (engine.driver: lean, ray_layer/lean_migrate.py): the driver reads per-user rows and the fit
-users' data only, and its selection, scales, records and metrics are the in-process path's."""
+"""The Ray executor's parts (engine.driver: lean, recipes/migration/on_ray.py over ray_layer/shard_pass.py and
+user_rows.py): the driver reads per-user rows and the fit users' data only, and each part's clusters, scales,
+records and losses are the in-process ones. The whole run against the in-process executor: test_executor_parity.py."""
 from __future__ import annotations
 
 import json
@@ -8,48 +9,9 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import lean_config, write_random_store
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("_model_cache")]
-
-SHARD_ROWS = 64  # several shards even for a few hundred users: the shard pass and StoreIndex cross shards
-
-
-def _write_store(path: str, users: np.ndarray, model: str = "tiny:llama", seed: int = 0,
-                 shard_rows: int = SHARD_ROWS) -> str:
-    """Random prompts at the model's embedding scale, two clusters of users apart (K-means has something to
-    find), bound to the model's identity; users written in a shuffled order (shards are not id ranges)."""
-    from puma_ray.artifacts.store import StoreWriter
-    from puma_ray.config import TemplateConfig, to_dict
-    from puma_ray.models.backbone import embedding_rms, load_backbone
-    from puma_ray.models.heads import RatingHead, head_config
-    backbone = load_backbone(model)
-    d, rms = backbone.identity.hidden_size, embedding_rms(backbone.model)
-    rng = np.random.default_rng(seed)
-    prompts = (rng.standard_normal((len(users), 1, d)) * rms).astype(np.float32)
-    prompts[: len(users) // 2] += 2 * rms
-    order = rng.permutation(len(users))
-    writer = StoreWriter(path, backbone.identity, 1, to_dict(TemplateConfig()), "rating", shard_rows=shard_rows,
-                         lineage={"kind": "trained", "data": "toy", "note": "random"})
-    for start in range(0, len(users), shard_rows):
-        rows = order[start:start + shard_rows]
-        writer.write_shard(users[rows], prompts[rows])
-    head = RatingHead()
-    writer.write_head(head.state_dict(), head_config("rating", head))
-    writer.close()
-    return path
-
-
-@pytest.fixture(scope="module")
-def lean_data(tmp_path_factory):
-    """240 toy users as parquet files + a tiny:llama source store of them."""
-    from conftest import make_toy_dataset
-
-    from puma_ray.data import save_dataset
-    folder = tmp_path_factory.mktemp("lean")
-    ds = make_toy_dataset(n_users=240, records_per_user=12)
-    paths = save_dataset(ds, str(folder / "data"))
-    store = _write_store(str(folder / "source-store"), np.sort(ds.users.astype(str)))
-    return ds, paths, store, folder
 
 
 # mini-batch on a sample + assignment on actors; plain K-means (the in-process branch: run on purpose)
@@ -57,8 +19,8 @@ def lean_data(tmp_path_factory):
 def test_lean_clusters_and_scale_are_the_in_process_ones(local_ray, lean_data, sample):
     from puma_ray.artifacts.store import PromptStore
     from puma_ray.artifacts.store_index import StoreIndex
-    from puma_ray.ray_layer.lean_migrate import lean_clusters, shard_pass
-    from puma_ray.recipes.migrate import prompt_rms
+    from puma_ray.ray_layer.shard_pass import lean_clusters, shard_pass
+    from puma_ray.recipes.migration.in_process import prompt_rms
     from puma_ray.selection.strategies import kmeans_labels
     _, _, path, _ = lean_data
     store = PromptStore.open(path)
@@ -80,15 +42,16 @@ def test_aggregated_sources_and_a_user_one_source_lacks(local_ray, lean_data):
     from puma_ray.artifacts.store import PromptStore, StoreError
     from puma_ray.artifacts.store_index import StoreIndex
     from puma_ray.conversion.run import join_sources
-    from puma_ray.ray_layer.lean_migrate import joined_users, lean_clusters, shard_pass
-    from puma_ray.recipes.migrate import prompt_rms
+    from puma_ray.ray_layer.shard_pass import lean_clusters, shard_pass
+    from puma_ray.ray_layer.user_rows import joined_users
+    from puma_ray.recipes.migration.in_process import prompt_rms
     from puma_ray.selection.strategies import kmeans_labels
     _, _, path, folder = lean_data
     first = PromptStore.open(path)
     all_users = first.read_all()[0]
     second_path = folder / "second-store"
     if not second_path.exists():
-        _write_store(str(second_path), all_users[10:], model="tiny:qwen2", seed=1, shard_rows=50)
+        write_random_store(str(second_path), all_users[10:], model="tiny:qwen2", seed=1, shard_rows=50)
     stores = [first, PromptStore.open(str(second_path))]
     indexes = [StoreIndex(s) for s in stores]
     with pytest.raises(StoreError, match=r"user 'u00\d' is missing from source store .*second-store \(10 user"):
@@ -164,98 +127,15 @@ def test_fit_records_are_read_with_a_filter(lean_data):
 
 def test_settings_the_lean_driver_cannot_honour_are_one_line(lean_data):
     from puma_ray.errors import ConfigError
-    from puma_ray.ray_layer.lean_migrate import check_lean
-    cfg = _config(lean_data, "/tmp/unused")
+    from puma_ray.recipes.migration.on_ray import check_lean
+    cfg = lean_config(lean_data, "/tmp/unused")
     check_lean(cfg)
     for change, message in [({"data": {"name": "movielens100k"}}, "data.name must be parquet"),
                             ({"selection": {"strategy": "kmeans_pca"}}, "selection.strategy 'kmeans_pca'"),
                             ({"baselines": {"random_init": True}}, "baselines.random_init"),
                             ({"data": {"max_users": 10}}, "data.max_users")]:
         with pytest.raises(ConfigError, match=message):
-            check_lean(_config(lean_data, "/tmp/unused", change))
-
-
-def _config(lean_data, output: str, change: dict | None = None):
-    from puma_ray.config import from_dict
-    from puma_ray.recipes.migrate import MigrateJobConfig
-    _, paths, store, _ = lean_data
-    raw = {"sources": [{"store": store, "model": {"name": "tiny:llama"}}], "target": {"name": "tiny:qwen2"},
-           "data": {"name": "parquet", "paths": paths},
-           "selection": {"strategy": "kmeans_variance", "k": 4, "budget": 30, "valid_users": 20,
-                         "kmeans_sample": 100},
-           "fit": {"epochs": 1, "batch_size": 32, "lr": 0.01, "patience": 1},
-           "baselines": {"source": True, "random_init": False, "linear": True, "full_retrain": False,
-                         "fits_on": "local"},
-           "store": {"shard_rows": SHARD_ROWS}, "convert": {"actors": 1, "progress": False},
-           "engine": {"kind": "ray", "num_workers": 1, "driver": "lean", "actors": 2}}
-    for section, values in (change or {}).items():
-        raw[section] = {**raw[section], **values}
-    return from_dict(MigrateJobConfig, raw, "test")
-
-
-@pytest.mark.slow  # ~4 min on 2 cores: a Train fit and four actor pools
-def test_lean_migration_equals_the_in_process_stages(local_ray, lean_data, tmp_path):
-    """The whole job with the lean driver: the users it selects, the reference rows, the source store's and the
-    adapters' test metrics are those the in-process path computes from the same files."""
-    import torch
-
-    from puma_ray.artifacts.adapter_io import load_adapter
-    from puma_ray.artifacts.formats import sha256_hex
-    from puma_ray.artifacts.store import PromptStore
-    from puma_ray.config import TemplateConfig
-    from puma_ray.models.backbone import load_backbone
-    from puma_ray.models.heads import load_head
-    from puma_ray.models.prompted_lm import PromptedLM
-    from puma_ray.recipes.engine import engine_functions, migration_runner
-    from puma_ray.recipes.migrate import prompt_rms
-    from puma_ray.recipes.train_prompts import item_texts
-    from puma_ray.selection.statistics import label_variance
-    from puma_ray.selection.strategies import SelectionInput, kmeans_labels, select
-    from puma_ray.training.evaluate import evaluate
-    from puma_ray.training.records import RecordSet
-    from puma_ray.training.reference import reference_metrics
-    ds, _, store_path, _ = lean_data
-    output = str(tmp_path / "run")
-    cfg = _config(lean_data, output, {"baselines": {"full_retrain": True, "full_retrain_train": {
-        "epochs": 1, "batch_size": 32, "lr": 0.01}}})
-    run = migration_runner(cfg)
-    report = run(cfg, output, log=lambda m: None, **engine_functions(cfg, output))
-    assert report["driver"] == "lean"
-
-    store = PromptStore.open(store_path)
-    users, prompts = store.read_all()
-    train, test = ds.split("train"), ds.split("test")
-    inputs = SelectionInput(users, prompts.reshape(len(users), -1), variance=label_variance(train, users),
-                            options={"kmeans_sample": 100, "cluster_bins": 5})
-    assert inputs.prompts is not None and len(np.unique(kmeans_labels(inputs.prompts, 4, 0, 100))) == 4
-    chosen = select("kmeans_variance", inputs, 30, 4, 0)
-    assert report["selection"]["selected_sha256"] == sha256_hex("\n".join(users[chosen]).encode())
-    assert report["selection"]["users_total"] == 240 and report["data"]["records"]["test"] == len(test)
-
-    want_ref = reference_metrics("rating", train, test)
-    for name in want_ref:
-        assert report["reference"][name]["rmse"] == pytest.approx(want_ref[name]["rmse"], abs=1e-9)
-    plm = PromptedLM(load_backbone("tiny:llama"), TemplateConfig(**store.manifest.template), 1, item_texts(ds))
-    records = RecordSet.from_frame(test, users)
-    table = torch.from_numpy(prompts)
-    want = evaluate(plm, load_head(*store.read_head()), "rating", lambda idx: table[idx], records, 64)
-    assert report["methods"]["source"]["rmse"] == pytest.approx(want["rmse"], abs=1e-6)
-    target = PromptedLM(load_backbone("tiny:qwen2"), TemplateConfig(**store.manifest.template), 1, item_texts(ds))
-    for name, path in (("puma", report["adapter"]), ("linear", os.path.join(output, "baselines/linear-adapter"))):
-        adapter, head, config = load_adapter(path)
-        # the scale summed shard by shard on actors = the in-process RMS of every prompt
-        assert adapter.source_scales.tolist() == pytest.approx([prompt_rms(prompts)], rel=1e-6)
-        with torch.no_grad():
-            mapped = adapter(table)
-        got = evaluate(target, head, "rating", lambda idx, m=mapped: m[idx], records, 64)
-        assert report["methods"][name]["rmse"] == pytest.approx(got["rmse"], abs=1e-5), name
-    # full retraining on Ray Train: every user's prompt in the target's store, its own test row, its cost
-    assert PromptStore.open(os.path.join(output, "full-retrain-store")).manifest.num_users == 240
-    assert report["methods"]["full_retrain"]["records"] == len(test)
-    assert report["cost_ratio_full_retrain_over_puma"]["llm_record_passes"] > 1
-    assert report["conversion"]["users"] == 240
-    with open(os.path.join(output, "target-store", "manifest.json")) as f:
-        assert json.load(f)["num_users"] == 240
+            check_lean(lean_config(lean_data, "/tmp/unused", change))
 
 
 def test_source_loss_on_actors_is_the_in_process_statistic(local_ray, lean_data):
@@ -294,13 +174,13 @@ def test_ffn_clusters_on_actors_are_the_in_process_ones(local_ray, lean_data):
     from puma_ray.artifacts.store import PromptStore
     from puma_ray.artifacts.store_index import StoreIndex
     from puma_ray.config import ModelConfig
-    from puma_ray.ray_layer.lean_migrate import _source_plm, lean_ffn_clusters, shard_pass
+    from puma_ray.ray_layer.shard_pass import lean_ffn_clusters, shard_pass, source_plm
     from puma_ray.selection.statistics import ffn_features
     from puma_ray.selection.strategies import kmeans_labels
     _, _, path, _ = lean_data
     store = PromptStore.open(path)
     users, prompts = store.read_all()
-    plm = _source_plm(ModelConfig(name="tiny:llama"), store)
+    plm = source_plm(ModelConfig(name="tiny:llama"), store)
     labels, kmeans = lean_ffn_clusters(plm, StoreIndex(store), users, 3, 1, 100)
     assert labels is None and kmeans is not None  # 240 users > the sample of 100: assigned on the actors
     _, got, _ = shard_pass([store], users, None, None, actors=2, cpus_per_actor=0.5,

@@ -1,0 +1,257 @@
+"""A migration, defined once: an ordered list of named stages, each a function of the run and of earlier stages'
+outputs (named in `Stage.inputs`) to one typed output (handles.py). Where each stage's heavy work runs is the
+executor's business (executor.py); what the stage computes, with which seeds, and how its cost is counted is here.
+
+    sources               the data and the source store(s) joined on user_id (a missing store trained first)
+    selection_statistics  the per-user features the strategy reads, and each source's prompt scale
+    selection             `budget` training users (+ held-out validation users)
+    fit                   the adapter through the frozen target (Eq. 2), saved as an artifact
+    baselines             the linear map, random target prompts, full retraining (Eq. 1)
+    evaluation            every method and the LLM-free reference rows on the test records
+    conversion            every user → the target store (manifest last)
+    report                report.json's content
+A stage's output is dropped once no later stage reads it: the driver holds what is still needed, no more.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from puma_ray.artifacts.adapter_io import save_adapter
+from puma_ray.artifacts.store import MANIFEST, PromptStore, StoreError
+from puma_ray.config import TemplateConfig, from_dict, task_template, to_dict
+from puma_ray.fs import filesystem, join
+from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
+from puma_ray.models.backbone import load_model
+from puma_ray.models.heads import head_config, load_head, make_head
+from puma_ray.models.prompted_lm import PromptedLM
+from puma_ray.recipes.runs import provenance
+from puma_ray.selection.strategies import check_selection, resolve_budget, select
+from puma_ray.tasks import get_task
+from puma_ray.training.fit import FixedPrompts, fit_mapping
+
+from .config import MigrateJobConfig, SelectionConfig, resolve_foundations
+from .executor import Executor, Run
+from .handles import Baselines, Conversion, Evaluation, Fits, Fitted, Selection, Sources, Statistics
+from .in_process import InProcess
+from .report import convert_everyone, migration_report
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # also the name later stages read its output by
+    fn: Callable  # fn(run, executor, *outputs of `inputs`) -> this stage's output
+    inputs: tuple[str, ...] = ()
+
+
+def store_exists(path: str, storage) -> bool:
+    """Whether a complete store (its manifest) is at `path`."""
+    fs, root = filesystem(path, storage)
+    return fs.exists(join(root, MANIFEST))
+
+
+def new_head(head_state: dict, head_cfg: dict, task: str):
+    """A fit's starting head: the source's when the tasks agree (as the paper), else a fresh one."""
+    if head_cfg["task"] == task:
+        return load_head(copy.deepcopy(head_state), head_cfg)
+    return make_head(task)
+
+
+def choose_valid(sel: SelectionConfig, n_users: int, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(valid_idx, fit_idx): `sel.valid_users` validation users drawn (seeded) from those not chosen (all chosen if
+    none is left), and chosen ∪ valid."""
+    rest = np.setdiff1d(np.arange(n_users), chosen)
+    n_valid = min(len(rest), resolve_budget(sel.valid_users, n_users, "selection.valid_users")) if len(rest) else 0
+    valid_idx = np.sort(np.random.default_rng(sel.seed + 1).choice(rest, n_valid, replace=False)) if n_valid else chosen
+    return valid_idx, np.union1d(chosen, valid_idx)
+
+
+def sources(run: Run, ex: Executor) -> Sources:
+    cfg, log = run.cfg, run.log
+    data = ex.read_data(run)
+    sel = cfg.selection  # before any training: an impossible selection is one line now, not after the stores
+    check_selection(sel.budget, sel.valid_users, data.num_users)
+    stores, backbones, reports = [], [], {}
+    for i, src in enumerate(cfg.sources):
+        path = src.store.format(output=run.output)
+        backbone = load_model(src.model)
+        if not store_exists(path, cfg.storage):
+            if src.prepare is None:
+                raise StoreError(f"source store {path} does not exist (no {MANIFEST}) and sources[].prepare is not set")
+            log(f"source store {path} missing: training it on {src.model.name} first")
+            reports[path] = ex.train_prompts(run, f"source-{i}", src.model, backbone, src.prepare, path, data.records,
+                                             None, cfg.template)
+        store = PromptStore.open(path, cfg.storage)
+        store.check_model(backbone.identity)
+        stores.append(store)
+        backbones.append(backbone)
+    joined = ex.join(run, stores, data)
+    template = task_template(cfg.template, data.task) if cfg.template else from_dict(
+        TemplateConfig, stores[0].manifest.template, f"store {stores[0].path} template")
+    return Sources(data.task, get_task(data.task).primary, template, stores[0].manifest.prompt_length, data.texts,
+                   stores, backbones, joined.users, joined.prompts, joined.records, stores[0].read_head(),
+                   joined.data, reports)
+
+
+def selection_statistics(run: Run, ex: Executor, src: Sources) -> Statistics:
+    t0 = time.perf_counter()
+    stats = ex.statistics(run, src)
+    stats.cost.wall_s = time.perf_counter() - t0
+    return stats
+
+
+def selection(run: Run, ex: Executor, src: Sources, stats: Statistics) -> Selection:
+    sel, n_users = run.cfg.selection, len(src.users)
+    t0 = time.perf_counter()
+    budget = resolve_budget(sel.budget, n_users)
+    chosen = select(sel.strategy, stats.inputs, budget, sel.k, sel.seed)
+    valid_idx, fit_idx = choose_valid(sel, n_users, chosen)
+    cost = copy.copy(stats.cost)
+    cost.wall_s += time.perf_counter() - t0
+    run.log(f"selection {sel.strategy}: {budget} of {n_users:,} users (K={sel.k}), {len(valid_idx)} validation "
+            f"users, {cost.wall_s:.1f}s")
+    return Selection(budget, chosen, valid_idx, fit_idx, cost)
+
+
+def _fit(run: Run, ex: Executor, src: Sources, fits: Fits, name: str, mapping, inputs: list[np.ndarray]):
+    cfg = run.cfg
+    run.log(f"fit {name} ({num_parameters(mapping):,} parameters) on {len(fits.data.train)} records")
+    fit = ex.fit_fn if name == "puma" or cfg.baselines.fits_on == "engine" else fit_mapping
+    return fit(fits.plm, src.task, mapping, inputs, fits.data.users, fits.data.train, fits.data.valid,
+               new_head(*src.head, src.task), cfg.fit, log=run.log, name=name)
+
+
+def _adapter(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selection, fits: Fits, name: str,
+             architecture: AdapterConfig, path: str) -> Fitted:
+    """An adapter fitted on the selected users and saved at `path` (the artifact conversion and evaluation read)."""
+    cfg = run.cfg
+    mapping = PromptAdapter([b.hidden_size for b in src.backbones], fits.target.hidden_size, architecture,
+                            stats.scales, fits.plm.embed_rms, seed=cfg.fit.seed)
+    result = _fit(run, ex, src, fits, name, mapping, fits.data.inputs)
+    meta = {"sources": [vars(b.identity) for b in src.backbones], "target": vars(fits.target.identity),
+            "prompt_length": src.l, "task": src.task, "template": to_dict(src.template),
+            "selection": {**to_dict(cfg.selection), "budget": sel.budget, "users_selected": int(sel.budget),
+                          "users_total": len(src.users)},
+            "fit": to_dict(cfg.fit), "history": result.history, "best_epoch": result.best_epoch, "data": src.data,
+            "provenance": provenance(to_dict(cfg))}
+    fitted = Fitted(result, path, meta=meta)
+    save_fitted(fitted, src.task, cfg.storage)
+    return fitted
+
+
+def save_fitted(fitted: Fitted, task: str, storage, **more) -> None:
+    """The adapter artifact of `fitted`, its meta plus `more` (conversion and the actors' evaluation read it)."""
+    result = fitted.result
+    save_adapter(fitted.adapter, result.mapping, result.head, head_config(task, result.head), {**fitted.meta, **more},
+                 storage)
+
+
+def fit(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selection) -> Fits:
+    cfg = run.cfg
+    data = ex.fit_data(run, src, sel)
+    target = load_model(cfg.target)
+    fits = Fits(target, PromptedLM(target, src.template, src.l, src.texts, cfg.target.prefix_cache_mib), data, {})
+    fits.methods["puma"] = _adapter(run, ex, src, stats, sel, fits, "puma", cfg.adapter,
+                                    cfg.adapter_path.format(output=run.output))
+    return fits
+
+
+def baselines(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selection, fits: Fits) -> Baselines:
+    cfg, out = run.cfg, Baselines({})
+    if cfg.baselines.linear:
+        out.methods["linear"] = _adapter(run, ex, src, stats, sel, fits, "linear", AdapterConfig(kind="linear"),
+                                         join(run.output, "baselines", "linear-adapter"))
+    if cfg.baselines.random_init:  # every user's random target prompt: an in-memory table by nature
+        rng = np.random.default_rng(cfg.selection.seed)
+        prompts = (rng.uniform(-3 ** 0.5, 3 ** 0.5, (len(src.users), src.l, fits.target.hidden_size))
+                   * fits.plm.embed_rms).astype(np.float32)
+        result = _fit(run, ex, src, fits, "random_init", FixedPrompts(), [prompts[sel.fit_idx]])
+        out.methods["random_init"] = Fitted(result, prompts=[prompts])
+    if cfg.baselines.full_retrain:
+        run.log("full retraining on the target (every user's prompt from scratch)")
+        out.full_retrain = ex.train_prompts(run, "full-retrain", cfg.target, fits.target,
+                                            cfg.baselines.full_retrain_train, join(run.output, "full-retrain-store"),
+                                            src.records, src.users, src.template)
+    return out
+
+
+def evaluation(run: Run, ex: Executor, src: Sources, fits: Fits, base: Baselines) -> Evaluation:
+    methods = {}
+
+    def timed(name: str, evaluate: Callable[[], dict]) -> None:
+        run.log(f"evaluate {name} on the test split")
+        t = time.perf_counter()
+        methods[name] = evaluate()
+        run.log(f"evaluated {name} on the test split: {methods[name][src.metric]:.4f} {src.metric} "
+                f"({time.perf_counter() - t:.0f}s)")
+
+    for name, fitted in [*fits.methods.items(), *base.methods.items()]:
+        timed(name, lambda f=fitted: ex.evaluate_fitted(run, src, fits, f))
+    if run.cfg.baselines.source:
+        for i in range(len(src.stores)):
+            timed("source" if i == 0 else f"source_{i}", lambda i=i: ex.evaluate_source(run, src, i))
+    if base.full_retrain is not None:
+        methods["full_retrain"] = base.full_retrain["methods"]["store"]
+    return Evaluation(methods, ex.reference(run, src))
+
+
+def conversion(run: Run, ex: Executor, src: Sources, fits: Fits, ev: Evaluation) -> Conversion:
+    # the artifact carries its test metrics from here on (the evaluation needed it saved without them)
+    save_fitted(fits.methods["puma"], src.task, run.cfg.storage, metrics=ev.methods["puma"])
+    target_path = run.cfg.target_store.format(output=run.output)
+    run.log(f"convert every user → {target_path}")
+    summary = convert_everyone(run.cfg, fits.methods["puma"].adapter, [s.path for s in src.stores], target_path,
+                               ev.methods["puma"], ex.convert_runner, run.log)
+    return Conversion(target_path, summary)
+
+
+def report(run: Run, ex: Executor, src: Sources, sel: Selection, fits: Fits, base: Baselines, ev: Evaluation,
+           conv: Conversion) -> dict:
+    costs = {name: (f.result.cost if f.prompts is not None else sel.cost.merge(f.result.cost)).to_dict()
+             for name, f in [*fits.methods.items(), *base.methods.items()]}  # fixed prompts select nothing
+    if base.full_retrain is not None:
+        costs["full_retrain"] = base.full_retrain["cost"]["train_prompts"]
+    costs["puma"]["convert_wall_s"] = conv.summary["wall_s"]
+    if fits.plm.prefix_cache is not None:  # this process's: the target's (Ray Train workers hold their own)
+        run.log(f"target {fits.plm.prefix_cache.stats.describe()}")
+    results = {**fits.methods, **base.methods}
+    return migration_report(
+        run.cfg, task=src.task, sources=[vars(b.identity) for b in src.backbones],
+        target=vars(fits.target.identity), budget=sel.budget, users=src.users, chosen=sel.chosen,
+        valid_idx=sel.valid_idx, methods=ev.methods, reference=ev.reference, costs=costs, metric=src.metric,
+        target_path=conv.target_store, adapter_path=fits.methods["puma"].adapter, conversion=conv.summary,
+        source_reports=src.reports, fits={k: v.result for k, v in results.items()}, data=src.data,
+        wall_s=time.perf_counter() - run.started, **ex.report_fields())
+
+
+STAGES: list[Stage] = [
+    Stage("sources", sources),
+    Stage("selection_statistics", selection_statistics, ("sources",)),
+    Stage("selection", selection, ("sources", "selection_statistics")),
+    Stage("fit", fit, ("sources", "selection_statistics", "selection")),
+    Stage("baselines", baselines, ("sources", "selection_statistics", "selection", "fit")),
+    Stage("evaluation", evaluation, ("sources", "fit", "baselines")),
+    Stage("conversion", conversion, ("sources", "fit", "evaluation")),
+    Stage("report", report, ("sources", "selection", "fit", "baselines", "evaluation", "conversion")),
+]
+
+
+def run(cfg: MigrateJobConfig, output: str, log=print, executor: Executor | None = None,
+        stages: list[Stage] = STAGES) -> dict:
+    """Every stage in order under `executor` (None: InProcess with this process's fit and conversion); returns the
+    report."""
+    started = time.perf_counter()
+    ex = executor or InProcess()
+    ex.check(cfg)
+    this = Run(resolve_foundations(cfg, log), output, log, started)
+    last_read = {name: i for i, stage in enumerate(stages) for name in stage.inputs}
+    outputs = {}
+    for i, stage in enumerate(stages):
+        outputs[stage.name] = stage.fn(this, ex, *(outputs[name] for name in stage.inputs))
+        for name in [n for n in outputs if last_read.get(n, len(stages)) <= i]:
+            del outputs[name]  # no later stage reads it
+    return outputs[stages[-1].name]
