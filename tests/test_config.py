@@ -39,8 +39,10 @@ def _example(cls: type):
             return job.load(f"{REPO_ROOT}/{path}")
     try:
         return cls()
-    except TypeError:  # required fields: the only one is a source's store path
-        return from_dict(cls, {"store": "s3://bucket/source-store"}, cls.__name__)
+    except TypeError:  # required fields: a source's store path; an import's system folder and output store
+        required = {"SourceConfig": {"store": "s3://bucket/source-store"},
+                    "ImportConfig": {"system": "s3://bucket/system", "output": "s3://bucket/imported-store"}}
+        return from_dict(cls, required[cls.__name__], cls.__name__)
 
 
 def test_the_walk_finds_the_config_classes():
