@@ -91,6 +91,24 @@ def test_single_source_report(run_a, toy_dataset):
     assert f"{out}/source-store" in report["source_training"]
 
 
+def test_single_source_gate(run_a, toy_dataset):
+    """The gate stage: every user with validation records gated, old against new, counts adding up; the table in
+    the run folder equals the summary; report.md shows the section and its plot."""
+    from puma_ray.reports.markdown import write_migration_report
+    report, out = run_a
+    gate = report["gate"]
+    valid = toy_dataset.split("valid")
+    assert gate["users"] == valid["user_id"].nunique() and gate["records"] == len(valid)
+    assert gate["worse"] + gate["better"] + gate["unchanged"] == gate["users"]
+    assert gate["rule"]["alpha"] == 0.05 and gate["loss"] == "squared error"
+    table = pq.read_table(gate["table"]).to_pandas()
+    assert gate["table"] == f"{out}/gate/users.parquet" and len(table) == gate["users"]
+    assert (table["verdict"] == "worse").sum() == gate["worse"]
+    assert (table["old_loss"] > 0).all() and not np.allclose(table["old_loss"], table["new_loss"])
+    md = open(write_migration_report(report, out)).read()
+    assert "## Per-user gate" in md and "gate.png" in md and Path(out, "gate.png").exists()
+
+
 def test_single_source_target_store(run_a, toy_dataset):
     report, out = run_a
     source = PromptStore.open(f"{out}/source-store")

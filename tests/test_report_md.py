@@ -218,5 +218,5 @@ def test_migrate_job_writes_report_md(toy_dataset, tmp_path, capsys, one_torch_t
     assert job.main(["--config", str(config), "--output", str(out)]) == 0
     assert f"({out / 'report.md'})" in capsys.readouterr().out
     md = (out / "report.md").read_text()
-    assert "| PUMA |" in md and "| source model |" in md
-    assert check_links(md, lambda n: (out / n).read_bytes()) == {"metrics.png", "puma_fit.png"}
+    assert "| PUMA |" in md and "| source model |" in md and "## Per-user gate" in md
+    assert check_links(md, lambda n: (out / n).read_bytes()) == {"metrics.png", "puma_fit.png", "gate.png"}

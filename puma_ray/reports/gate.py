@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from puma_ray.artifacts.formats import GATE_PLOT, GATE_TABLE
 from puma_ray.fs import filesystem, join, write_file
-from puma_ray.reports.markdown import ReportWriter, fmt, md_table, new_figure, png_bytes
+from puma_ray.reports.common import ReportWriter, fmt, md_table, new_figure, png_bytes
 
 VERDICT_COLORS = {"worse": "C3", "unchanged": "0.6", "better": "C2"}
 
@@ -28,6 +28,13 @@ def write_gate_table(table: pd.DataFrame, out_dir: str, storage=None) -> str:
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a no-op on object stores
     write_file(fs, path, buf.getvalue())
     return join(out_dir, GATE_TABLE)
+
+
+def read_gate_table(path: str, storage=None) -> pd.DataFrame:
+    """The table write_gate_table wrote (the report's plot is drawn from it)."""
+    fs, root = filesystem(path, storage)
+    with fs.open(root, "rb") as f:
+        return pq.read_table(f).to_pandas()
 
 
 def plot_gate(table: pd.DataFrame, loss: str) -> bytes:

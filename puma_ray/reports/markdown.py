@@ -7,7 +7,6 @@ dicts/lists and returns PNG bytes; the `write_*` functions write the PNGs and th
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -17,7 +16,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from puma_ray.fs import filesystem, is_remote, join, write_file
+from puma_ray.fs import is_remote
+from puma_ray.reports.common import DPI, ReportWriter, fmt, md_table, new_figure, png_bytes
+from puma_ray.reports.gate import gate_markdown, read_gate_table
 from puma_ray.tasks import get_task
 
 # Row order and names of the paper's Table 2 (methods a report may lack are skipped; unknown ones go last)
@@ -32,8 +33,6 @@ LOWER_IS_BETTER = {"rmse": True, "mae": True, "auc": False, "uauc": False}
 METRIC_AXIS = {"rmse": "RMSE (stars, lower is better)", "mae": "MAE (stars, lower is better)",
                "auc": "AUC (higher is better)", "uauc": "uAUC (higher is better)"}
 METRIC_NAMES = {"rmse": "RMSE", "mae": "MAE", "auc": "AUC", "uauc": "uAUC"}
-DPI = 110  # ~700 px wide at the default sizes below: sharp on screen, small in git (tens of kB)
-FIGSIZE = (6.4, 4.0)
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -51,28 +50,6 @@ def ordered_methods(names) -> list[str]:
     names = list(names)
     known = [m for m in METHOD_ORDER if m in names]
     return known + [n for n in names if n not in known]
-
-
-def fmt(value, digits: int = 4) -> str:
-    """A table cell: floats to `digits` decimals, big counts with thousands separators, FLOP counts in e-notation."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if abs(value) >= 1e7:
-            return f"{value:.2e}"
-        return f"{value:,.{min(digits, 1)}f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
-    return str(value)
-
-
-def md_table(headers: list[str], rows: list[list]) -> str:
-    """A GitHub-flavoured Markdown table; cells already strings are kept as they are."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def best_value(values: list[float], metric: str) -> float | None:
@@ -140,18 +117,6 @@ def _link(path: str, out_dir: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def new_figure(figsize=FIGSIZE) -> tuple[Figure, object]:
-    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")  # constrained: labels never overlap or clip
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
-def png_bytes(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
-
-
 def _zoom_limits(values: list[float], room_above: float = 0.4) -> tuple[float, float] | None:
     """Bars whose values sit close together (RMSE 1.18 vs 1.21) are unreadable from zero: axis limits near the
     values instead, or None when the bars are readable from zero."""
@@ -343,25 +308,6 @@ def plot_bars(values: dict[str, float], metric: str, title: str, xlabel: str,
 
 
 # ---------------------------------------------------------------------------------------------- writing
-class ReportWriter:
-    """Writes files into one run folder (local or s3://) and remembers the PNGs, for links in the Markdown."""
-
-    def __init__(self, out_dir: str, storage=None):
-        self.out_dir = out_dir
-        self.fs, self.root = filesystem(out_dir, storage)
-        if not is_remote(out_dir):
-            os.makedirs(out_dir, exist_ok=True)
-
-    def write(self, name: str, data: bytes | str) -> str:
-        write_file(self.fs, join(self.root, name), data.encode() if isinstance(data, str) else data)
-        return join(self.out_dir, name)
-
-    def figure(self, name: str, png: bytes, caption: str) -> str:
-        """Writes the PNG; returns its Markdown (image + caption), linked relative to report.md."""
-        self.write(name, png)
-        return f"![{caption}]({name})\n\n*{caption}* ([{name}]({name}))"
-
-
 def _header(report: dict, out_dir: str) -> list[str]:
     sources = report.get("sources") or [report["source"]]
     sel, data = report.get("selection", {}), report.get("data", {})
@@ -393,7 +339,7 @@ def _header(report: dict, out_dir: str) -> list[str]:
     return lines
 
 
-def migration_markdown(report: dict, out_dir: str, writer: ReportWriter | None = None) -> str:
+def migration_markdown(report: dict, out_dir: str, writer: ReportWriter | None = None, storage=None) -> str:
     """The report's Markdown; with a writer, its PNGs are written too and linked."""
     task = report["task"]
     metric = report.get("primary_metric", get_task(task).primary)
@@ -409,6 +355,9 @@ def migration_markdown(report: dict, out_dir: str, writer: ReportWriter | None =
                   "through the frozen LLM, forward and backward separately."]
     if report.get("conversion"):
         parts += ["## Conversion (every user → the target store)", kv_table(report["conversion"])]
+    gate = report.get("gate") or {}
+    if "users" in gate:  # the gate ran (a skipped one says why in report.json)
+        parts += gate_markdown(gate, writer, read_gate_table(gate["table"], storage) if writer else None)
     puma_fit = report.get("fits", {}).get("puma")
     if writer and puma_fit and puma_fit.get("history"):
         png = plot_fit_history(puma_fit["history"], metric, puma_fit.get("best_epoch"))
@@ -420,7 +369,7 @@ def migration_markdown(report: dict, out_dir: str, writer: ReportWriter | None =
 def write_migration_report(report: dict, out_dir: str, storage=None) -> str:
     """Writes report.md (+ metrics.png, puma_fit.png) into out_dir beside report.json; returns report.md's path."""
     writer = ReportWriter(out_dir, storage)
-    return writer.write("report.md", migration_markdown(report, out_dir, writer))
+    return writer.write("report.md", migration_markdown(report, out_dir, writer, storage))
 
 
 # ---------------------------------------------------------------------------------------------- sweep

@@ -21,6 +21,7 @@ from puma_ray.fs import StorageOptions
 from puma_ray.models.adapter import AdapterConfig
 from puma_ray.selection.strategies import STRATEGIES
 from puma_ray.training.fit import FitConfig
+from puma_ray.training.gate import GateConfig
 
 
 @dataclass
@@ -37,9 +38,9 @@ class SelectionConfig:
     k: int = 15  # the paper's K
     budget: float = 0.1  # users to fit on: a count (>= 1) or a fraction of all users
     valid_users: float = 0.1  # held-out users whose valid records drive early stopping (count or fraction)
-    seed: int = 0
+    seed: int = 0  # K-means init, the binned draws and the validation users: one seed, one selection
     kmeans_sample: int = 100_000  # above this many users, mini-batch K-means on a sample (1M x 2048 stays cheap)
-    pca_components: int = 32
+    pca_components: int = 32  # "pca" strategies: prompts projected to this many components before clustering
     loss_records_per_user: int = 16  # the per-user loss only ranks users: a sample of records suffices
     global_bins: int = 8  # variance/loss bucketing: the original's 8 bins
     cluster_bins: int = 5  # within-cluster bins: the original's 5
@@ -75,13 +76,15 @@ class MigrateJobConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
-    target_store: str = "{output}/target-store"
-    adapter_path: str = "{output}/adapter"
+    target_store: str = "{output}/target-store"  # where the conversion writes every user's new prompt
+    adapter_path: str = "{output}/adapter"  # the fitted PUMA adapter (what jobs/convert.py --adapter takes)
     # a user absent from one source: "error", or "reject" (counted, listed)
     sources_missing_policy: Literal["error", "reject"] = "error"
     convert: ConvertConfig = field(default_factory=ConvertConfig)  # the last stage: every user → the target store
     engine: EngineConfig = field(default_factory=EngineConfig)
-    threads: int | None = None
+    # after conversion: each user's old system against the new on their own validation records (training/gate.py)
+    gate: GateConfig = field(default_factory=GateConfig)
+    threads: int | None = None  # torch threads in this process; None: torch's default (all cores)
 
     def __post_init__(self):
         if not self.sources:

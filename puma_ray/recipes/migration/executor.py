@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 
 from puma_ray.artifacts.store import PromptStore
 from puma_ray.config import ModelConfig, PromptTrainConfig, TemplateConfig
@@ -92,3 +93,9 @@ class Executor(ABC):
     @abstractmethod
     def reference(self, run: Run, sources: Sources) -> dict:
         """The LLM-free predictors (training.reference) fitted on the train split, on the test records."""
+
+    def gate_sums(self, run: Run, sources: Sources, fits: Fits, target_store: str) -> pd.DataFrame | None:
+        """Per-user loss sums (training/gate.user_loss_stats) of the old system (first source model + its store)
+        and the new (target model + the converted store) on every user's validation records; None where this
+        executor cannot run the gate yet (the stage then says so in the report)."""
+        return None

@@ -98,3 +98,10 @@ class Evaluation:
 class Conversion:
     target_store: str
     summary: dict  # conversion.run.convert's summary
+
+
+@dataclass
+class Gate:
+    """The per-user gate's outcome: report.json's `gate` section (counts, rule, worst users, the table's path), or
+    why it did not run."""
+    summary: dict

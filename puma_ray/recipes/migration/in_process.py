@@ -4,6 +4,7 @@ Data aggregation and `convert_runner` an actor pool (engine.kind ray with engine
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
 from puma_ray.artifacts.store import PromptStore, StoreError, prompt_scale
@@ -17,8 +18,9 @@ from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, item_texts, tr
 from puma_ray.selection.statistics import ffn_features, label_variance, source_loss
 from puma_ray.selection.strategies import NEEDS, SelectionInput
 from puma_ray.training.cost import Cost
-from puma_ray.training.evaluate import evaluate
+from puma_ray.training.evaluate import evaluate, predict
 from puma_ray.training.fit import fit_mapping, mapped_prompts
+from puma_ray.training.gate import System, user_loss_stats
 from puma_ray.training.records import RecordSet
 from puma_ray.training.reference import reference_metrics
 
@@ -133,3 +135,21 @@ class InProcess(Executor):
     def reference(self, run: Run, sources: Sources) -> dict:
         ds = sources.records
         return reference_metrics(sources.task, ds.split("train"), ds.split("test"))
+
+    def gate_sums(self, run: Run, sources: Sources, fits: Fits, target_store: str) -> pd.DataFrame:
+        """Both systems over every validation record in this process. The new side is read back from the
+        converted store (what ships, including the conversion itself); users it rejected are not gated."""
+        target = PromptStore.open(target_store, run.cfg.storage)
+        ids, converted = target.read_all()
+        valid = sources.records.split("valid")
+        valid = valid[valid["user_id"].isin(ids)]
+        old_prompts = torch.from_numpy(sources.prompts.prompts[0])
+        new_prompts = torch.from_numpy(converted)
+        old = System(source_plm(sources, 0, run.cfg.sources[0].model), load_head(*sources.head),
+                     lambda idx: old_prompts[idx])
+        new = System(fits.plm, load_head(*target.read_head()), lambda idx: new_prompts[idx])
+        old_records, new_records = RecordSet.from_frame(valid, sources.users), RecordSet.from_frame(valid, ids)
+        bs = run.cfg.fit.eval_batch_size
+        old_pred = predict(old.plm, old.head, sources.task, old.prompts_for, old_records, bs)
+        new_pred = predict(new.plm, new.head, sources.task, new.prompts_for, new_records, bs)
+        return user_loss_stats(old_records.user_ids, sources.task, old_records.labels, old_pred, new_pred)

@@ -9,6 +9,7 @@ executor's business (executor.py); what the stage computes, with which seeds, an
     baselines             the linear map, random target prompts, full retraining (Eq. 1)
     evaluation            every method and the LLM-free reference rows on the test records
     conversion            every user → the target store (manifest last)
+    gate                  each user's old system against the new on their validation records (how many got worse)
     report                report.json's content
 A stage's output is dropped once no later stage reads it: the driver holds what is still needed, no more.
 """
@@ -30,13 +31,15 @@ from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import head_config, load_head, make_head
 from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.recipes.runs import provenance
+from puma_ray.reports.gate import write_gate_table
 from puma_ray.selection.strategies import check_selection, resolve_budget, select
 from puma_ray.tasks import get_task
 from puma_ray.training.fit import FixedPrompts, fit_mapping
+from puma_ray.training.gate import gate_from_stats, gate_summary
 
 from .config import MigrateJobConfig, SelectionConfig, resolve_foundations
 from .executor import Executor, Run
-from .handles import Baselines, Conversion, Evaluation, Fits, Fitted, Selection, Sources, Statistics
+from .handles import Baselines, Conversion, Evaluation, Fits, Fitted, Gate, Selection, Sources, Statistics
 from .in_process import InProcess
 from .report import convert_everyone, migration_report
 
@@ -209,8 +212,28 @@ def conversion(run: Run, ex: Executor, src: Sources, fits: Fits, ev: Evaluation)
     return Conversion(target_path, summary)
 
 
+def gate(run: Run, ex: Executor, src: Sources, fits: Fits, conv: Conversion) -> Gate:
+    """Each user's old system against the new on their own validation records (never test): how many users the
+    migration made worse, by the rule of training/gate.py; the table lands in the run folder."""
+    cfg = run.cfg.gate
+    if not cfg.enabled:
+        return Gate({"skipped": "gate.enabled is false"})
+    run.log("gate: every user's old system against the new on their validation records")
+    sums = ex.gate_sums(run, src, fits, conv.target_store)
+    if sums is None:
+        run.log(f"gate: not available on the {type(ex).__name__} executor yet; skipped")
+        return Gate({"skipped": f"not available on the {type(ex).__name__} executor yet"})
+    table = gate_from_stats(sums, cfg)
+    summary = {**gate_summary(table, cfg), "loss": "squared error" if src.task == "rating" else "log loss",
+               "records": int(table["records"].sum()),
+               "table": write_gate_table(table, run.output, run.cfg.storage)}
+    run.log(f"gate: {summary['worse']} of {summary['users']} users worse, {summary['better']} better on their "
+            f"validation records (alpha {cfg.alpha}); table {summary['table']}")
+    return Gate(summary)
+
+
 def report(run: Run, ex: Executor, src: Sources, sel: Selection, fits: Fits, base: Baselines, ev: Evaluation,
-           conv: Conversion) -> dict:
+           conv: Conversion, checked: Gate) -> dict:
     costs = {name: (f.result.cost if f.prompts is not None else sel.cost.merge(f.result.cost)).to_dict()
              for name, f in [*fits.methods.items(), *base.methods.items()]}  # fixed prompts select nothing
     if base.full_retrain is not None:
@@ -225,7 +248,7 @@ def report(run: Run, ex: Executor, src: Sources, sel: Selection, fits: Fits, bas
         valid_idx=sel.valid_idx, methods=ev.methods, reference=ev.reference, costs=costs, metric=src.metric,
         target_path=conv.target_store, adapter_path=fits.methods["puma"].adapter, conversion=conv.summary,
         source_reports=src.reports, fits={k: v.result for k, v in results.items()}, data=src.data,
-        wall_s=time.perf_counter() - run.started, **ex.report_fields())
+        wall_s=time.perf_counter() - run.started, gate=checked.summary, **ex.report_fields())
 
 
 STAGES: list[Stage] = [
@@ -236,7 +259,8 @@ STAGES: list[Stage] = [
     Stage("baselines", baselines, ("sources", "selection_statistics", "selection", "fit")),
     Stage("evaluation", evaluation, ("sources", "fit", "baselines")),
     Stage("conversion", conversion, ("sources", "fit", "evaluation")),
-    Stage("report", report, ("sources", "selection", "fit", "baselines", "evaluation", "conversion")),
+    Stage("gate", gate, ("sources", "fit", "conversion")),
+    Stage("report", report, ("sources", "selection", "fit", "baselines", "evaluation", "conversion", "gate")),
 ]
 
 
