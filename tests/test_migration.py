@@ -109,6 +109,20 @@ def test_single_source_gate(run_a, toy_dataset):
     assert "## Per-user gate" in md and "gate.png" in md and Path(out, "gate.png").exists()
 
 
+def test_the_adapter_validation_picks_converts_everyone(run_a):
+    """ship: validation (default): the fitted adapter with the best validation RMSE (PUMA or the linear map)
+    converted everyone; the report names it, its validation figures and its artifact."""
+    report, out = run_a
+    choice = report["adapter_choice"]
+    assert set(choice["validation"]) == {"puma", "linear"} and choice["rule"] == "validation"
+    assert choice["shipped"] == min(choice["validation"], key=choice["validation"].get)
+    for name, value in choice["validation"].items():
+        assert value == pytest.approx(min(h["valid_rmse"] for h in report["fits"][name]["history"]))
+    expected = f"{out}/adapter" if choice["shipped"] == "puma" else f"{out}/baselines/linear-adapter"
+    assert report["adapter"] == choice["adapter"] == expected
+    assert load_adapter(expected)[2]["metrics"] == report["methods"][choice["shipped"]]
+
+
 def test_single_source_target_store(run_a, toy_dataset):
     report, out = run_a
     source = PromptStore.open(f"{out}/source-store")

@@ -308,6 +308,15 @@ def plot_bars(values: dict[str, float], metric: str, title: str, xlabel: str,
 
 
 # ---------------------------------------------------------------------------------------------- writing
+def _choice(choice: dict | None) -> str:
+    """Which fitted adapter converted everyone, and by which validation figures."""
+    if not choice:
+        return ""
+    figures = ", ".join(f"{method_label(n)} {fmt(v)}" for n, v in choice["validation"].items())
+    return (f" ({method_label(choice['shipped'])}, shipped by rule `{choice['rule']}`; validation "
+            f"{metric_name(choice['metric'])}: {figures})")
+
+
 def _header(report: dict, out_dir: str) -> list[str]:
     sources = report.get("sources") or [report["source"]]
     sel, data = report.get("selection", {}), report.get("data", {})
@@ -326,7 +335,7 @@ def _header(report: dict, out_dir: str) -> list[str]:
         f"- **made by**: {prov.get('package', '?')} (torch {prov.get('torch', '?')}, {prov.get('host', '?')}, "
         f"{prov.get('created_at', '?')})",
         f"- **target store**: {_link(report.get('store', ''), out_dir)}",
-        f"- **adapter**: {_link(report.get('adapter', ''), out_dir)}",
+        f"- **adapter**: {_link(report.get('adapter', ''), out_dir)}" + _choice(report.get("adapter_choice")),
         "- **full record**: [report.json](report.json)",
     ]
     for folder, card in (report.get("foundations") or {}).items():

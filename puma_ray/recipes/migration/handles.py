@@ -98,6 +98,7 @@ class Evaluation:
 class Conversion:
     target_store: str
     summary: dict  # conversion.run.convert's summary
+    choice: dict = field(default_factory=dict)  # which adapter converted everyone, and the validation figures
 
 
 @dataclass

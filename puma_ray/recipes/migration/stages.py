@@ -8,7 +8,7 @@ executor's business (executor.py); what the stage computes, with which seeds, an
     fit                   the adapter through the frozen target (Eq. 2), saved as an artifact
     baselines             the linear map, random target prompts, full retraining (Eq. 1)
     evaluation            every method and the LLM-free reference rows on the test records
-    conversion            every user → the target store (manifest last)
+    conversion            every user → the target store (manifest last) through the adapter validation ships
     gate                  each user's old system against the new on their validation records (how many got worse)
     report                report.json's content
 A stage's output is dropped once no later stage reads it: the driver holds what is still needed, no more.
@@ -202,14 +202,33 @@ def evaluation(run: Run, ex: Executor, src: Sources, fits: Fits, base: Baselines
     return Evaluation(methods, ex.reference(run, src))
 
 
-def conversion(run: Run, ex: Executor, src: Sources, fits: Fits, ev: Evaluation) -> Conversion:
+def shipped_adapter(run: Run, src: Sources, fits: Fits, base: Baselines) -> tuple[str, dict]:
+    """Which fitted adapter converts everyone: PUMA's (`ship: puma`, the paper), or the best on the
+    validation users' records among PUMA and the linear map (`validation`, the default: a migration never ships
+    worse than the simplest map by the figure it may look at). Test records never enter the choice."""
+    task = get_task(src.task)
+    adapters = {n: f for n, f in [*fits.methods.items(), *base.methods.items()] if f.adapter is not None}
+    scores = {n: float(f.result.valid[task.primary]) for n, f in adapters.items()}
+    if run.cfg.ship == "puma" or len(scores) == 1:
+        name = "puma"
+    else:  # ties go to PUMA (listed first)
+        name = (max if task.higher_is_better else min)(scores, key=scores.get)
+    run.log(f"shipped adapter: {name} (validation {task.primary}: "
+            + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + ")")
+    return name, {"rule": run.cfg.ship, "metric": task.primary, "validation": scores, "shipped": name,
+                  "adapter": adapters[name].adapter}
+
+
+def conversion(run: Run, ex: Executor, src: Sources, fits: Fits, base: Baselines, ev: Evaluation) -> Conversion:
+    name, choice = shipped_adapter(run, src, fits, base)
+    shipped = fits.methods.get(name) or base.methods[name]
     # the artifact carries its test metrics from here on (the evaluation needed it saved without them)
-    save_fitted(fits.methods["puma"], src.task, run.cfg.storage, metrics=ev.methods["puma"])
+    save_fitted(shipped, src.task, run.cfg.storage, metrics=ev.methods[name])
     target_path = run.cfg.target_store.format(output=run.output)
     run.log(f"convert every user → {target_path}")
-    summary = convert_everyone(run.cfg, fits.methods["puma"].adapter, [s.path for s in src.stores], target_path,
-                               ev.methods["puma"], ex.convert_runner, run.log)
-    return Conversion(target_path, summary)
+    summary = convert_everyone(run.cfg, shipped.adapter, [s.path for s in src.stores], target_path,
+                               ev.methods[name], ex.convert_runner, run.log)
+    return Conversion(target_path, summary, choice)
 
 
 def gate(run: Run, ex: Executor, src: Sources, fits: Fits, conv: Conversion) -> Gate:
@@ -246,9 +265,10 @@ def report(run: Run, ex: Executor, src: Sources, sel: Selection, fits: Fits, bas
         run.cfg, task=src.task, sources=[vars(b.identity) for b in src.backbones],
         target=vars(fits.target.identity), budget=sel.budget, users=src.users, chosen=sel.chosen,
         valid_idx=sel.valid_idx, methods=ev.methods, reference=ev.reference, costs=costs, metric=src.metric,
-        target_path=conv.target_store, adapter_path=fits.methods["puma"].adapter, conversion=conv.summary,
+        target_path=conv.target_store, adapter_path=conv.choice["adapter"], conversion=conv.summary,
         source_reports=src.reports, fits={k: v.result for k, v in results.items()}, data=src.data,
-        wall_s=time.perf_counter() - run.started, gate=checked.summary, **ex.report_fields())
+        wall_s=time.perf_counter() - run.started, gate=checked.summary, adapter_choice=conv.choice,
+        **ex.report_fields())
 
 
 STAGES: list[Stage] = [
@@ -258,7 +278,7 @@ STAGES: list[Stage] = [
     Stage("fit", fit, ("sources", "selection_statistics", "selection")),
     Stage("baselines", baselines, ("sources", "selection_statistics", "selection", "fit")),
     Stage("evaluation", evaluation, ("sources", "fit", "baselines")),
-    Stage("conversion", conversion, ("sources", "fit", "evaluation")),
+    Stage("conversion", conversion, ("sources", "fit", "baselines", "evaluation")),
     Stage("gate", gate, ("sources", "fit", "conversion")),
     Stage("report", report, ("sources", "selection", "fit", "baselines", "evaluation", "conversion", "gate")),
 ]
