@@ -32,6 +32,12 @@ OUTPUT_LOCK = "_lock"
 SERVING_FORMAT = "puma_ray.serving/1"
 SERVING_EXPORT = "export.json"  # written last: lists every file of the export
 SERVING_EXPORT_PENDING = "_export_pending.json"  # written first, removed last: an interrupted export's file names
+# the template spliced in (artifacts/serving_splice.py writes, artifacts/serving_reader.py reads): export.json's
+# "splice" names these; an export without them (jobs/convert.py --export) holds the per-user rows only
+SERVING_SPLICE_FORMAT = "puma_ray.serving-splice/1"
+SERVING_SPLICE = "splice.json"  # the recipe: pieces in order, where the user's rows go, item/history rules, readout
+SERVING_PIECES = "template_pieces.safetensors"  # the template's fixed pieces, embedded once (+ their token ids)
+SERVING_READOUT = "readout.safetensors"  # the label tokens' output-layer rows (for a server giving hidden states)
 
 # ---- foundation model folder (recipes/foundation.py): in the cache key, so a recipe change never reuses a folder
 FOUNDATION_FORMAT = "puma-foundation/2"
