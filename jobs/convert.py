@@ -27,7 +27,7 @@ from puma_ray.recipes.runs import describe_error, exit_job
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--adapter", help="fitted adapter folder (adapter_config.json + safetensors)")
+    what.add_argument("--adapter", help="fitted adapter folder (puma_adapter.json + safetensors)")
     what.add_argument("--verify", metavar="STORE", help="verify a store against its manifest and sources")
     what.add_argument("--export", metavar="STORE", help="export a store's prompts for serving (needs --to)")
     p.add_argument("--source", action="append", default=None,

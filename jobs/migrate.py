@@ -21,7 +21,7 @@ from puma_ray.recipes.runs import (
     report_path,
     set_threads,
     user_errors_to_exit_code,
-    write_json,
+    write_report,
 )
 from puma_ray.reports.markdown import write_migration_report
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         cfg = resolve_foundations(cfg)  # before the Ray layer: its Train workers load the pretrained folders
         run = migration_runner(cfg)  # before Ray starts: a setting the lean driver cannot honour is one line
         report = run(cfg, output, **engine_functions(cfg, output))
-        write_json(report_path(output), report, cfg.storage)
+        write_report(report_path(output), "migrate", report, cfg.storage)
         report_md = write_migration_report(report, output, cfg.storage)
         print(format_report(report))
         print(f"report: {report_path(output)} ({report_md})\ntarget store: {report['store']}\n"

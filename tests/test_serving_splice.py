@@ -155,6 +155,18 @@ def test_a_trained_verbalizer_keeps_its_scale_in_the_open_head():
     from puma_ray.importing.readout import head_from_open, head_to_open
     for head in (_head("rating", "verbalizer"), VerbalizerHead("rating")):
         tensors, spec = head_to_open(head.state_dict(), head_config("rating", head))
-        assert bool(tensors) == (float(head.scale) != 1.0)
+        assert bool(tensors) == (head.scale.item() != 1.0)
         state, _ = head_from_open(spec, tensors, "rating", 5, "head.json")
         assert all(torch.equal(state[k], v) for k, v in head.state_dict().items())
+
+
+def test_every_report_carries_its_format(tmp_path):
+    """report.json (and benchmark.json) of each job: "format" puma_ray.report/<job>/1, first."""
+    from puma_ray.artifacts.formats import REPORT_FORMATS
+    from puma_ray.recipes.runs import write_report
+    for job in ("train_prompts", "migrate", "sweep", "benchmark"):
+        report = {"methods": {}}
+        write_report(str(tmp_path / job / "report.json"), job, report)
+        written = json.loads((tmp_path / job / "report.json").read_text())
+        assert next(iter(written)) == "format" and written["format"] == f"puma_ray.report/{job}/1" == report["format"]
+    assert set(REPORT_FORMATS) == {"train_prompts", "migrate", "sweep", "benchmark"}

@@ -16,7 +16,9 @@ STORE_SHARD_DIR = "shards"
 
 # ---- adapter (artifacts/adapter_io.py)
 ADAPTER_FORMAT = "puma_ray.adapter/1"
-ADAPTER_CONFIG = "adapter_config.json"  # written last
+ADAPTER_CONFIG = "puma_adapter.json"  # written last; not PEFT's adapter_config.json, which holds another schema
+# adapters written before the rename: still read (adapter_io.adapter_config_name is the one place), never written
+ADAPTER_CONFIG_LEGACY = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_HEAD = "head.safetensors"  # the target head trained alongside the adapter
 
@@ -60,6 +62,9 @@ OPEN_HEAD_LAYERS = "head.json"
 
 # ---- job outputs
 REPORT_JSON = "report.json"
+# report.json's "format", per job (recipes/runs.write_report stamps it): the keys a reader of that job's report may
+# rely on; bumped per job when a key it had changes meaning or goes
+REPORT_FORMATS = {job: f"puma_ray.report/{job}/1" for job in ("train_prompts", "migrate", "sweep", "benchmark")}
 REPORT_MD = "report.md"
 # ---- the per-user gate of a migration (training/gate.py, reports/gate.py)
 GATE_TABLE = "gate/users.parquet"  # one row per user: old/new validation loss, test statistics, verdict

@@ -25,6 +25,7 @@ from safetensors.torch import save as save_tensors
 from puma_ray import __version__
 from puma_ray.artifacts.formats import (
     ADAPTER_CONFIG,
+    ADAPTER_CONFIG_LEGACY,
     CONVERSION_IDENTITY,
     OUTPUT_LOCK,
     SERVING_EXPORT,
@@ -62,7 +63,7 @@ def _export_names(store: PromptStore) -> list[str]:
 
 
 # what a store, an adapter or a conversion output holds at its top: an export never goes inside one of them
-_ARTIFACT_MARKERS = (STORE_MANIFEST, ADAPTER_CONFIG, CONVERSION_IDENTITY)
+_ARTIFACT_MARKERS = (STORE_MANIFEST, ADAPTER_CONFIG, ADAPTER_CONFIG_LEGACY, CONVERSION_IDENTITY)
 
 
 def check_export_location(store_path: str, out_dir: str, fs, root: str) -> None:

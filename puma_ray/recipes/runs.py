@@ -9,6 +9,7 @@ import re
 import torch
 
 from puma_ray import __version__
+from puma_ray.artifacts.formats import REPORT_FORMATS
 from puma_ray.config import ConfigError, from_dict, load_yaml, parse_yaml, shown
 from puma_ray.errors import PumaError
 from puma_ray.fs import StorageOptions, filesystem, is_remote, join, redact, redact_text
@@ -122,6 +123,13 @@ def write_json(path: str, data: dict, storage: StorageOptions | None = None) -> 
     if not is_remote(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_json_file(fs, inner, data)  # atomic; reports are shared: credentials masked
+
+
+def write_report(path: str, job: str, report: dict, storage: StorageOptions | None = None) -> None:
+    """A job's report.json, its format id first (formats.REPORT_FORMATS); `report` gets the id too, so that what
+    the job goes on to show is what it wrote."""
+    report["format"] = REPORT_FORMATS[job]
+    write_json(path, {"format": report["format"], **report}, storage)
 
 
 def provenance(cfg_dict: dict) -> dict:

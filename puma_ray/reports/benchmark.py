@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from puma_ray.fs import join
-from puma_ray.recipes.runs import write_json
+from puma_ray.recipes.runs import write_report
 from puma_ray.reports.markdown import (
     REFERENCE_LABELS,
     ReportWriter,
@@ -179,7 +179,7 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
 
 def write_benchmark(result: dict, output: str, storage=None, command: str | None = None) -> str:
     """benchmark.json + benchmark.md (+ PNGs) into output; returns benchmark.md's path."""
-    write_json(join(output, "benchmark.json"), result, storage)
+    write_report(join(output, "benchmark.json"), "benchmark", result, storage)
     writer = ReportWriter(output, storage)
     return writer.write("benchmark.md", benchmark_markdown(result, writer, command))
 
