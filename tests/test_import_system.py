@@ -180,18 +180,27 @@ def test_import_from_s3(s3_server, toy_dataset, tiny_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end: migrate
-def _migrate(load_job, out, source: str, source_model: str, data: dict, target: str = "tiny:llama") -> dict:
-    """jobs/migrate.py in process (engine.kind=local) on a small selection and fit; its report.json."""
+def _migrate(load_job, out, source: str, source_model: str, data: dict, target: str = "tiny:llama",
+             api: bool = False) -> dict:
+    """jobs/migrate.py in process (engine.kind=local) on a small selection and fit, or (api) the same from Python:
+    `puma_ray.migrate(config dict)`; its report.json."""
     import yaml
+
+    import puma_ray
     config = {"sources": [{"store": source, "model": {"name": source_model}}], "target": {"name": target},
               "data": data, "engine": {"kind": "local"}, "threads": 1,
               "selection": {"strategy": "kmeans_variance", "budget": 10, "k": 4, "valid_users": 4},
               "fit": {"epochs": 2, "batch_size": 32, "patience": 1},
               "baselines": {"linear": False, "random_init": False, "source": True}}
     out.mkdir(parents=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config))
-    assert load_job("migrate").main(["--config", str(out / "config.yaml"), "--output", str(out / "run")]) == 0
+    if api:
+        returned = puma_ray.migrate(config, str(out / "run"))
+    else:
+        (out / "config.yaml").write_text(yaml.safe_dump(config))
+        assert load_job("migrate").main(["--config", str(out / "config.yaml"), "--output", str(out / "run")]) == 0
     report = json.loads((out / "run" / "report.json").read_text())
+    if api:
+        assert returned["methods"] == report["methods"]
     assert report["format"] == "puma_ray.report/migrate/1"
     return report
 
@@ -206,7 +215,7 @@ def test_round_trip_migrates_like_the_native_store(prompts, trained, tmp_path, l
     _with_logs(tmp_path / "open", paths, **({"prompts": system["prompts_peft"]} if prompts == "peft" else {}))
     import_system(ImportConfig(str(tmp_path / "open"), str(tmp_path / "imported")), log=lambda *_: None)
     data = {"name": "parquet", "paths": paths}
-    native = _migrate(load_job, tmp_path / "native", store, "tiny:stablelm", data)
+    native = _migrate(load_job, tmp_path / "native", store, "tiny:stablelm", data, api=True)  # puma_ray.migrate
     imported = _migrate(load_job, tmp_path / "again", str(tmp_path / "imported"), "tiny:stablelm", data)
     assert native["selection"] == imported["selection"]  # the same users (their ids' checksum), the same counts
     assert set(native["methods"]) == set(imported["methods"]) == {"puma", "source"}

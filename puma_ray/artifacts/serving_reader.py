@@ -152,6 +152,8 @@ class SplicedSystem(ServingPrompts):
     def _rows(self, filled, what: str) -> torch.Tensor:
         if isinstance(filled, torch.Tensor) and filled.is_floating_point():
             return filled
+        if len(filled) == 0:  # an empty history: no rows, and no embedding needed for them
+            return torch.zeros(0, self.export["hidden_size"])
         if self.embed is None:
             raise ValueError(f"{what} given as token ids: open the export with embed= (the model's input embedding)")
         with torch.no_grad():
