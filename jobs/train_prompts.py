@@ -20,7 +20,7 @@ from puma_ray.recipes.runs import (
     report_path,
     set_threads,
     user_errors_to_exit_code,
-    write_json,
+    write_report,
 )
 from puma_ray.recipes.train_prompts import run
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         output = new_run_dir(args.output, "train_prompts")
         print(f"library and Ray messages: {library_logs_to_file(output, 'train_prompts')}")
         report = run(cfg, output)
-        write_json(report_path(output), report, cfg.storage)
+        write_report(report_path(output), "train_prompts", report, cfg.storage)
         print(f"report: {report_path(output)}\nstore: {report['store']}")
         return 0
 

@@ -36,6 +36,7 @@ _PUBLIC = {
     "puma_ray.conversion.run": ["convert"],
     "puma_ray.recipes.jobs": ["JOBS"],
     "puma_ray.recipes.migration.config": ["MigrateJobConfig"],
+    "puma_ray.cli.migrate": ["migrate"],
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
 __all__ = ["__version__", *_HOME]

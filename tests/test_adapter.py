@@ -245,3 +245,26 @@ def test_check_sources_refuses_other_models():
     _, _, meta2 = _trained_pair()
     with pytest.raises(AdapterError, match="expects prompts of tiny:stablelm"):
         check_sources(meta2, [SRC2, SRC])
+
+
+def test_an_adapter_from_before_the_rename_still_loads_and_converts(tmp_path):
+    """Adapters written before the config file was renamed (adapter_config.json: PEFT's name, another schema)
+    load and convert as they are; new ones are written as puma_adapter.json only."""
+    from puma_ray.artifacts.formats import ADAPTER_CONFIG_LEGACY
+    from puma_ray.conversion.run import ConvertConfig, convert
+    from puma_ray.tools.synthetic_prompts import write_synthetic_adapter, write_synthetic_store
+
+    adapter, head, meta = _trained_pair()
+    folder = tmp_path / "adapter"
+    save_adapter(str(folder), adapter, head, head_config("rating", head), meta)
+    assert CONFIG_FILE == "puma_adapter.json" and not (folder / ADAPTER_CONFIG_LEGACY).exists()
+    (folder / CONFIG_FILE).rename(folder / ADAPTER_CONFIG_LEGACY)
+    loaded, _, config = load_adapter(str(folder))
+    assert config["source_dims"] == [8, 12]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), adapter.state_dict().values()))
+
+    source = write_synthetic_store(str(tmp_path / "source"), 30, 2, 8, 10)
+    old = write_synthetic_adapter(str(tmp_path / "old"), [8], 12, 2, hidden=8)
+    (tmp_path / "old" / CONFIG_FILE).rename(tmp_path / "old" / ADAPTER_CONFIG_LEGACY)
+    summary = convert(old, [source], str(tmp_path / "target"), ConvertConfig(progress=False), log=lambda *_: None)
+    assert summary["users"] == 30 and summary["rejected"] == 0

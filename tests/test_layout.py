@@ -117,3 +117,26 @@ def test_public_surface_resolves_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout) == len(puma_ray.__all__) > 30
+
+
+def test_console_scripts_resolve_to_the_jobs_mains():
+    """pyproject.toml installs puma-migrate/-convert/-import/-export; each names an importable function, and
+    jobs/<name>.py (kept for `ray job submit`) runs the same main."""
+    import importlib
+    import importlib.util
+    import re
+    section = (REPO / "pyproject.toml").read_text().split("[project.scripts]\n", 1)[1].split("\n[", 1)[0]
+    scripts = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"$', section, re.M))  # (tomllib: Python 3.11+ only)
+    assert set(scripts) == {"puma-migrate", "puma-convert", "puma-import", "puma-export"}
+    for command, target in scripts.items():
+        module_name, function = target.split(":")
+        module = importlib.import_module(module_name)
+        assert callable(getattr(module, function)), command
+        job = REPO / "jobs" / f"{module_name.rsplit('.', 1)[1]}.py"
+        spec = importlib.util.spec_from_file_location(f"job_{job.stem}", job)
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        assert script.main is module.main, command
+    proc = subprocess.run([sys.executable, "-m", "puma_ray.cli.export_system", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--format" in proc.stdout, proc.stderr[-2000:]

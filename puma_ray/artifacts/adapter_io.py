@@ -1,6 +1,7 @@
-"""The adapter artifact: adapter_config.json (architecture, dims, scales, the models, data, config and package
+"""The adapter artifact: puma_adapter.json (architecture, dims, scales, the models, data, config and package
 that made it, written last) + adapter.safetensors + head.safetensors. Symmetric save/load; load refuses a format
-it does not know with one line.
+it does not know with one line. An adapter written before the config file's rename (adapter_config.json, PEFT's
+name for another schema) still loads: `adapter_config_name` is the one reader of the old name.
 """
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from puma_ray import __version__
-from puma_ray.artifacts.formats import ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_HEAD, ADAPTER_WEIGHTS, check_format
+from puma_ray.artifacts.formats import (
+    ADAPTER_CONFIG,
+    ADAPTER_CONFIG_LEGACY,
+    ADAPTER_FORMAT,
+    ADAPTER_HEAD,
+    ADAPTER_WEIGHTS,
+    check_format,
+)
 from puma_ray.config import from_dict
 from puma_ray.errors import AdapterError
 from puma_ray.fs import StorageOptions, filesystem, join, write_file, write_json
@@ -26,7 +34,7 @@ CONFIG_FILE, WEIGHTS_FILE, HEAD_FILE = ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_
 
 def save_adapter(folder: str, adapter: PromptAdapter, head: nn.Module, head_cfg: dict, meta: dict,
                  storage: StorageOptions | None = None) -> str:
-    """adapter_config.json (architecture, dims, scales, fingerprints, training, selection, metrics, version)
+    """puma_adapter.json (architecture, dims, scales, fingerprints, training, selection, metrics, version)
     + adapter.safetensors + head.safetensors (the target head trained alongside). Config last: it marks done."""
     fs, root = filesystem(folder, storage)
     fs.makedirs(root, exist_ok=True)
@@ -41,18 +49,26 @@ def save_adapter(folder: str, adapter: PromptAdapter, head: nn.Module, head_cfg:
     return folder
 
 
+def adapter_config_name(fs, root: str, folder: str) -> str:
+    """The adapter's config file name: puma_adapter.json, or adapter_config.json in an adapter written before the
+    rename (the same schema and format id). Neither: one line, the folder is incomplete or not an adapter."""
+    for name in (CONFIG_FILE, ADAPTER_CONFIG_LEGACY):
+        if fs.exists(join(root, name)):
+            return name
+    raise AdapterError(f"adapter {folder} has no {CONFIG_FILE} (incomplete or not an adapter)")
+
+
 def load_adapter(folder: str, storage: StorageOptions | None = None) -> tuple[PromptAdapter, nn.Module, dict]:
     fs, root = filesystem(folder, storage)
-    if not fs.exists(join(root, CONFIG_FILE)):
-        raise AdapterError(f"adapter {folder} has no {CONFIG_FILE} (incomplete or not an adapter)")
-    with fs.open(join(root, CONFIG_FILE), "r") as f:
+    name = adapter_config_name(fs, root, folder)
+    with fs.open(join(root, name), "r") as f:
         try:
             config = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdapterError(f"adapter {folder}: {CONFIG_FILE} is not valid JSON ({e})") from None
+            raise AdapterError(f"adapter {folder}: {name} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
-        raise AdapterError(f"adapter {folder}: {CONFIG_FILE} is not a JSON object")
-    check_format(config.get("format"), ADAPTER_FORMAT, f"adapter {folder} ({CONFIG_FILE})", AdapterError)
+        raise AdapterError(f"adapter {folder}: {name} is not a JSON object")
+    check_format(config.get("format"), ADAPTER_FORMAT, f"adapter {folder} ({name})", AdapterError)
     with tempfile.TemporaryDirectory() as tmp:
         tensors = {}
         for name in (WEIGHTS_FILE, HEAD_FILE):

@@ -16,7 +16,9 @@ STORE_SHARD_DIR = "shards"
 
 # ---- adapter (artifacts/adapter_io.py)
 ADAPTER_FORMAT = "puma_ray.adapter/1"
-ADAPTER_CONFIG = "adapter_config.json"  # written last
+ADAPTER_CONFIG = "puma_adapter.json"  # written last; not PEFT's adapter_config.json, which holds another schema
+# adapters written before the rename: still read (adapter_io.adapter_config_name is the one place), never written
+ADAPTER_CONFIG_LEGACY = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_HEAD = "head.safetensors"  # the target head trained alongside the adapter
 
@@ -32,6 +34,12 @@ OUTPUT_LOCK = "_lock"
 SERVING_FORMAT = "puma_ray.serving/1"
 SERVING_EXPORT = "export.json"  # written last: lists every file of the export
 SERVING_EXPORT_PENDING = "_export_pending.json"  # written first, removed last: an interrupted export's file names
+# the template spliced in (artifacts/serving_splice.py writes, artifacts/serving_reader.py reads): export.json's
+# "splice" names these; an export without them (jobs/convert.py --export) holds the per-user rows only
+SERVING_SPLICE_FORMAT = "puma_ray.serving-splice/1"
+SERVING_SPLICE = "splice.json"  # the recipe: pieces in order, where the user's rows go, item/history rules, readout
+SERVING_PIECES = "template_pieces.safetensors"  # the template's fixed pieces, embedded once (+ their token ids)
+SERVING_READOUT = "readout.safetensors"  # the label tokens' output-layer rows (for a server giving hidden states)
 
 # ---- foundation model folder (recipes/foundation.py): in the cache key, so a recipe change never reuses a folder
 FOUNDATION_FORMAT = "puma-foundation/2"
@@ -54,6 +62,9 @@ OPEN_HEAD_LAYERS = "head.json"
 
 # ---- job outputs
 REPORT_JSON = "report.json"
+# report.json's "format", per job (recipes/runs.write_report stamps it): the keys a reader of that job's report may
+# rely on; bumped per job when a key it had changes meaning or goes
+REPORT_FORMATS = {job: f"puma_ray.report/{job}/1" for job in ("train_prompts", "migrate", "sweep", "benchmark")}
 REPORT_MD = "report.md"
 # ---- the per-user gate of a migration (training/gate.py, reports/gate.py)
 GATE_TABLE = "gate/users.parquet"  # one row per user: old/new validation loss, test statistics, verdict

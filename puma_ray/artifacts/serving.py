@@ -1,36 +1,43 @@
 """Serving export: a store's prompts as plain `(l, d)` tensors per user, for an inference server that takes
-`prompt_embeds` / `inputs_embeds` (vLLM, TGI, transformers).
+`prompt_embeds` / `inputs_embeds` (vLLM, TGI, transformers), and with `splice` the rest of the request: the
+template's fixed pieces embedded once, where the user's rows and the item go, and the readout (serving_splice.py).
 
     <dir>/prompts-<shard>.safetensors   tensor "prompt_embeds" (n, l, d); header metadata "user_ids" (JSON list)
+    <dir>/splice.json, template_pieces.safetensors, readout.safetensors, head.safetensors, head.json
+                                        with splice only: the recipe and its tensors (serving_splice.py)
     <dir>/export.json                   written last: model identity, l, d, dtype, template, files + sha256,
-                                        the store it came from (manifest checksum), package version
+                                        "splice" (its files + sha256, or absent), the store it came from (manifest
+                                        checksum), package version
     <dir>/_export_pending.json          while an export runs: the files it writes (an interrupted export's files
                                         are then known as ours by the rerun); removed after export.json
 
-`ServingPrompts` opens an export and returns one user's tensor without loading the others (safetensors slices).
+`ServingPrompts` / `SplicedSystem` (serving_reader.py, no model code) open an export: one user's rows without
+loading the others, or the whole assembled sequence and the prediction.
 """
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
 from puma_ray import __version__
 from puma_ray.artifacts.formats import (
     ADAPTER_CONFIG,
+    ADAPTER_CONFIG_LEGACY,
     CONVERSION_IDENTITY,
     OUTPUT_LOCK,
     SERVING_EXPORT,
     SERVING_EXPORT_PENDING,
     SERVING_FORMAT,
+    SERVING_SPLICE,
+    SERVING_SPLICE_FORMAT,
     STORE_MANIFEST,
     sha256_hex,
 )
 from puma_ray.artifacts.lock import OutputLock
+from puma_ray.artifacts.serving_reader import TENSOR, ServingPrompts
 from puma_ray.artifacts.store import MANIFEST, PromptStore, StoreError
 from puma_ray.fs import (
     StorageOptions,
@@ -45,7 +52,8 @@ from puma_ray.fs import (
     write_json,
 )
 
-EXPORT_FILE, EXPORT_PENDING, TENSOR = SERVING_EXPORT, SERVING_EXPORT_PENDING, "prompt_embeds"
+EXPORT_FILE, EXPORT_PENDING = SERVING_EXPORT, SERVING_EXPORT_PENDING
+__all__ = ["ServingPrompts", "export_for_serving", "check_export_location", "DTYPES"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,7 +63,7 @@ def _export_names(store: PromptStore) -> list[str]:
 
 
 # what a store, an adapter or a conversion output holds at its top: an export never goes inside one of them
-_ARTIFACT_MARKERS = (STORE_MANIFEST, ADAPTER_CONFIG, CONVERSION_IDENTITY)
+_ARTIFACT_MARKERS = (STORE_MANIFEST, ADAPTER_CONFIG, ADAPTER_CONFIG_LEGACY, CONVERSION_IDENTITY)
 
 
 def check_export_location(store_path: str, out_dir: str, fs, root: str) -> None:
@@ -94,15 +102,19 @@ def _owned_files(fs, root: str, present: set[str], out_dir: str) -> set[str]:
                 ours.add(path)  # a pending record that is not readable is still our own name: a partial write
             continue
         ours.add(path)
-        for entry in data["files"]:
+        splice = data.get("splice") if isinstance(data.get("splice"), dict) else {}
+        for entry in data["files"] + list(splice.get("files") or []):
             name = entry.get("file") if isinstance(entry, dict) else entry
             ours.add(child(root, name, f"export {out_dir} {record} files", StoreError))
     return ours
 
 
 def export_for_serving(store_path: str, out_dir: str, dtype: str = "float32",
-                       storage: StorageOptions | None = None) -> dict:
+                       storage: StorageOptions | None = None, splice: bool = False,
+                       model: str | None = None) -> dict:
     """Every user of the store (verified shard by shard as it is read) → safetensors files; returns export.json.
+    `splice` adds the template's pieces and the readout, built from the store's model (`model`: where it is on
+    this machine when the store's recorded name does not load here; its fingerprint must still match).
 
     Output rules (as a conversion's): the folder is new, empty, or an export of ours (its files named by our
     export.json or by the pending record of an interrupted export); a file we did not write is never overwritten
@@ -112,11 +124,16 @@ def export_for_serving(store_path: str, out_dir: str, dtype: str = "float32",
     store = PromptStore.open(store_path, storage)
     fs, root = filesystem(out_dir, storage)
     check_export_location(store_path, out_dir, fs, root)
+    extra: dict[str, bytes] = {}
+    if splice:  # built before anything is written: a model that does not load or match refuses an untouched folder
+        from puma_ray.artifacts.serving_splice import build_splice  # loads transformers: only an export that splices
+        extra = build_splice(store, DTYPES[dtype], model)
     with OutputLock(out_dir, "an export", storage):  # one writer: a second export into the folder is refused
-        return _export_locked(store, store_path, out_dir, dtype, fs, root)
+        return _export_locked(store, store_path, out_dir, dtype, fs, root, extra)
 
 
-def _export_locked(store: PromptStore, store_path: str, out_dir: str, dtype: str, fs, root: str) -> dict:
+def _export_locked(store: PromptStore, store_path: str, out_dir: str, dtype: str, fs, root: str,
+                   extra: dict[str, bytes]) -> dict:
     present = {p.rstrip("/") for p in fs.find(root)} if fs.exists(root) else set()
     for leftover in sorted(p for p in present if is_temp_file(p)):
         fs.rm(leftover)  # a temporary file of our own atomic write
@@ -131,7 +148,8 @@ def _export_locked(store: PromptStore, store_path: str, out_dir: str, dtype: str
     fs.makedirs(root, exist_ok=True)
     # before any prompt file: names every file this export will write, so an interrupted export's files are
     # known as ours by the rerun (and only those)
-    write_json(fs, join(root, EXPORT_PENDING), {"format": SERVING_FORMAT, "files": names, "store": store_path})
+    write_json(fs, join(root, EXPORT_PENDING), {"format": SERVING_FORMAT, "files": names + list(extra),
+                                                "store": store_path})
     files = []
     for entry, name in zip(store.manifest.shards, names):
         ids, prompts = store.read_shard(entry)
@@ -141,6 +159,10 @@ def _export_locked(store: PromptStore, store_path: str, out_dir: str, dtype: str
                                                         "model": store.identity.fingerprint})
         write_file(fs, join(root, name), data)
         files.append({"file": name, "users": len(ids), "sha256": sha256_hex(data)})
+    spliced = []
+    for name, data in extra.items():  # splice.json last of them (build_splice's order)
+        write_file(fs, join(root, name), data)
+        spliced.append({"file": name, "sha256": sha256_hex(data)})
     with store.fs.open(join(store.root, MANIFEST), "rb") as f:
         store_sha = sha256_hex(f.read())
     export = {"format": SERVING_FORMAT, "created_by": f"puma_ray {__version__}", "model": store.manifest.model,
@@ -148,49 +170,8 @@ def _export_locked(store: PromptStore, store_path: str, out_dir: str, dtype: str
               "dtype": dtype, "template": store.manifest.template, "task": store.manifest.task,
               "users": store.manifest.num_users, "files": files,
               "store": {"path": store_path, "manifest_sha256": store_sha}}
+    if extra:
+        export["splice"] = {"file": SERVING_SPLICE, "format": SERVING_SPLICE_FORMAT, "files": spliced}
     write_json(fs, join(root, EXPORT_FILE), export)
     fs.rm(join(root, EXPORT_PENDING))  # ours: export.json now names every file
     return export
-
-
-class ServingPrompts:
-    """A local export opened for lookups: `get(user_id)` → (l, d) tensor; `users` lists every user."""
-
-    def __init__(self, folder: str):
-        path = os.path.join(folder, EXPORT_FILE)
-        if not os.path.exists(path):
-            raise StoreError(f"{folder} has no {EXPORT_FILE} (incomplete export, or not one)")
-        with open(path) as f:
-            self.export = json.load(f)
-        self.folder, self._where = folder, {}
-        for entry in self.export["files"]:
-            plain_name(entry.get("file"), f"export {folder} {EXPORT_FILE} files", StoreError)
-            with safe_open(os.path.join(folder, entry["file"]), "pt") as f:
-                ids = json.loads(f.metadata()["user_ids"])
-            self._where.update({u: (entry["file"], row) for row, u in enumerate(ids)})
-
-    @property
-    def users(self) -> list[str]:
-        return list(self._where)
-
-    def get(self, user_id: str) -> torch.Tensor:
-        return self.batch([user_id])[0]
-
-    def batch(self, user_ids: list[str]) -> torch.Tensor:
-        """(n, l, d) in the order asked; each file is opened once per call, however many of its users are asked."""
-        missing = [u for u in user_ids if u not in self._where]
-        if missing:
-            raise KeyError(f"user {missing[0]!r} is not in the export {self.folder}")
-        if not user_ids:
-            return torch.empty(0)
-        by_file: dict[str, list[int]] = {}
-        for i, u in enumerate(user_ids):
-            by_file.setdefault(self._where[u][0], []).append(i)
-        out: list[torch.Tensor | None] = [None] * len(user_ids)
-        for file, positions in by_file.items():
-            with safe_open(os.path.join(self.folder, file), "pt") as f:
-                rows = f.get_slice(TENSOR)
-                for i in positions:
-                    row = self._where[user_ids[i]][1]
-                    out[i] = rows[row:row + 1][0]
-        return torch.stack(out)

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 
 from puma_ray import __version__
-from puma_ray.artifacts.adapter_io import CONFIG_FILE, HEAD_FILE, WEIGHTS_FILE, check_sources
+from puma_ray.artifacts.adapter_io import HEAD_FILE, WEIGHTS_FILE, adapter_config_name, check_sources
 from puma_ray.artifacts.formats import ADAPTER_FORMAT, check_format
 from puma_ray.artifacts.lock import OutputLock
 from puma_ray.artifacts.store import (
@@ -108,15 +108,14 @@ def _check_prompt_lengths(stores: list[PromptStore]) -> None:
 def _adapter_identity(adapter_path: str, storage) -> tuple[dict, dict]:
     """(adapter config, checksums of its three files): a different fit never passes for this one."""
     fs, root = filesystem(adapter_path, storage)
-    if not fs.exists(join(root, CONFIG_FILE)):
-        raise AdapterError(f"adapter {adapter_path} has no {CONFIG_FILE} (incomplete or not an adapter)")
-    raw = read_bytes(fs, join(root, CONFIG_FILE))
+    config_name = adapter_config_name(fs, root, adapter_path)  # an adapter from before the rename keeps its name
+    raw = read_bytes(fs, join(root, config_name))
     try:
         config = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise AdapterError(f"adapter {adapter_path}: {CONFIG_FILE} is not valid JSON") from None
+        raise AdapterError(f"adapter {adapter_path}: {config_name} is not valid JSON") from None
     check_format(config.get("format") if isinstance(config, dict) else None, ADAPTER_FORMAT,
-                 f"adapter {adapter_path} ({CONFIG_FILE})", AdapterError)
+                 f"adapter {adapter_path} ({config_name})", AdapterError)
     sums = {}
     for name in (WEIGHTS_FILE, HEAD_FILE):
         data = read_bytes(fs, join(root, name))
@@ -125,7 +124,7 @@ def _adapter_identity(adapter_path: str, storage) -> tuple[dict, dict]:
         except Exception:
             raise AdapterError(f"adapter {adapter_path}: {name} is not a valid safetensors file") from None
         sums[name] = sha256_hex(data)
-    return config, {CONFIG_FILE: sha256_hex(raw), **sums}
+    return config, {config_name: sha256_hex(raw), **sums}
 
 
 def plan_conversion(adapter_path: str, source_paths: list[str], target_path: str, cfg: ConvertConfig,

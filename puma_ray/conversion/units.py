@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from puma_ray import __version__
-from puma_ray.artifacts.adapter_io import CONFIG_FILE, HEAD_FILE, load_adapter
+from puma_ray.artifacts.adapter_io import HEAD_FILE, adapter_config_name, load_adapter
 from puma_ray.artifacts.formats import (
     CONVERSION_IDENTITY,
     CONVERSION_PROGRESS_DIR,
@@ -357,7 +357,8 @@ def finalize(plan: ConversionPlan, records: list[dict], storage=None) -> Manifes
     check_exactly_once(fs, [join(root, SHARD_DIR, r["name"]) for r in ordered], reject_paths, plan.total_users,
                        f"conversion into {plan.target}")
     adapter_fs, adapter_root = filesystem(plan.adapter, storage)
-    config = json.loads(read_bytes(adapter_fs, join(adapter_root, CONFIG_FILE)))
+    config = json.loads(read_bytes(adapter_fs, join(adapter_root, adapter_config_name(adapter_fs, adapter_root,
+                                                                                       plan.adapter))))
     head_state = st_load(read_bytes(adapter_fs, join(adapter_root, HEAD_FILE)))
     target = ModelIdentity.from_dict(config["target"])
     head = encode_head(head_state, config["head"], target)

@@ -7,6 +7,7 @@ head JSON (format puma_ray.head/1):
     {"format": "puma_ray.head/1", "task": "ctr", "kind": "affine", "scale": "<name>", "bias": "<name>"}
                                                                    click logit = scale * label logit + bias
     {"format": "puma_ray.head/1", "task": ..., "kind": "verbalizer", "values": [1, 2, 3, 4, 5]}   no weights
+        (+ "scale"/"bias" tensor names: a verbalizer trained further, its output = scale x verbalizer + bias)
 A head reads the label tokens' logits at the answer position (in the template's label order).
 """
 from __future__ import annotations
@@ -25,6 +26,17 @@ def _tensor(tensors: dict, name, where: str) -> torch.Tensor:
     return tensors[name]
 
 
+def _scale_bias(spec: dict, tensors: dict, where: str) -> dict[str, torch.Tensor]:
+    """The "scale" and "bias" tensors the spec names, each a single number (an affine head, a trained verbalizer)."""
+    state = {}
+    for key in ("scale", "bias"):
+        value = _tensor(tensors, spec.get(key), f"{where} {key}")
+        if value.numel() != 1:
+            raise SystemImportError(f"{where} {key}: shape {tuple(value.shape)}, not a single number")
+        state[key] = value.float().reshape(())
+    return state
+
+
 def head_from_open(spec: dict, tensors: dict[str, torch.Tensor], task: str, n_labels: int,
                    where: str) -> tuple[dict, dict]:
     """(state dict, head config) of this package's head for the user's readout; shapes checked against the
@@ -40,16 +52,12 @@ def head_from_open(spec: dict, tensors: dict[str, torch.Tensor], task: str, n_la
         if task == "rating" and (not isinstance(values, list) or len(values) != n_labels):
             raise SystemImportError(f"{where}: a rating verbalizer needs one value per label token ({n_labels})")
         head = make_head(task, {"kind": "VerbalizerHead", "values": values or [1.0]})
+        if spec.get("scale") is not None:  # a verbalizer trained further here: its affine scale and bias
+            head.load_state_dict(_scale_bias(spec, tensors, where))
         return head.state_dict(), head_config(task, head)
     if kind == "affine" and task == "ctr":
-        state = {}
-        for key in ("scale", "bias"):
-            value = _tensor(tensors, spec.get(key), f"{where} {key}")
-            if value.numel() != 1:
-                raise SystemImportError(f"{where} {key}: shape {tuple(value.shape)}, not a single number")
-            state[key] = value.float().reshape(())
         head = make_head("ctr")
-        head.load_state_dict(state)
+        head.load_state_dict(_scale_bias(spec, tensors, where))
         return head.state_dict(), head_config("ctr", head)
     if kind != "mlp" or task != "rating":
         raise SystemImportError(f"{where}: kind {kind!r} for task {task!r}; known: mlp (rating), affine (ctr), "
@@ -82,7 +90,10 @@ def head_to_open(state: dict[str, torch.Tensor], config: dict) -> tuple[dict[str
     task, kind = config["task"], config.get("kind")
     tensors = {k: v.detach().float().contiguous() for k, v in state.items()}
     if kind == "VerbalizerHead":
-        return {}, {"format": OPEN_HEAD_FORMAT, "task": task, "kind": "verbalizer", "values": config["values"]}
+        spec = {"format": OPEN_HEAD_FORMAT, "task": task, "kind": "verbalizer", "values": config["values"]}
+        if float(tensors["scale"]) == 1.0 and float(tensors["bias"]) == 0.0:
+            return {}, spec  # the plain verbalizer: no weights
+        return tensors, {**spec, "scale": "scale", "bias": "bias"}  # trained further (a migration's target head)
     if kind == "CTRHead":
         return tensors, {"format": OPEN_HEAD_FORMAT, "task": task, "kind": "affine", "scale": "scale", "bias": "bias"}
     layers = [{"weight": f"net.{2 * i}.weight", "bias": f"net.{2 * i}.bias"} for i in range(len(config["sizes"]) - 1)]

@@ -41,6 +41,7 @@ class PromptedLM:
         self.label_ids = self._label_ids(template.labels)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
         self._parts = self._split_template(template)
+        self._pieces = self.template_pieces()  # what every record's sequence is filled from
         entities = {t: i for t, i in self.tok.get_added_vocab().items() if t.startswith(ITEM_TOKEN_PREFIX)}
         # a tokenizer with an item's entity token (a foundation's): that token, then the text, within the cap
         self._item_tokens = {k: self._item_fill(v, entities.get(item_token(k))) for k, v in item_texts.items()}
@@ -93,8 +94,8 @@ class PromptedLM:
             return self._seq_cache[item_id]
         if item_id not in self._item_tokens:
             raise TemplateError(f"item {item_id!r} has no text")
-        seq = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        for kind, ids in self._parts:
+        seq: list[int] = []
+        for kind, ids in self._pieces:
             if kind == "text":
                 seq += ids
             elif kind == "user":
@@ -107,6 +108,26 @@ class PromptedLM:
         if history is None:
             self._seq_cache[item_id] = seq
         return seq
+
+    def template_pieces(self) -> list[tuple[str, list[int] | None]]:
+        """The record's layout in order: ("text", fixed token ids; the bos token leads the first) and the slots
+        filled per record, ("user" | "item" | "history", None). `sequence` fills it; the serving export
+        (artifacts/serving_splice.py) embeds the fixed pieces once from it."""
+        pieces: list[tuple[str, list[int] | None]] = []
+        if self.tok.bos_token_id is not None:
+            pieces.append(("text", [self.tok.bos_token_id]))
+        for kind, ids in self._parts:
+            if kind == "text" and pieces and pieces[-1][0] == "text":
+                pieces[-1] = ("text", pieces[-1][1] + ids)
+            else:
+                pieces.append((kind, list(ids) if kind == "text" else None))
+        return pieces
+
+    def item_fill(self, item_id: str) -> list[int]:
+        """The token ids an item's slot holds (its entity token, if the tokenizer has one, then its text)."""
+        if item_id not in self._item_tokens:
+            raise TemplateError(f"item {item_id!r} has no text")
+        return self._item_tokens[item_id]
 
     def encode(self, item_ids, histories=None) -> dict[str, torch.Tensor]:
         """A batch for `label_logits`; its "tokens" counts the positions the LLM computes for it."""

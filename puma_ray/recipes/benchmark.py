@@ -30,7 +30,7 @@ from puma_ray.data import load_dataset
 from puma_ray.fs import filesystem, join
 from puma_ray.recipes.migration import MigrateJobConfig
 from puma_ray.recipes.migration import run as run_migration
-from puma_ray.recipes.runs import provenance, write_json
+from puma_ray.recipes.runs import provenance, write_report
 from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, train_store
 from puma_ray.reports.markdown import (
     write_migration_report,
@@ -190,7 +190,7 @@ class Benchmark:
                                         template=self.base.template, train=self.cfg.prepare, store=self.base.store,
                                         storage=self.base.storage)
             report, _ = train_store(job, self.dataset(), path, log=lambda m: self.log("  " + m))
-            write_json(report_file, report, self.base.storage)
+            write_report(report_file, "train_prompts", report, self.base.storage)
         rfs, rroot = filesystem(report_file, self.base.storage)
         if rfs.exists(rroot):
             with rfs.open(rroot) as f:
@@ -219,7 +219,7 @@ class Benchmark:
                                         template=self.base.template, train=replace(self.cfg.prepare, shared=True),
                                         store=replace(self.base.store, overwrite=True), storage=self.base.storage)
             report, _ = train_store(job, self.dataset(), path, log=lambda m: self.log("  " + m))
-            write_json(report_file, report, self.base.storage)
+            write_report(report_file, "train_prompts", report, self.base.storage)
         with rfs.open(rroot) as f:
             report = json.load(f)
         self.stores[key] = {"path": path, "model": self.cfg.families[family].name,
@@ -254,7 +254,7 @@ class Benchmark:
             self.log(f"[run {name}] {' + '.join(f for _, f in sources)} → {target}")
             report = run_migration(cfg, run_dir, log=lambda m: self.log("  " + m), executor=self.engine(cfg, run_dir))
             report.update(benchmark_key=key, benchmark_run=name)
-            write_json(join(run_dir, "report.json"), report, cfg.storage)
+            write_report(join(run_dir, "report.json"), "migrate", report, cfg.storage)
             write_migration_report(report, run_dir, cfg.storage)
             metric = report["primary_metric"]
             self.log(f"[run {name}] PUMA {metric} {report['methods']['puma'][metric]:.4f} in {report['wall_s']:.0f}s")

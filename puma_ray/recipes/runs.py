@@ -10,6 +10,7 @@ import signal
 import torch
 
 from puma_ray import __version__
+from puma_ray.artifacts.formats import REPORT_FORMATS
 from puma_ray.config import ConfigError, from_dict, load_yaml, parse_yaml, shown
 from puma_ray.errors import PumaError
 from puma_ray.fs import is_remote, join, redact, redact_text, write_json_to
@@ -118,6 +119,13 @@ def new_run_dir(output: str | None, job: str) -> str:
 
 
 write_json = write_json_to  # the jobs' name for it
+
+
+def write_report(path: str, job: str, report: dict, storage=None) -> None:
+    """A job's report.json, its format id first (formats.REPORT_FORMATS); `report` gets the id too, so that what
+    the job goes on to show is what it wrote."""
+    report["format"] = REPORT_FORMATS[job]
+    write_json(path, {"format": report["format"], **report}, storage)
 
 
 def provenance(cfg_dict: dict) -> dict:

@@ -306,11 +306,11 @@ def write_outputs(report: dict, migrate: dict, output: str, storage=None, log=pr
     import yaml
 
     from puma_ray.fs import filesystem, join
-    from puma_ray.recipes.runs import report_path, write_json
+    from puma_ray.recipes.runs import report_path, write_report
     config = recommended_migrate_config(migrate, report["recommended"]["config"], report["source_stores"])
     report["recommended_config"] = config
     paths = {"report": report_path(output), "recommended": join(output, "recommended.yaml")}
-    write_json(paths["report"], report, storage)
+    write_report(paths["report"], "sweep", report, storage)
     fs, inner = filesystem(paths["recommended"], storage)
     write_file(fs, inner, (recommended_header(report, paths["recommended"])
                            + yaml.safe_dump(config, sort_keys=False)).encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from puma_ray.artifacts.formats import REPORT_FORMATS
 from puma_ray.fs import join, write_json_to
 from puma_ray.reports.markdown import (
     REFERENCE_LABELS,
@@ -178,7 +179,7 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
 
 def write_benchmark(result: dict, output: str, storage=None, command: str | None = None) -> str:
     """benchmark.json + benchmark.md (+ PNGs) into output; returns benchmark.md's path."""
-    write_json_to(join(output, "benchmark.json"), result, storage)
+    write_json_to(join(output, "benchmark.json"), {"format": REPORT_FORMATS["benchmark"], **result}, storage)
     writer = ReportWriter(output, storage)
     return writer.write("benchmark.md", benchmark_markdown(result, writer, command))
 
