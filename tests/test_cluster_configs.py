@@ -206,6 +206,7 @@ def test_driver_adds_no_conflicting_runtime_env(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **kw: captured.update(kw))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    monkeypatch.setattr(session, "check_reachable", lambda *a, **kw: None)  # no head here: only the init's arguments
     session.ensure_ray()
     assert captured.get("address") == "127.0.0.1:6379", "ensure_ray did not connect to the job's cluster"
     driver_env = captured.get("runtime_env") or {}

@@ -349,7 +349,9 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
                     tokens_forward=counted.tokens_forward * world, tokens_backward=counted.tokens_backward * world,
                     flops_per_token=counted.flops_per_token, extra_flops=counted.extra_flops * world)
         return FitResult(fitted.mapping, fitted.head, state.history, state.best_epoch,
-                         {"best": state.best, "resumed_from": state.resumed_from}, cost,
+                         # keyed as the in-process fit's (the primary metric), plus where it resumed from
+                         {get_task(task).primary: state.best, "best": state.best,
+                          "resumed_from": state.resumed_from}, cost,
                          checkpoints={"folder": join(storage_path, run), "identity": identity,
                                       "resumed_from": state.resumed_from})
 
