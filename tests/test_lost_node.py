@@ -86,6 +86,7 @@ def test_conversion_survives_a_lost_node(cluster, tmp_path, monkeypatch):
     assert verify_store(str(target), [source])["users"] == users
 
 
+@pytest.mark.slow  # 75 s: a second node started and killed; the conversion's lost-node test stays default
 def test_adapter_fit_survives_a_lost_node(cluster, toy_dataset, tmp_path):
     import torch
 

@@ -94,6 +94,7 @@ def test_one_ray_worker_runs_the_in_process_fit(local_ray, fit_case, tmp_path):
     assert ray_result.cost.forward_records == local.cost.forward_records
 
 
+@pytest.mark.slow  # 70-85 s: two Train worker groups; the default run keeps one-worker parity and resume
 def test_two_workers_zero2_match_one_worker(local_ray, fit_case, tmp_path):
     one = _fit(fit_case, tmp_path, 1, "one")
     two = _fit(fit_case, tmp_path, 2, "two")
@@ -130,6 +131,7 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, fit_case, tmp_path):
     assert [h["epoch"] for h in result.history] == [0, 1, 2, 3, 4]  # every epoch once, none repeated
 
 
+@pytest.mark.slow  # 70-85 s: two Train worker groups; the default run keeps one-worker parity and resume
 def test_rerun_with_other_worker_count_resumes(local_ray, fit_case, tmp_path):
     first = _fit(fit_case, tmp_path, 1, "resume", epochs=2)
     assert first.valid["resumed_from"] is None
