@@ -123,10 +123,17 @@ class System:
     prompts_for: PromptFn
 
 
+def system_loss_sums(task: str, records: RecordSet, old: System, new: System, batch_size: int,
+                     cost: Cost | None = None) -> pd.DataFrame:
+    """Per-user loss sums (`user_loss_stats`) of the old system against the new on the same records: one
+    prediction pass of each. What an executor returns for its share of the users."""
+    old_pred = predict(old.plm, old.head, task, old.prompts_for, records, batch_size, cost)
+    new_pred = predict(new.plm, new.head, task, new.prompts_for, records, batch_size, cost)
+    return user_loss_stats(records.user_ids, task, records.labels, old_pred, new_pred)
+
+
 def gate_systems(task: str, records: RecordSet, old: System, new: System, batch_size: int,
                  cfg: GateConfig | None = None, cost: Cost | None = None) -> pd.DataFrame:
     """The per-user table of the old system against the new on the same records (each user's validation
-    records): one prediction pass of each, then `per_user_gate`."""
-    old_pred = predict(old.plm, old.head, task, old.prompts_for, records, batch_size, cost)
-    new_pred = predict(new.plm, new.head, task, new.prompts_for, records, batch_size, cost)
-    return per_user_gate(records.user_ids, task, records.labels, old_pred, new_pred, cfg)
+    records): `gate_from_stats` of `system_loss_sums`."""
+    return gate_from_stats(system_loss_sums(task, records, old, new, batch_size, cost), cfg)

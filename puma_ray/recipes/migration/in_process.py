@@ -18,9 +18,9 @@ from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, item_texts, tr
 from puma_ray.selection.statistics import ffn_features, label_variance, source_loss
 from puma_ray.selection.strategies import NEEDS, SelectionInput
 from puma_ray.training.cost import Cost
-from puma_ray.training.evaluate import evaluate, predict
+from puma_ray.training.evaluate import evaluate
 from puma_ray.training.fit import fit_mapping, mapped_prompts
-from puma_ray.training.gate import System, user_loss_stats
+from puma_ray.training.gate import System, system_loss_sums
 from puma_ray.training.records import RecordSet
 from puma_ray.training.reference import reference_metrics
 
@@ -143,13 +143,13 @@ class InProcess(Executor):
         ids, converted = target.read_all()
         valid = sources.records.split("valid")
         valid = valid[valid["user_id"].isin(ids)]
-        old_prompts = torch.from_numpy(sources.prompts.prompts[0])
-        new_prompts = torch.from_numpy(converted)
+        # the converted rows in the source's user order, so both systems read one record set
+        aligned = np.zeros((len(sources.users), *converted.shape[1:]), np.float32)
+        rows = pd.Index(ids).get_indexer(sources.users)
+        aligned[rows >= 0] = converted[rows[rows >= 0]]
+        old_prompts, new_prompts = torch.from_numpy(sources.prompts.prompts[0]), torch.from_numpy(aligned)
         old = System(source_plm(sources, 0, run.cfg.sources[0].model), load_head(*sources.head),
                      lambda idx: old_prompts[idx])
         new = System(fits.plm, load_head(*target.read_head()), lambda idx: new_prompts[idx])
-        old_records, new_records = RecordSet.from_frame(valid, sources.users), RecordSet.from_frame(valid, ids)
-        bs = run.cfg.fit.eval_batch_size
-        old_pred = predict(old.plm, old.head, sources.task, old.prompts_for, old_records, bs)
-        new_pred = predict(new.plm, new.head, sources.task, new.prompts_for, new_records, bs)
-        return user_loss_stats(old_records.user_ids, sources.task, old_records.labels, old_pred, new_pred)
+        return system_loss_sums(sources.task, RecordSet.from_frame(valid, sources.users), old, new,
+                                run.cfg.fit.eval_batch_size)
