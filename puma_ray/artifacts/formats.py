@@ -70,6 +70,10 @@ REPORT_MD = "report.md"
 GATE_TABLE = "gate/users.parquet"  # one row per user: old/new validation loss, test statistics, verdict
 GATE_PLOT = "gate.png"  # beside report.md
 
+# ---- a migration's run ledger (recipes/migration/ledger.py): one record per finished stage, written last
+LEDGER_FORMAT = "puma_ray.ledger/1"
+LEDGER_DIR = "ledger"  # <output>/ledger/<stage>.json (+ the few tensors a stage's output needs, in safetensors)
+
 
 def check_format(found, expected: str, where: str, error: type[Exception]) -> None:
     """Raises `error` naming `where` unless `found` is exactly the format id this package reads."""

@@ -9,10 +9,12 @@ Writes the target store, the adapter and report.json under --output (default: a 
 """
 from __future__ import annotations
 
+from puma_ray.artifacts.lock import OutputLock
 from puma_ray.config import from_dict
 from puma_ray.recipes.engine import migration_executor
 from puma_ray.recipes.jobs import JOBS
-from puma_ray.recipes.migration import format_report, resolve_foundations, run
+from puma_ray.recipes.migration import STAGES, format_report, resolve_foundations, run
+from puma_ray.recipes.migration.runner import check_stage_names
 from puma_ray.recipes.runs import (
     exit_job,
     job_args,
@@ -42,19 +44,36 @@ def migrate(config, output: str | None = None) -> dict:
     return _run(cfg, new_run_dir(output, "migrate"))[0]
 
 
-def _run(cfg, output: str) -> tuple[dict, str]:
-    """(report, report.md's path) of one migration into `output`."""
+def _run(cfg, output: str, only: list[str] | None = None, skip: list[str] = ()) -> tuple[dict | None, str | None]:
+    """(report, report.md's path) of one migration into `output` ((None, None) when `only` stops before the
+    report). One migration per output at a time: a second is refused with one line naming the holder."""
     set_threads(cfg.threads)
-    cfg = resolve_foundations(cfg)  # before the Ray layer: its Train workers load the pretrained folders
-    # the executor before Ray starts: a setting the Ray executor cannot honour is one line
-    report = run(cfg, output, executor=migration_executor(cfg, output))
-    write_report(report_path(output), "migrate", report, cfg.storage)
-    return report, write_migration_report(report, output, cfg.storage)
+    check_stage_names(STAGES, only, skip)  # before foundations are pretrained or Ray starts
+    with OutputLock(output, "a migration", cfg.storage):
+        cfg = resolve_foundations(cfg)  # before the Ray layer: its Train workers load the pretrained folders
+        # the executor before Ray starts: a setting the Ray executor cannot honour is one line
+        report = run(cfg, output, executor=migration_executor(cfg, output), only=only, skip=skip)
+        if report is None:
+            return None, None
+        write_report(report_path(output), "migrate", report, cfg.storage)
+        return report, write_migration_report(report, output, cfg.storage)
+
+
+def _stage_list(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def _flags(parser) -> None:
+    names = ", ".join(s.name for s in STAGES)
+    parser.add_argument("--stages", help="run only these stages (comma-separated), the ones before them reused "
+                        f"from the run ledger of --output (they must have finished there); stages: {names}")
+    parser.add_argument("--skip", help="leave these stages out (comma-separated): "
+                        + ", ".join(s.name for s in STAGES if s.skipped is not None))
 
 
 def main(argv=None) -> int:
     args = job_args(argv, __doc__, "configs/", "selection.budget=200", JOB.default_config,
-                    JOB.config_cls())
+                    JOB.config_cls(), more_flags=_flags)
 
     def body() -> int:
         cfg = JOB.load(args.config, args.overrides)
@@ -62,7 +81,10 @@ def main(argv=None) -> int:
             return print_config(cfg)
         output = new_run_dir(args.output, "migrate")
         print(f"library and Ray messages: {library_logs_to_file(output, 'migrate')}")
-        report, report_md = _run(cfg, output)
+        report, report_md = _run(cfg, output, _stage_list(args.stages) or None, _stage_list(args.skip))
+        if report is None:
+            print(f"stages {args.stages} done in {output}; the report is written by a run that reaches it")
+            return 0
         print(format_report(report))
         print(f"report: {report_path(output)} ({report_md})\ntarget store: {report['store']}\n"
               f"adapter: {report['adapter']}")

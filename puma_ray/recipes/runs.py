@@ -76,9 +76,9 @@ def config_sections(cls) -> str:
 
 
 def job_args(argv, doc: str, configs: str, override_example: str, default_config: str | None = None,
-             config_cls: type | None = None):
+             config_cls: type | None = None, more_flags=None):
     """What every job's command line takes: --config, --output and key=value overrides; --help lists every
-    config section and field (`config_cls`)."""
+    config section and field (`config_cls`). `more_flags(parser)` adds a job's own flags."""
     import argparse
     epilog = f"config sections and fields (YAML keys; override any as key.sub=value):\n{config_sections(config_cls)}" \
         if config_cls is not None else None
@@ -91,6 +91,8 @@ def job_args(argv, doc: str, configs: str, override_example: str, default_config
     parser.add_argument("--output", help="run folder (local or s3://); default: a new folder under runs/")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective config (file + overrides, credentials masked) as YAML and exit")
+    if more_flags is not None:
+        more_flags(parser)
     parser.add_argument("overrides", nargs="*", help=f"config overrides, e.g. {override_example}")
     return parser.parse_args(argv)
 

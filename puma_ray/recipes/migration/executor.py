@@ -9,6 +9,7 @@ from the config's `engine` section.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -32,6 +33,15 @@ class Run:
     output: str
     log: Callable[[str], None] = print
     started: float = field(default_factory=time.perf_counter)  # the report's wall_s counts from here
+    # stage -> {"status": "ran" | "reused" | "skipped", "wall_s"}: what this run did (the report's `stages`)
+    stages: dict = field(default_factory=dict)
+    # stages running again over their own earlier output (the ledger held a record of other settings): their
+    # stores are this migration's own, and are replaced
+    replacing: set = field(default_factory=set)
+
+    def replaced(self, stage: str, cfg):
+        """`cfg` (a StoreConfig or ConvertConfig) with overwrite on when `stage` replaces its own earlier output."""
+        return dataclasses.replace(cfg, overwrite=True) if stage in self.replacing else cfg
 
 
 @dataclass

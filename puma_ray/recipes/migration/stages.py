@@ -6,26 +6,33 @@ executor's business (executor.py); what the stage computes, with which seeds, an
     selection_statistics  the per-user features the strategy reads, and each source's prompt scale
     selection             `budget` training users (+ held-out validation users)
     fit                   the adapter through the frozen target (Eq. 2), saved as an artifact
-    baselines             the linear map, random target prompts, full retraining (Eq. 1)
+    linear                the linear map d_s → d_t fitted the same way (a baseline, and a shipping candidate)
+    random_init           random target prompts, the head trained on the same users (the floor)
+    full_retrain          every user's prompt retrained on the target (Eq. 1): the expensive upper bound
+    baselines             the three above as one record (nothing runs)
     evaluation            every method and the LLM-free reference rows on the test records
     conversion            every user → the target store (manifest last) through the adapter validation ships
     gate                  each user's old system against the new on their validation records (how many got worse)
     report                report.json's content
 A stage's output is dropped once no later stage reads it: the driver holds what is still needed, no more.
+Each stage names the settings it reads: with its inputs' identities they name its work in the run ledger
+(runner.py, ledger.py), so a rerun into the same output reuses every finished stage whose work is unchanged.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+import puma_ray.recipes.migration.stage_records as records
 from puma_ray.artifacts.adapter_io import save_adapter
 from puma_ray.artifacts.store import MANIFEST, PromptStore, StoreError
 from puma_ray.config import TemplateConfig, from_dict, task_template, to_dict
-from puma_ray.fs import filesystem, join
 from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
 from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import head_config, load_head, make_head
@@ -37,11 +44,11 @@ from puma_ray.tasks import get_task
 from puma_ray.training.fit import FixedPrompts, fit_mapping
 from puma_ray.training.gate import gate_from_stats, gate_summary
 
-from .config import MigrateJobConfig, SelectionConfig, resolve_foundations
+from .config import SelectionConfig
 from .executor import Executor, Run
 from .handles import Baselines, Conversion, Evaluation, Fits, Fitted, Gate, Selection, Sources, Statistics
-from .in_process import InProcess
 from .report import convert_everyone, migration_report
+from .stage_records import store_exists
 
 
 @dataclass(frozen=True)
@@ -49,12 +56,16 @@ class Stage:
     name: str  # also the name later stages read its output by
     fn: Callable  # fn(run, executor, *outputs of `inputs`) -> this stage's output
     inputs: tuple[str, ...] = ()
-
-
-def store_exists(path: str, storage) -> bool:
-    """Whether a complete store (its manifest) is at `path`."""
-    fs, root = filesystem(path, storage)
-    return fs.exists(join(root, MANIFEST))
+    settings: tuple[str, ...] = ()  # the config keys (dotted) it reads: part of its identity in the ledger
+    # ledger record: save(run, ledger, output, *inputs) -> dict; restore(run, ex, ledger, record, *inputs) ->
+    # output, or None when the artifacts are not what the record says. No save: it always runs (cheap, or a load)
+    save: Callable | None = None
+    restore: Callable | None = None
+    full_for: tuple[str, ...] = ()  # stages that need its full output, more than the record gives back
+    skipped: Callable | None = None  # skipped(run) -> its output under `--skip` (None: it cannot be skipped)
+    # the stages whose identity its own includes; None: `inputs`. Narrower where a stage reads an input for a
+    # shared handle only (full retraining reads `fit` for the loaded target, not for the adapter)
+    depends: tuple[str, ...] | None = None
 
 
 def new_head(head_state: dict, head_cfg: dict, task: str):
@@ -163,23 +174,40 @@ def fit(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selection)
     return fits
 
 
-def baselines(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selection, fits: Fits) -> Baselines:
-    cfg, out = run.cfg, Baselines({})
-    if cfg.baselines.linear:
-        out.methods["linear"] = _adapter(run, ex, src, stats, sel, fits, "linear", AdapterConfig(kind="linear"),
-                                         join(run.output, "baselines", "linear-adapter"))
-    if cfg.baselines.random_init:  # every user's random target prompt: an in-memory table by nature
-        rng = np.random.default_rng(cfg.selection.seed)
-        prompts = (rng.uniform(-3 ** 0.5, 3 ** 0.5, (len(src.users), src.l, fits.target.hidden_size))
-                   * fits.plm.embed_rms).astype(np.float32)
-        result = _fit(run, ex, src, fits, "random_init", FixedPrompts(), [prompts[sel.fit_idx]])
-        out.methods["random_init"] = Fitted(result, prompts=[prompts])
-    if cfg.baselines.full_retrain:
-        run.log("full retraining on the target (every user's prompt from scratch)")
-        out.full_retrain = ex.train_prompts(run, "full-retrain", cfg.target, fits.target,
-                                            cfg.baselines.full_retrain_train, join(run.output, "full-retrain-store"),
-                                            src.records, src.users, src.template)
-    return out
+def linear(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selection, fits: Fits) -> Fitted | None:
+    if not run.cfg.baselines.linear:
+        return None
+    return _adapter(run, ex, src, stats, sel, fits, "linear", AdapterConfig(kind="linear"), records.linear_path(run))
+
+
+def random_target_prompts(run: Run, src: Sources, fits: Fits) -> np.ndarray:
+    """Every user's random target prompt (seeded): an in-memory table by nature, and reproducible from the seed."""
+    rng = np.random.default_rng(run.cfg.selection.seed)
+    return (rng.uniform(-3 ** 0.5, 3 ** 0.5, (len(src.users), src.l, fits.target.hidden_size))
+            * fits.plm.embed_rms).astype(np.float32)
+
+
+def random_init(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selection,
+                fits: Fits) -> Fitted | None:
+    if not run.cfg.baselines.random_init:
+        return None
+    prompts = random_target_prompts(run, src, fits)
+    result = _fit(run, ex, src, fits, "random_init", FixedPrompts(), [prompts[sel.fit_idx]])
+    return Fitted(result, prompts=[prompts])
+
+
+def full_retrain(run: Run, ex: Executor, src: Sources, fits: Fits) -> dict | None:
+    cfg = run.cfg
+    if not cfg.baselines.full_retrain:
+        return None
+    run.log("full retraining on the target (every user's prompt from scratch)")
+    run = dataclasses.replace(run, cfg=dataclasses.replace(cfg, store=run.replaced("full_retrain", cfg.store)))
+    return ex.train_prompts(run, "full-retrain", cfg.target, fits.target, cfg.baselines.full_retrain_train,
+                            records.full_retrain_path(run), src.records, src.users, src.template)
+
+
+def baselines(run: Run, ex: Executor, lin: Fitted | None, rand: Fitted | None, full: dict | None) -> Baselines:
+    return Baselines({n: f for n, f in (("linear", lin), ("random_init", rand)) if f is not None}, full)
 
 
 def evaluation(run: Run, ex: Executor, src: Sources, fits: Fits, base: Baselines) -> Evaluation:
@@ -226,7 +254,8 @@ def conversion(run: Run, ex: Executor, src: Sources, fits: Fits, base: Baselines
     save_fitted(shipped, src.task, run.cfg.storage, metrics=ev.methods[name])
     target_path = run.cfg.target_store.format(output=run.output)
     run.log(f"convert every user → {target_path}")
-    summary = convert_everyone(run.cfg, shipped.adapter, [s.path for s in src.stores], target_path,
+    summary = convert_everyone(dataclasses.replace(run.cfg, convert=run.replaced("conversion", run.cfg.convert)),
+                               shipped.adapter, [s.path for s in src.stores], target_path,
                                ev.methods[name], ex.convert_runner, run.log)
     return Conversion(target_path, summary, choice)
 
@@ -268,34 +297,37 @@ def report(run: Run, ex: Executor, src: Sources, sel: Selection, fits: Fits, bas
         target_path=conv.target_store, adapter_path=conv.choice["adapter"], conversion=conv.summary,
         source_reports=src.reports, fits={k: v.result for k, v in results.items()}, data=src.data,
         wall_s=time.perf_counter() - run.started, gate=checked.summary, adapter_choice=conv.choice,
-        **ex.report_fields())
+        stages=dict(run.stages), **ex.report_fields())
 
 
+FIT_ENGINE = ("engine.kind", "engine.num_workers", "engine.zero_stage", "engine.precision", "engine.optimizer",
+              "engine.driver")  # what changes a fit's numbers (not where its cluster is, nor its actor counts)
+BEFORE_FIT = ("sources", "selection_statistics", "selection")  # a baseline fit reads `fit` for the target only
 STAGES: list[Stage] = [
     Stage("sources", sources),
-    Stage("selection_statistics", selection_statistics, ("sources",)),
-    Stage("selection", selection, ("sources", "selection_statistics")),
-    Stage("fit", fit, ("sources", "selection_statistics", "selection")),
-    Stage("baselines", baselines, ("sources", "selection_statistics", "selection", "fit")),
-    Stage("evaluation", evaluation, ("sources", "fit", "baselines")),
-    Stage("conversion", conversion, ("sources", "fit", "baselines", "evaluation")),
-    Stage("gate", gate, ("sources", "fit", "conversion")),
+    Stage("selection_statistics", selection_statistics, ("sources",), ("selection", "sources"),
+          records.save_statistics, records.restore_statistics, full_for=("selection",)),
+    Stage("selection", selection, ("sources", "selection_statistics"), ("selection",),
+          records.save_selection, records.restore_selection),
+    Stage("fit", fit, ("sources", "selection_statistics", "selection"),
+          ("target", "adapter", "fit", "adapter_path", "template", *FIT_ENGINE), records.save_fit, records.restore_fit),
+    Stage("linear", linear, ("sources", "selection_statistics", "selection", "fit"),
+          ("baselines.linear", "baselines.fits_on", "target", "fit", *FIT_ENGINE), records.save_linear,
+          records.restore_linear, skipped=lambda run: None, depends=BEFORE_FIT),
+    Stage("random_init", random_init, ("sources", "selection_statistics", "selection", "fit"),
+          ("baselines.random_init", "baselines.fits_on", "target", "fit", *FIT_ENGINE), records.save_random_init,
+          functools.partial(records.restore_random_init, prompts_fn=random_target_prompts), skipped=lambda run: None,
+          depends=BEFORE_FIT),
+    Stage("full_retrain", full_retrain, ("sources", "fit"),
+          ("baselines.full_retrain", "baselines.full_retrain_train", "target", "template", "store", *FIT_ENGINE),
+          records.save_full_retrain, records.restore_full_retrain, skipped=lambda run: None, depends=("sources",)),
+    Stage("baselines", baselines, ("linear", "random_init", "full_retrain")),
+    Stage("evaluation", evaluation, ("sources", "fit", "baselines"), ("fit.eval_batch_size", "baselines.source"),
+          records.save_evaluation, records.restore_evaluation),
+    Stage("conversion", conversion, ("sources", "fit", "baselines", "evaluation"),
+          ("ship", "convert", "target_store", "store", "sources_missing_policy"), records.save_conversion,
+          records.restore_conversion),
+    Stage("gate", gate, ("sources", "fit", "conversion"), ("gate",), records.save_gate, records.restore_gate,
+          skipped=lambda run: Gate({"skipped": "--skip gate"})),
     Stage("report", report, ("sources", "selection", "fit", "baselines", "evaluation", "conversion", "gate")),
 ]
-
-
-def run(cfg: MigrateJobConfig, output: str, log=print, executor: Executor | None = None,
-        stages: list[Stage] = STAGES) -> dict:
-    """Every stage in order under `executor` (None: InProcess with this process's fit and conversion); returns the
-    report."""
-    started = time.perf_counter()
-    ex = executor or InProcess()
-    ex.check(cfg)
-    this = Run(resolve_foundations(cfg, log), output, log, started)
-    last_read = {name: i for i, stage in enumerate(stages) for name in stage.inputs}
-    outputs = {}
-    for i, stage in enumerate(stages):
-        outputs[stage.name] = stage.fn(this, ex, *(outputs[name] for name in stage.inputs))
-        for name in [n for n in outputs if last_read.get(n, len(stages)) <= i]:
-            del outputs[name]  # no later stage reads it
-    return outputs[stages[-1].name]

@@ -1,0 +1,139 @@
+"""The migration's run ledger (recipes/migration/ledger.py, runner.py): a rerun of the same migration into the same
+output reuses every finished stage; a changed setting reruns its stage and what reads it, nothing else; --stages
+and --skip run part of a migration; a ledger record is input like any other file.
+
+In process, tiny models, 40 toy users: each run is seconds. The kill tests (a SIGKILLed job resumed by the same
+command) are in test_migration_kill.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+import puma_ray.recipes.migration as migration
+from puma_ray.config import ConfigError, from_dict
+from puma_ray.data import save_dataset
+from puma_ray.errors import StoreError
+from puma_ray.recipes.migration.runner import run
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RECORDED = ["selection_statistics", "selection", "fit", "linear", "random_init", "full_retrain", "evaluation",
+            "conversion", "gate"]
+# loads and assemblers: no record, they always run (the report, too, lists the stages before it)
+ALWAYS = ["sources", "baselines"]
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def toy_paths(toy_dataset, tmp_path_factory):
+    return save_dataset(toy_dataset, str(tmp_path_factory.mktemp("toy_data")))
+
+
+def config(toy_paths, **changes):
+    data = {"sources": [{"store": "{output}/source-store", "model": {"name": "tiny:stablelm"},
+                         "prepare": {"epochs": 1, "batch_size": 32}}],
+            "target": {"name": "tiny:llama"}, "data": {"name": "parquet", "paths": toy_paths},
+            "selection": {"budget": 10, "k": 4, "valid_users": 4}, "fit": {"epochs": 2, "batch_size": 32},
+            "baselines": {"full_retrain": True, "full_retrain_train": {"epochs": 1, "batch_size": 32}},
+            "store": {"shard_rows": 16}}
+    cfg = from_dict(migration.MigrateJobConfig, data, "test config")
+    for key, value in changes.items():  # "fit.lr" -> cfg.fit.lr
+        section, field = key.split(".")
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{field: value})})
+    return cfg
+
+
+def statuses(report) -> dict:
+    return {name: s["status"] for name, s in report["stages"].items()}
+
+
+@pytest.fixture(scope="module")
+def first(toy_paths, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ledger"))
+    return run(config(toy_paths), out, log=_quiet), out
+
+
+def test_a_rerun_reuses_every_finished_stage(first, toy_paths):
+    report, out = first
+    assert set(statuses(report).values()) == {"ran"}
+    assert sorted(os.listdir(os.path.join(out, "ledger"))) == sorted(
+        [f"{n}.json" for n in RECORDED] + ["random_init.safetensors"])
+    adapter = os.path.join(out, "adapter", "adapter.safetensors")
+    mtime = os.stat(adapter).st_mtime_ns
+    lines = []
+    again = run(config(toy_paths), out, log=lines.append)
+    assert statuses(again) == {**{n: "reused" for n in RECORDED}, **{n: "ran" for n in ALWAYS}}
+    assert again["methods"] == report["methods"] and again["reference"] == report["reference"]
+    assert again["gate"] == report["gate"] and again["adapter_choice"] == report["adapter_choice"]
+    assert again["fits"] == report["fits"]
+    assert os.stat(adapter).st_mtime_ns == mtime  # not fitted, not even rewritten
+    assert any("stage 4/12 fit" in line and "reused from the ledger" in line for line in lines)
+    assert "stages run: sources, baselines, report;" in lines[-1]
+
+
+@pytest.mark.parametrize("change, reruns", [
+    ({"gate.alpha": 0.1}, ["gate"]),
+    # the adapter's lr: the three fits and everything reading them; the selection and full retraining stay
+    ({"fit.lr": 0.003}, ["fit", "linear", "random_init", "evaluation", "conversion", "gate"]),
+    ({"selection.seed": 3}, ["selection_statistics", "selection", "fit", "linear", "random_init", "evaluation",
+                             "conversion", "gate"]),
+])
+def test_a_changed_setting_reruns_its_stage_and_what_reads_it(first, toy_paths, tmp_path, change, reruns):
+    report, out = first
+    copy = str(tmp_path / "run")
+    import shutil
+    shutil.copytree(out, copy)
+    changed = run(config(toy_paths, **change), copy, log=_quiet)
+    assert sorted(n for n, s in statuses(changed).items() if s == "ran") == sorted(reruns + ALWAYS)
+    if "gate.alpha" in change:
+        assert changed["methods"] == report["methods"] and changed["gate"]["rule"] != report["gate"]["rule"]
+
+
+def test_only_and_skip(first, toy_paths, tmp_path):
+    report, out = first
+    with pytest.raises(ConfigError, match="--stages: stage 'selection_statistics' has not finished"):
+        run(config(toy_paths), str(tmp_path / "fresh"), log=_quiet, only=["conversion"])
+    with pytest.raises(ConfigError, match="no stage 'fitt'"):
+        run(config(toy_paths), out, log=_quiet, only=["fitt"])
+    with pytest.raises(ConfigError, match="--skip fit: later stages read its output"):
+        run(config(toy_paths), out, log=_quiet, skip=["fit"])
+    # only the conversion again (the ledger's fit and evaluation reused); the run stops there: no report
+    assert run(config(toy_paths), out, log=_quiet, only=["conversion"]) is None
+    skipped = run(config(toy_paths), out, log=_quiet, skip=["full_retrain", "gate"])
+    assert statuses(skipped)["full_retrain"] == "skipped" and "full_retrain" not in skipped["methods"]
+    assert skipped["gate"] == {"skipped": "--skip gate"}
+    # evaluation read another baselines set: it ran again; the fit did not
+    assert statuses(skipped)["evaluation"] == "ran" and statuses(skipped)["fit"] == "reused"
+
+
+def test_a_record_is_untrusted_input(first, toy_paths, tmp_path):
+    import shutil
+    _, out = first
+    copy = str(tmp_path / "run")
+    shutil.copytree(out, copy)
+    path = os.path.join(copy, "ledger", "selection.json")
+    record = json.load(open(path))
+    record["output"]["chosen"] = ["no-such-user"]
+    with open(path, "w") as f:
+        json.dump(record, f)
+    with pytest.raises(StoreError, match=r"ledger selection \(chosen\): user 'no-such-user' is not among"):
+        run(config(toy_paths), copy, log=_quiet)
+    with open(path, "w") as f:
+        f.write("not json")
+    with pytest.raises(StoreError, match="selection.json.*not written by this package"):
+        run(config(toy_paths), copy, log=_quiet)
+    # the adapter swapped under a finished fit: its checksum differs, the fit runs again
+    shutil.copytree(out, str(tmp_path / "run2"))
+    weights = tmp_path / "run2" / "adapter" / "adapter.safetensors"
+    lin = tmp_path / "run2" / "baselines" / "linear-adapter" / "adapter.safetensors"
+    weights.write_bytes(lin.read_bytes())
+    lines = []
+    again = run(config(toy_paths), str(tmp_path / "run2"), log=lines.append)
+    assert statuses(again)["fit"] == "ran" and any("is not the one this record names" in x for x in lines)
