@@ -139,3 +139,28 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, migrated, tmp_pa
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith(expect), lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: a Ray Train start
+def test_repair_on_ray_train_is_the_in_process_one(migrated, tmp_path):
+    """runs_on ray (one Ray Train worker, warm start read from the store by the worker) gives the in-process
+    repair's prompts: the same start, batches and steps."""
+    import ray
+
+    from puma_ray.artifacts.store import PromptStore
+    from puma_ray.artifacts.verify import verify_store
+    from puma_ray.ray_layer import ensure_ray
+    run_dir, report, flagged = migrated
+    local = _repair(run_dir, tmp_path / "local")
+    ensure_ray(num_cpus=2)
+    try:
+        on_ray = _repair(run_dir, tmp_path / "ray", runs_on="ray")
+    finally:
+        ray.shutdown()
+    verify_store(on_ray["store"])
+    want_ids, want = PromptStore.open(local["patch_store"]).read_all()
+    got_ids, got = PromptStore.open(on_ray["patch_store"]).read_all()
+    assert got_ids.tolist() == want_ids.tolist() == sorted(flagged)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert on_ray["training"]["best_epoch"] == local["training"]["best_epoch"]
+    assert on_ray["cost"]["repair"]["llm_record_passes"] == local["cost"]["repair"]["llm_record_passes"]

@@ -13,7 +13,8 @@ for every user (`polish`); the result is a NEW store version written through the
               with `jobs/convert.py --verify`); provenance: run, gate table checksum, users, settings, version
     re-gate   the trained users' old system against their new one on their validation records (the migration's
               rule); test RMSE of every user before and after; passes spent beside full retraining's
-Runs in this process (the records and the chosen users' prompts in memory).
+Eq. 1 runs in this process (`runs_on: local`) or on Ray Train (`runs_on: ray`, ray_layer/prompt_train.py with
+the same warm start); the re-gate and the test figures run in this process.
 """
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ class RepairJobConfig:
     store: str = "{output}/store"
     # the gate's rule for the re-gate; None: the migration's own (its report's alpha, margin, min_records)
     gate: GateConfig | None = None
+    # local: Eq. 1 in this process (a few flagged users: no Ray Train start-up to pay); ray: on Ray Train with the
+    # migration's engine section (workers, GPUs), each worker holding its users' prompts, as full retraining runs
+    runs_on: Literal["local", "ray"] = "local"
     overwrite: bool = False  # replace an earlier repair in the same output folder (patch and new version)
     threads: int | None = None  # torch CPU threads; None: all this process may use
     storage: StorageOptions = field(default_factory=StorageOptions)  # object-store endpoint and keys (s3:// paths)
@@ -217,10 +221,7 @@ def run(cfg: RepairJobConfig, output: str, log=print) -> dict:
     head, base_head = load_head(*base.read_head()), load_head(*base.read_head())  # the first may be trained
     train = dataclasses.replace(cfg.train, prompt_length=base.manifest.prompt_length)
     train_records, valid_records = (_of_users(ds.split(s), users) for s in ("train", "valid"))
-    result = train_prompts(plm, task, train_records, valid_records, users, train, head=head,
-                           log=lambda m: log("  " + m), init=_aligned(base, users),
-                           train_head=cfg.train_head and cfg.mode == "polish")
-    spent = result.cost
+    train_head = cfg.train_head and cfg.mode == "polish"
 
     # the trained users → a patch store, then base + patch → the new version
     patch_path, new_path = join(output, "patch-store"), cfg.store.format(output=output)
@@ -228,16 +229,32 @@ def run(cfg: RepairJobConfig, output: str, log=print) -> dict:
     users_sha = sha256_hex("\n".join(users).encode())
     prov = {**provenance(to_dict(cfg)), "migration_run": cfg.run, "gate_table": gate_ref, "mode": cfg.mode,
             "users": {"count": int(len(users)), "sha256": users_sha,
-                      "list": users.tolist() if len(users) <= 1000 else f"{patch_path} (its user ids)"},
-            "training": {"history": result.history, "best_epoch": result.best_epoch, "valid": result.valid,
-                         "cost": spent.to_dict()}}
-    write_store(patch_path, target.identity, users, result.prompts, result.head.state_dict(),
-                head_config(task, result.head), template=base.manifest.template, task=task,
-                shard_rows=mig.store.shard_rows, storage=cfg.storage, overwrite=cfg.overwrite,
-                lineage={"kind": "trained", "trainer": "puma_ray.training.prompts (warm start)",
-                         "warm_start": base.path, "data": ds.name}, provenance=prov)
-    written = patch_store(base.path, patch_path, new_path, cfg.storage, overwrite=cfg.overwrite, provenance=prov,
-                          lineage={"mode": cfg.mode}, log=log)
+                      "list": users.tolist() if len(users) <= 1000 else f"{patch_path} (its user ids)"}}
+    lineage = {"kind": "trained", "warm_start": base.path, "data": ds.name}
+    if cfg.runs_on == "ray":  # Eq. 1 on Ray Train: each worker reads its users' migrated rows and records
+        from puma_ray.data import save_dataset
+        from puma_ray.ray_layer.prompt_train import train_store_on_ray
+        records_path = mig.data.paths["records"] if mig.data.name == "parquet" else \
+            save_dataset(ds, join(output, "data"))["records"]
+        out = train_store_on_ray(
+            patch_path, mig.target, target.identity.fingerprint, target.identity, template, texts, task, users,
+            records_path, train, mig.engine, join(output, "train"), f"{cfg.mode}", shard_rows=mig.store.shard_rows,
+            storage=cfg.storage, overwrite=cfg.overwrite,
+            lineage={**lineage, "trainer": "puma_ray.ray_layer.prompt_train (warm start)"}, provenance=prov,
+            log=lambda m: log("  " + m), init_store=base.path, head_state=head.state_dict(), train_head=train_head)
+        spent, history, best_epoch, valid_figure = out["cost"], out["history"], out["best_epoch"], out["valid"]
+    else:
+        result = train_prompts(plm, task, train_records, valid_records, users, train, head=head,
+                               log=lambda m: log("  " + m), init=_aligned(base, users), train_head=train_head)
+        spent, history, best_epoch, valid_figure = result.cost, result.history, result.best_epoch, result.valid
+        write_store(patch_path, target.identity, users, result.prompts, result.head.state_dict(),
+                    head_config(task, result.head), template=base.manifest.template, task=task,
+                    shard_rows=mig.store.shard_rows, storage=cfg.storage, overwrite=cfg.overwrite,
+                    lineage={**lineage, "trainer": "puma_ray.training.prompts (warm start)"}, provenance=prov)
+    training = {"history": history, "best_epoch": best_epoch, "valid": valid_figure, "cost": spent.to_dict(),
+                "runs_on": cfg.runs_on}
+    written = patch_store(base.path, patch_path, new_path, cfg.storage, overwrite=cfg.overwrite,
+                          provenance={**prov, "training": training}, lineage={"mode": cfg.mode}, log=log)
     log(f"new store version {new_path}: {written['patched']} of {written['users']} users trained")
 
     # re-gate the trained users; test metrics of everyone before and after
@@ -282,7 +299,7 @@ def run(cfg: RepairJobConfig, output: str, log=print) -> dict:
                                                                                       "unchanged")}},
         "cost": {"repair": spent.to_dict(), "regate_and_test": eval_cost.to_dict(),
                  "puma": costs.get("puma"), "full_retrain": costs.get("full_retrain")},
-        "training": {"history": result.history, "best_epoch": result.best_epoch, "valid": result.valid},
+        "training": training,
         "new_version": written, "wall_s": round(time.perf_counter() - started, 2),
         "provenance": provenance(to_dict(cfg)),
     }
