@@ -120,14 +120,14 @@ def test_public_surface_resolves_without_torch():
 
 
 def test_console_scripts_resolve_to_the_jobs_mains():
-    """pyproject.toml installs puma-migrate/-convert/-import/-export; each names an importable function, and
+    """pyproject.toml installs puma-migrate/-convert/-import/-export/-repair; each names an importable function, and
     jobs/<name>.py (kept for `ray job submit`) runs the same main."""
     import importlib
     import importlib.util
     import re
     section = (REPO / "pyproject.toml").read_text().split("[project.scripts]\n", 1)[1].split("\n[", 1)[0]
     scripts = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"$', section, re.M))  # (tomllib: Python 3.11+ only)
-    assert set(scripts) == {"puma-migrate", "puma-convert", "puma-import", "puma-export"}
+    assert set(scripts) == {"puma-migrate", "puma-convert", "puma-import", "puma-export", "puma-repair"}
     for command, target in scripts.items():
         module_name, function = target.split(":")
         module = importlib.import_module(module_name)

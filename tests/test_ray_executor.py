@@ -221,3 +221,45 @@ def test_to_parquet_writes_what_the_parquet_loader_reads(tmp_path):
                              timeout=300)
         assert bad.returncode == 2 and bad.stderr.strip().startswith(message), bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_gate_sums_on_the_actors_are_the_in_process_ones(local_ray, lean_data):
+    """OnRay.gate_sums (each actor holds the old and the new system over its block of validation records) against
+    InProcess.gate_sums (every record in this process): the same per-user sums and verdicts; users the converted
+    store lacks (a conversion's rejects) are not gated by either."""
+    from types import SimpleNamespace
+
+    from puma_ray.artifacts.store import PromptStore
+    from puma_ray.config import TemplateConfig
+    from puma_ray.conversion.run import join_sources
+    from puma_ray.models.backbone import load_backbone
+    from puma_ray.models.prompted_lm import PromptedLM
+    from puma_ray.recipes.migration.executor import Run
+    from puma_ray.recipes.migration.in_process import InProcess
+    from puma_ray.recipes.migration.on_ray import OnRay
+    from puma_ray.recipes.train_prompts import item_texts
+    from puma_ray.training.gate import STAT_COLUMNS, gate_from_stats
+    ds, paths, source_path, folder = lean_data
+    users = np.sort(ds.users.astype(str))
+    target_path = str(folder / "gate-target")
+    if not os.path.exists(target_path):  # "converted": a tiny:qwen2 store lacking 3 users
+        write_random_store(target_path, users[3:], model="tiny:qwen2", seed=2)
+    cfg = lean_config(lean_data, str(folder / "gate-run"))
+    run = Run(cfg, str(folder / "gate-run"), log=lambda m: None)
+    source = PromptStore.open(source_path)
+    template, texts = TemplateConfig(**source.manifest.template), item_texts(ds)
+    joined = join_sources([source])
+    fits = SimpleNamespace(plm=PromptedLM(load_backbone("tiny:qwen2"), template, 1, texts))
+    in_process = SimpleNamespace(task="rating", template=template, l=1, texts=texts,
+                                 backbones=[load_backbone("tiny:llama")], users=joined.users, prompts=joined,
+                                 records=ds, head=source.read_head())
+    want = InProcess().gate_sums(run, in_process, fits, target_path)
+    on_ray = SimpleNamespace(task="rating", template=template, texts=texts, stores=[source],
+                             records=SimpleNamespace(path=paths["records"]))
+    got = OnRay(None, None).gate_sums(run, on_ray, fits, target_path)
+    assert got.index.tolist() == want.index.tolist() and len(got) == len(users) - 3
+    assert not set(users[:3]) & set(got.index)
+    np.testing.assert_array_equal(got["records"], want["records"])
+    for column in STAT_COLUMNS[1:]:
+        np.testing.assert_allclose(got[column], want[column], rtol=1e-6, atol=1e-9, err_msg=column)
+    assert gate_from_stats(got)["verdict"].tolist() == gate_from_stats(want)["verdict"].tolist()

@@ -64,7 +64,8 @@ OPEN_HEAD_LAYERS = "head.json"
 REPORT_JSON = "report.json"
 # report.json's "format", per job (recipes/runs.write_report stamps it): the keys a reader of that job's report may
 # rely on; bumped per job when a key it had changes meaning or goes
-REPORT_FORMATS = {job: f"puma_ray.report/{job}/1" for job in ("train_prompts", "migrate", "sweep", "benchmark")}
+REPORT_FORMATS = {job: f"puma_ray.report/{job}/1" for job in ("train_prompts", "migrate", "sweep", "benchmark",
+                                                                  "repair")}
 REPORT_MD = "report.md"
 # ---- the per-user gate of a migration (training/gate.py, reports/gate.py)
 GATE_TABLE = "gate/users.parquet"  # one row per user: old/new validation loss, test statistics, verdict

@@ -76,7 +76,9 @@ def verify_store(path: str, sources: list[str] | None = None, storage: StorageOp
         raise StoreError(f"store {path}: user {str(dup)!r} appears {where}")
     lineage = store.manifest.lineage
     if sources is None:
-        sources = [s["store"] for s in lineage.get("sources", [])] if lineage.get("kind") == "migrated" else []
+        # a migrated store: its source stores; a repaired one (conversion/patch.py): its base and its patch
+        sources = [s["store"] for s in lineage.get("sources", [])] if lineage.get("kind") in ("migrated",
+                                                                                               "repaired") else []
     recorded = {s["store"]: s["manifest_sha256"] for s in lineage.get("conversion", {}).get("sources", [])}
     source_ids = []
     for src_path in sources:

@@ -50,9 +50,10 @@ class RecordFiles:
     split: str
 
 
-class _Evaluator:
+class Evaluator:
     """mode "metrics": one block's partial metrics; "loss": each of its users' summed task loss over a seeded
-    sample of at most `loss_records` records (selection.statistics.loss_sample: the in-process rows)."""
+    sample of at most `loss_records` records (selection.statistics.loss_sample: the in-process rows). Public: the
+    gate's actors (ray_layer/gate.py) hold two of these, the old system and the new, and call `predictions`."""
 
     def __init__(self, source: PromptSource, model: ModelConfig, template: TemplateConfig | None,
                  item_texts: dict[str, str], task: str, batch_size: int, threads: int, gpu: bool,
@@ -126,12 +127,20 @@ class _Evaluator:
         prompts = torch.from_numpy(self._prompts_of(users))
         return users, lambda idx: prompts[idx], block
 
-    def _evaluate(self, block: pd.DataFrame) -> dict:
+    def predictions(self, block: pd.DataFrame):
+        """(the block's RecordSet, this system's prediction of every record): the rows in the block's order."""
         from puma_ray.training.evaluate import predict
         from puma_ray.training.records import RecordSet
         users, prompts_for, block = self._records(block)
         records = RecordSet.from_frame(block, users)
-        pred = predict(self.plm, self.head, self.task, prompts_for, records, self.batch_size)
+        return records, predict(self.plm, self.head, self.task, prompts_for, records, self.batch_size)
+
+    def has(self, users: np.ndarray) -> np.ndarray:
+        """Whether each user has a prompt in every store this system reads."""
+        return np.logical_and.reduce([index.has(users) for index in self.indexes])
+
+    def _evaluate(self, block: pd.DataFrame) -> dict:
+        records, pred = self.predictions(block)
         return partial_metrics(self.task, records.user_ids, records.labels, pred)
 
     def _losses(self, block: pd.DataFrame) -> pd.DataFrame:
@@ -190,7 +199,7 @@ def evaluate_on_ray(source: PromptSource, model: ModelConfig, records: pd.DataFr
     # every record of a user in one block: per-user AUC needs them together
     ds = ds.repartition(max(1, actors * blocks_per_actor), keys=["user_id"])
     parts = ds.map_batches(
-        _Evaluator, batch_size=None, batch_format="pandas",
+        Evaluator, batch_size=None, batch_format="pandas",
         fn_constructor_kwargs={"source": source, "model": model, "template": template, "item_texts": item_texts,
                                "task": task, "batch_size": batch_size, "threads": threads_per_actor,
                                "gpu": gpus_per_actor > 0, "storage": storage},
@@ -222,7 +231,7 @@ def source_loss_on_ray(store_path: str, model: ModelConfig, records: RecordFiles
     without records; records and tokens through the model). The driver gets one row per user, batch by batch."""
     ds = records_dataset(records, storage).repartition(max(1, actors * blocks_per_actor), keys=["user_id"])
     rows = ds.map_batches(
-        _Evaluator, batch_size=None, batch_format="pandas",
+        Evaluator, batch_size=None, batch_format="pandas",
         fn_constructor_kwargs={"source": PromptSource("store", store_path), "model": model, "template": template,
                                "item_texts": item_texts, "task": task, "batch_size": batch_size,
                                "threads": threads_per_actor, "gpu": gpus_per_actor > 0, "storage": storage,

@@ -108,7 +108,14 @@ def _worker(cfg: dict) -> None:
     table = torch.nn.Embedding(n, l * d, sparse=True)
     with torch.no_grad():
         table.weight.uniform_(-train.init_scale * 3 ** 0.5, train.init_scale * 3 ** 0.5)
+        if cfg.get("init_store"):  # a warm start (repair, polish): this worker's users' rows of that store
+            from puma_ray.artifacts.store_index import StoreIndex
+            rows = StoreIndex(PromptStore.open(cfg["init_store"], cfg["storage"])).rows(users)
+            table.weight.copy_(torch.from_numpy(rows.reshape(n, l * d)) / scale)
     head = make_head(task)
+    if cfg.get("head_state") is not None:  # the warm start's head (every worker the same: no broadcast needed)
+        head.load_state_dict(cfg["head_state"])
+    train_head = cfg.get("train_head", True)
     table.to(device)  # after both are drawn on the CPU: the same start as in process, whatever the device
     head.to(device)
     for p in head.parameters():  # one head on every worker: rank 0's start
@@ -163,7 +170,8 @@ def _worker(cfg: dict) -> None:
             with torch.no_grad():
                 rows = torch.from_numpy(np.unique(batch.user_index)).to(device)
                 table.weight[rows] = table.weight[rows].clamp(-train.clip, train.clip)
-        opt_head.step()
+        if train_head:  # a frozen head (a repair: shared with users not trained) takes no step
+            opt_head.step()
         return loss_value, tokens
 
     def batches(epoch: int):
@@ -201,6 +209,9 @@ def _worker(cfg: dict) -> None:
     steps = EpochSteps(batches=batches, step=step, train_mode=head.train, validate=validate,
                        snapshot=lambda: {"table": table.weight.detach().clone(),
                                          "head": {k: v.clone() for k, v in head.state_dict().items()}})
+    if not state.best_state and cfg.get("init_store"):  # the warm start is a candidate: epochs must beat it
+        head.eval()
+        state.best, state.best_epoch, state.best_state = validate()[get_task(task).primary], -1, steps.snapshot()
     if not state.best_state:
         state.best_state = steps.snapshot()
     say = sender(cfg["progress"]) if cfg.get("progress") is not None and rank == 0 else (lambda _: None)
@@ -225,9 +236,14 @@ def train_store_on_ray(store_path: str, model: ModelConfig, fingerprint: str, id
                        item_texts: dict, task: str, users: np.ndarray, records_path: str, train: PromptTrainConfig,
                        engine: EngineConfig, storage_path: str, run_name: str, *, shard_rows: int = 65_536,
                        storage: StorageOptions | None = None, overwrite: bool = False, lineage: dict | None = None,
-                       provenance: dict | None = None, log=print, pid_dir: str | None = None) -> dict:
+                       provenance: dict | None = None, log=print, pid_dir: str | None = None,
+                       init_store: str | None = None, head_state: dict | None = None,
+                       train_head: bool = True) -> dict:
     """Trains `users`' prompts on Ray Train (engine.num_workers workers) into the store at `store_path`; returns
-    {"history", "best_epoch", "valid", "cost", "manifest"}. The driver holds the users' ids, never a prompt."""
+    {"history", "best_epoch", "valid", "cost", "manifest"}. The driver holds the users' ids, never a prompt.
+    A warm start (repair, polish): `init_store` holds the users' starting prompts (each worker reads its users'
+    rows), `head_state` the starting head, `train_head` False keeps it; the start is validated first and kept
+    unless an epoch beats it, as training/prompts.train_prompts does in process."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -247,12 +263,16 @@ def train_store_on_ray(store_path: str, model: ModelConfig, fingerprint: str, id
     loop_cfg = {"model": model, "fingerprint": fingerprint, "template": vars(template), "item_texts": item_texts,
                 "task": task, "users": users, "records": records_path, "train": train, "store": store_path,
                 "shard_rows": shard_rows, "storage": storage, "threads": engine.threads_per_worker,
-                "progress": lines.queue, "pid_dir": pid_dir, "use_gpu": engine.use_gpu}
+                "progress": lines.queue, "pid_dir": pid_dir, "use_gpu": engine.use_gpu, "init_store": init_store,
+                "head_state": head_state, "train_head": train_head}
     # checkpoints in a folder named by what makes this training: another config, model or records file is
     # another run that starts fresh, never a resume of this one's prompts
     ident = (RunIdentity("prompt-train").add("train", train).add("target", fingerprint).add("task", task)
              .add("template", vars(template)).add("records", stamp(records_path, storage))
              .add("item_texts", sorted((str(k), str(v)) for k, v in item_texts.items())).add_array("users", users))
+    if init_store is not None:  # another start is another run (a cold start's identity stays as it was)
+        ident.add("warm_start", {"store": init_store, "manifest": stamp(join(init_store, "manifest.json"), storage),
+                                 "train_head": train_head})
     run_name = f"{run_name}-{ident.hexdigest()}"
     afs, apath = pyarrow_filesystem(storage_path, storage)
     trainer = TorchTrainer(

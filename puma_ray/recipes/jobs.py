@@ -48,6 +48,8 @@ JOBS = {job.name: job for job in (
         "configs/train_prompts_ml100k_foundation.yaml"),
     Job("sweep", "puma_ray.recipes.sweep:SweepJobConfig", "configs/sweep_default.yaml"),
     Job("benchmark", "puma_ray.recipes.benchmark:BenchmarkJobConfig", None),
+    # a finished migration run's flagged users (or everyone) retrained on the target from their migrated prompt
+    Job("repair", "puma_ray.recipes.repair:RepairJobConfig", "configs/repair_default.yaml"),
 )}
 
 

@@ -19,7 +19,7 @@ from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.tasks import get_task
 from puma_ray.training.cost import Cost
 from puma_ray.training.evaluate import evaluate
-from puma_ray.training.loop import EpochSteps, run_epochs
+from puma_ray.training.loop import EpochSteps, LoopState, run_epochs
 from puma_ray.training.records import RecordSet, forward_batch
 
 
@@ -46,18 +46,29 @@ def init_correlation(start: np.ndarray, trained: np.ndarray) -> float:
 
 
 def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.DataFrame, users: np.ndarray,
-                  cfg: PromptTrainConfig, head: torch.nn.Module | None = None, log=print) -> PromptTrainResult:
+                  cfg: PromptTrainConfig, head: torch.nn.Module | None = None, log=print,
+                  init: np.ndarray | None = None, train_head: bool = True) -> PromptTrainResult:
+    """Eq. 1 over `users` (their rows of `train`, early stop on `valid`). A warm start (repair and polish,
+    recipes/repair.py): `init` holds the users' starting prompts at the embedding scale, (n, l, d); the start is
+    validated first and counts as epoch -1, so the result is never worse on `valid` than where it started.
+    train_head False: the head stays as given (it is shared with users this run does not train)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     n, l, d = len(users), cfg.prompt_length, plm.d
+    scale = plm.embed_rms
     table = torch.nn.Embedding(1 if cfg.shared else n, l * d, sparse=True)
     with torch.no_grad():  # uniform with RMS init_scale (in embedding-RMS units), like the paper's uniform init
         table.weight.uniform_(-cfg.init_scale * 3 ** 0.5, cfg.init_scale * 3 ** 0.5)
+        if init is not None:
+            if cfg.shared or init.shape != (n, l, d):
+                raise ValueError(f"warm start: prompts of shape {(n, l, d)} (one per user), got {init.shape}")
+            table.weight.copy_(torch.from_numpy(np.asarray(init, np.float32).reshape(n, l * d)) / scale)
     start = table.weight.detach().clone()
     head = head if head is not None else make_head(task)
+    if not train_head:
+        head.requires_grad_(False)
     opt_prompts = torch.optim.SparseAdam(table.parameters(), lr=cfg.lr)
-    opt_head = torch.optim.Adam(head.parameters(), lr=cfg.head_lr)
-    scale = plm.embed_rms
+    opt_head = torch.optim.Adam(head.parameters(), lr=cfg.head_lr) if train_head else None
 
     def prompts_for(idx: torch.Tensor) -> torch.Tensor:
         if cfg.shared:  # every user reads row 0
@@ -71,10 +82,12 @@ def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.Dat
         logits, tokens = forward_batch(plm, prompts_for, batch)
         loss, _ = task_loss(task, head, logits, torch.from_numpy(batch.labels))
         opt_prompts.zero_grad()
-        opt_head.zero_grad()
+        if opt_head is not None:
+            opt_head.zero_grad()
         loss.backward()
         opt_prompts.step()
-        opt_head.step()
+        if opt_head is not None:
+            opt_head.step()
         with torch.no_grad():  # keep the touched rows within +-clip embedding RMS
             rows = torch.zeros(1, dtype=torch.long) if cfg.shared else torch.from_numpy(np.unique(batch.user_index))
             table.weight[rows] = table.weight[rows].clamp(-cfg.clip, cfg.clip)
@@ -86,7 +99,13 @@ def train_prompts(plm: PromptedLM, task: str, train: pd.DataFrame, valid: pd.Dat
         step=step, train_mode=head.train,
         validate=lambda: evaluate(plm, head, task, prompts_for, valid_set, cfg.eval_batch_size, cost),
         snapshot=lambda: {"table": table.weight.detach().clone(), "head": copy.deepcopy(head.state_dict())})
-    state = run_epochs(steps, task, cfg.epochs, cfg.patience, cost, backward=True, log=log)
+    state = None
+    if init is not None:  # the warm start is a candidate too: epochs must beat it on valid to replace it
+        head.eval()
+        first = steps.validate()[get_task(task).primary]
+        state = LoopState(best=first, best_epoch=-1, best_state=steps.snapshot())
+        log(f"warm start: valid {get_task(task).primary} {first:.4f}")
+    state = run_epochs(steps, task, cfg.epochs, cfg.patience, cost, backward=True, log=log, state=state)
     with torch.no_grad():
         table.weight.copy_(state.best_state["table"])
     head.load_state_dict(state.best_state["head"])

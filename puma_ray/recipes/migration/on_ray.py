@@ -10,6 +10,8 @@ prompts and records, never the records table or the prompt matrix.
     fit                   the fit users' prompts (StoreIndex.rows) and records (a Parquet filter in a Ray task)
     evaluation            every method on the test split by an actor pool (ray_layer/evaluate.py: a store, or an
                           adapter mapping the source stores in the actor); the reference rows in a Ray task
+    gate                  each actor holds the old system and the new and returns per-user loss sums of its block
+                          of validation records (ray_layer/gate.py); the driver adds rows per user
 What needs the whole prompt matrix or every record in one process is refused up front with one line (`check_lean`):
 the PCA and farthest-point strategies (every prompt at once) and the random-init baseline.
 """
@@ -27,6 +29,7 @@ from puma_ray.config import ConfigError, ModelConfig, PromptTrainConfig, Templat
 from puma_ray.fs import is_remote, join
 from puma_ray.models.backbone import Backbone
 from puma_ray.ray_layer.evaluate import PromptSource, RecordFiles, evaluate_on_ray, source_loss_on_ray
+from puma_ray.ray_layer.gate import gate_sums_on_ray
 from puma_ray.ray_layer.prompt_train import train_store_on_ray
 from puma_ray.ray_layer.shard_pass import lean_clusters, lean_ffn_clusters, shard_pass, source_plm
 from puma_ray.ray_layer.user_rows import SPLITS, UserRows, joined_users, per_user_rows, reference_rows, user_records
@@ -186,3 +189,13 @@ class OnRay(Executor):
 
     def reference(self, run: Run, sources: Sources) -> dict:
         return reference_rows(sources.records.path, run.cfg.storage, sources.task)
+
+    def gate_sums(self, run: Run, sources: Sources, fits: Fits, target_store: str) -> pd.DataFrame:
+        """The in-process gate's sums (InProcess.gate_sums) from the actors: the first source model + its store
+        against the target + the converted store on every user's validation records; users the conversion
+        rejected are not gated."""
+        cfg = run.cfg
+        return gate_sums_on_ray((PromptSource("store", sources.stores[0].path), cfg.sources[0].model),
+                                (PromptSource("store", target_store), cfg.target),
+                                RecordFiles((sources.records.path,), "valid"), sources.texts, sources.task,
+                                template=sources.template, **self._evaluation(cfg))
