@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 
 import ray
 
@@ -83,14 +85,22 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     log_to_driver = os.environ.get("PUMA_RAY_LOG_TO_DRIVER", "1") != "0"
     # no runtime_env here: under `ray job submit` the job's runtime env applies (passing one too is an error),
     # and a local Ray's workers inherit this process's environment (PUMA_*, HF_*, DS_*, AWS_* included)
-    if address:
-        check_reachable(address, connect_timeout_s)
-        ray.init(address=address, log_to_driver=log_to_driver, configure_logging=log_to_driver)
-    else:  # "local": a new private cluster, whatever the session file names
-        # no dashboard: starts in ~4 s and ~0.9 GB instead of ~8 s and ~1.9 GB
-        # this process's private cluster has no dashboard, no job server and no client port: token auth guards
-        # nothing here, and its node processes would print Ray 2.60's token-auth notice on the user's console
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-                 configure_logging=log_to_driver)  # False: Ray keeps the handlers the job set (its log file)
+    # ray.init replaces SIGTERM's handler with its own sys.exit (exit 1 through Ray Train's wait): the process's
+    # handler (a job's: one `interrupted:` line, exit 130, Ray shut down on the way out) is put back after it
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if address:
+            check_reachable(address, connect_timeout_s)
+            ray.init(address=address, log_to_driver=log_to_driver, configure_logging=log_to_driver)
+        else:  # "local": a new private cluster, whatever the session file names
+            # no dashboard: starts in ~4 s and ~0.9 GB instead of ~8 s and ~1.9 GB
+            # this process's private cluster has no dashboard, no job server and no client port: token auth guards
+            # nothing here, and its node processes would print Ray 2.60's token-auth notice on the user's console
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                     configure_logging=log_to_driver)  # False: Ray keeps the handlers the job set (its log file)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return ray.cluster_resources()
