@@ -54,9 +54,22 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 @pytest.fixture(scope="module")
 def uninterrupted(job_yaml, tmp_path_factory):
+    """The run every resumed one is compared with; while it runs, a second migration into the same output is
+    refused (one line naming the holder, exit 2) and leaves it undisturbed."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    proc = subprocess.run(command(job_yaml, out), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = subprocess.Popen(command(job_yaml, out), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    console = []
+    for line in proc.stdout:
+        console.append(line)
+        if line.startswith("stage 1/"):
+            break
+    second = subprocess.run(command(job_yaml, out), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [x for x in second.stderr.splitlines() if x.strip()]
+    console.append(proc.communicate(timeout=600)[0])
+    assert proc.returncode == 0, "".join(console)[-3000:]
+    assert second.returncode == 2 and len(lines) == 1, second.stdout + second.stderr
+    assert f"is being written by pid {proc.pid}" in lines[0]
     return json.loads((out / "report.json").read_text())
 
 
