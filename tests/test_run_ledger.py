@@ -137,3 +137,24 @@ def test_a_record_is_untrusted_input(first, toy_paths, tmp_path):
     lines = []
     again = run(config(toy_paths), str(tmp_path / "run2"), log=lines.append)
     assert statuses(again)["fit"] == "ran" and any("is not the one this record names" in x for x in lines)
+
+
+def test_the_plan_counts_what_the_run_spent(first, toy_paths, capsys):
+    """--plan on a finished run's output (its source store exists, so the selection is the run's own): the LLM
+    record passes of every fit and of full retraining are exactly the report's (every epoch ran: 2 epochs,
+    patience 1 can only stop after the last), nothing is written."""
+    from puma_ray.recipes.migration.plan import format_plan, plan_migration
+    report, out = first
+    before = sorted(str(p) for p in __import__("pathlib").Path(out).rglob("*"))
+    plan = plan_migration(config(toy_paths), out, log=_quiet, measure_rate=False)
+    stages = {s["stage"]: s for s in plan["stages"]}
+    assert plan["fit_users_exact"] and plan["budget"] == 10 and plan["validation_users"] == 4
+    for name in ("fit", "linear", "random_init"):
+        key = "puma" if name == "fit" else name
+        assert stages[name]["llm_record_passes"] == report["cost"][key]["llm_record_passes"], name
+    assert stages["full_retrain"]["llm_record_passes"] == report["cost"]["full_retrain"]["llm_record_passes"]
+    assert stages["sources"]["llm_record_passes"] == 0  # the source store exists: nothing to train first
+    assert stages["fit"]["flops"] > 0 and "wall_s" not in stages["fit"]  # no rate measured here
+    assert sorted(str(p) for p in __import__("pathlib").Path(out).rglob("*")) == before
+    print(format_plan(plan))
+    assert "LLM record passes" in capsys.readouterr().out

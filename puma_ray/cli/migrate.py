@@ -14,6 +14,7 @@ from puma_ray.config import from_dict
 from puma_ray.recipes.engine import migration_executor
 from puma_ray.recipes.jobs import JOBS
 from puma_ray.recipes.migration import STAGES, format_report, resolve_foundations, run
+from puma_ray.recipes.migration.plan import format_plan, plan_migration
 from puma_ray.recipes.migration.runner import check_stage_names
 from puma_ray.recipes.runs import (
     exit_job,
@@ -67,6 +68,9 @@ def _flags(parser) -> None:
     names = ", ".join(s.name for s in STAGES)
     parser.add_argument("--stages", help="run only these stages (comma-separated), the ones before them reused "
                         f"from the run ledger of --output (they must have finished there); stages: {names}")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the stages, their users, records, LLM record passes, FLOPs, wall and memory "
+                        "(measured rates of this machine), and exit: nothing is trained or written")
     parser.add_argument("--skip", help="leave these stages out (comma-separated): "
                         + ", ".join(s.name for s in STAGES if s.skipped is not None))
 
@@ -79,6 +83,10 @@ def main(argv=None) -> int:
         cfg = JOB.load(args.config, args.overrides)
         if args.print_config:
             return print_config(cfg)
+        if args.plan:
+            set_threads(cfg.threads)
+            print(format_plan(plan_migration(cfg, args.output or "runs/<new>")))
+            return 0
         output = new_run_dir(args.output, "migrate")
         print(f"library and Ray messages: {library_logs_to_file(output, 'migrate')}")
         report, report_md = _run(cfg, output, _stage_list(args.stages) or None, _stage_list(args.skip))

@@ -76,15 +76,31 @@ def default_root() -> str:
     return models_root()
 
 
+def foundation_folder(family: str, seed: int, cfg: FoundationConfig, train: pd.DataFrame, items: pd.DataFrame,
+                      template: TemplateConfig, task: str, data_name: str, root: str | None = None) -> str:
+    """Where the foundation these inputs determine is (or would be) cached; complete when its card is there."""
+    key = cache_key(family, seed, cfg, template, task, train_fingerprint(train), train_item_texts(train, items))
+    name = f"foundation-{family}-d{cfg.hidden_size}-L{cfg.layers}-seed{seed}-{data_name}-{key[:12]}"
+    return os.path.join(root or default_root(), name)
+
+
+def cached_model(model: ModelConfig, ds, template: TemplateConfig | None) -> str | None:
+    """The folder a model config loads from without pretraining anything: a foundation's cached folder (None
+    when it is not cached yet), any other name as it is."""
+    if not is_foundation(model.name):
+        return model.name
+    folder = foundation_folder(model.name[len(PREFIX):], model.seed, model.foundation or FoundationConfig(),
+                               ds.split("train"), ds.items, task_template(template, ds.task), ds.task, ds.name)
+    return folder if os.path.exists(os.path.join(folder, CARD)) else None
+
+
 def ensure_foundation(family: str, seed: int, cfg: FoundationConfig, train: pd.DataFrame, items: pd.DataFrame,
                       template: TemplateConfig, task: str, data_name: str, root: str | None = None,
                       log=print) -> str:
     """Folder of the foundation these inputs determine, pretrained first when it is not cached."""
-    texts = train_item_texts(train, items)
-    train_fp = train_fingerprint(train)
+    texts, train_fp = train_item_texts(train, items), train_fingerprint(train)
     key = cache_key(family, seed, cfg, template, task, train_fp, texts)
-    name = f"foundation-{family}-d{cfg.hidden_size}-L{cfg.layers}-seed{seed}-{data_name}-{key[:12]}"
-    folder = os.path.join(root or default_root(), name)
+    folder = foundation_folder(family, seed, cfg, train, items, template, task, data_name, root)
     if os.path.exists(os.path.join(folder, CARD)):
         return folder
     log(f"foundation {family} (d={cfg.hidden_size}, {cfg.layers} layers, seed {seed}) not cached: pretraining on "
