@@ -199,17 +199,23 @@ def _selection(cfg: MigrateJobConfig, output: str, users: np.ndarray) -> tuple[n
     return at[chosen], at[valid]
 
 
+LIBRARIES_MIB = 700  # torch + transformers + pyarrow (+ Ray's client) in a process: 600-700 MB measured
+LEAN_BYTES_PER_USER = 200  # the lean driver's per-user rows: 162 B/user measured 100k -> 1M (docs/measurements.md)
+RECORD_BYTES = 120  # a record row in pandas with its strings
+
+
 def _memory(cfg, n_users, totals, l, source: ModelFacts, target: ModelFacts) -> dict:
     """MiB, rough: what dominates each process (fp32 weights, the prompt tables the driver holds, the records)."""
     mib = 1 / 2 ** 20
-    # the joined source prompts (every source as wide as the first), and the random_init target table
-    prompts = n_users * l * 4 * mib * (len(cfg.sources) * source.hidden_size + target.hidden_size)
-    records = sum(totals.values()) * 120 * mib  # a record row in pandas with its strings: ~120 B measured
     weights = 4 * (source.params + target.params) * mib
-    lean = cfg.engine.driver == "lean"
-    return {"driver": round((0 if lean else records + prompts) + weights + 600, 1),  # +600: torch + libraries
-            "worker": round(4 * target.params * mib + 600, 1),
-            "note": "fp32 weights + records + prompt tables + ~600 MiB of libraries per process; estimates"}
+    if cfg.engine.driver == "lean":
+        held = n_users * LEAN_BYTES_PER_USER * mib
+    else:  # the records, and the joined source prompts (every source as wide as the first) + random_init's table
+        held = (sum(totals.values()) * RECORD_BYTES
+                + n_users * l * 4 * (len(cfg.sources) * source.hidden_size + target.hidden_size)) * mib
+    return {"driver": round(LIBRARIES_MIB + weights + held, 1),
+            "worker": round(LIBRARIES_MIB + 4 * target.params * mib, 1),
+            "note": f"~{LIBRARIES_MIB} MiB of libraries per process + fp32 weights + what the driver holds; estimates"}
 
 
 def format_plan(plan: dict) -> str:
