@@ -90,8 +90,11 @@ def test_a_changed_setting_reruns_its_stage_and_what_reads_it(first, toy_paths, 
     copy = str(tmp_path / "run")
     import shutil
     shutil.copytree(out, copy)
-    changed = run(config(toy_paths, **change), copy, log=_quiet)
+    lines = []
+    changed = run(config(toy_paths, **change), copy, log=lines.append)
     assert sorted(n for n, s in statuses(changed).items() if s == "ran") == sorted(reruns + ALWAYS)
+    if "fit" in reruns:  # after the fit, the stages left have an ETA from this run's own rate
+        assert any(line.startswith("stage 5/12 linear") and "ETA ~" in line for line in lines), lines
     if "gate.alpha" in change:
         assert changed["methods"] == report["methods"] and changed["gate"]["rule"] != report["gate"]["rule"]
 

@@ -76,8 +76,11 @@ def eq1_passes(train: PromptTrainConfig, n_train: int, n_valid: int) -> int:
     return train.epochs * (2 * per_epoch + n_valid)
 
 
-def plan_migration(cfg: MigrateJobConfig, output: str, log=print, measure_rate: bool = True) -> dict:
-    ds = load_dataset(cfg.data, cfg.storage)
+def plan_migration(cfg: MigrateJobConfig, output: str, log=print, measure_rate: bool = True, ds=None,
+                   models: bool = True) -> dict:
+    """The plan (module docstring). `ds`: the records already read; `models=False`: counts only (no model loaded,
+    no selection made, no FLOPs nor wall): what a running migration's ETA reads."""
+    ds = ds if ds is not None else load_dataset(cfg.data, cfg.storage)
     splits = {s: ds.split(s) for s in ("train", "valid", "test")}
     per_user = pd.DataFrame({s: f.groupby("user_id").size() for s, f in splits.items()}).fillna(0).astype(int)
     users = np.sort(per_user.index.to_numpy(dtype=str))
@@ -95,10 +98,10 @@ def plan_migration(cfg: MigrateJobConfig, output: str, log=print, measure_rate: 
         l = PromptStore.open(stores[0], cfg.storage).manifest.prompt_length
     from puma_ray.recipes.train_prompts import item_texts
     texts = item_texts(ds)
-    target = model_facts(cfg.target, ds, template, l, texts, measure_rate)
-    source = model_facts(cfg.sources[0].model, ds, template, l, texts, measure_rate)
+    target = model_facts(cfg.target, ds, template, l, texts, measure_rate) if models else ModelFacts(None)
+    source = model_facts(cfg.sources[0].model, ds, template, l, texts, measure_rate) if models else ModelFacts(None)
     mean = per_user.mean()
-    exact_users = not missing and not (set(NEEDS[sel.strategy]) & {"loss", "ffn"})
+    exact_users = models and not missing and not (set(NEEDS[sel.strategy]) & {"loss", "ffn"})
     if exact_users:  # the run's own selection (no LLM, no training): exact fit records
         chosen, valid = _selection(cfg, output, users)
         fit_train = int(per_user["train"].iloc[chosen].sum())

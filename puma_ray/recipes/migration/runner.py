@@ -92,6 +92,38 @@ def _restore(stage: Stage, this: Run, ex: Executor, ledger: Ledger, record: dict
                          f"({type(e).__name__}: {str(e)[:200]})") from None
 
 
+class StageETA:
+    """The time left, from this run's own rate: LLM record passes the plan (plan.py, counts only) gives each stage
+    that runs, over the seconds the finished ones took. None before any LLM work has finished."""
+
+    def __init__(self, planned: dict):
+        self.planned, self.passes, self.seconds = planned, 0, 0.0
+
+    @classmethod
+    def of(cls, cfg, output: str, records, actions: dict) -> "StageETA | None":
+        from puma_ray.data import Dataset
+        if not isinstance(records, Dataset):  # the Ray executor's records stay in files: no second read here
+            return None
+        from .plan import plan_migration
+        try:
+            plan = plan_migration(cfg, output, log=lambda _: None, ds=records, models=False)
+        except Exception:  # noqa: BLE001 — an estimate must never stop the run it estimates
+            return None
+        return cls({s["stage"]: s["llm_record_passes"] for s in plan["stages"] if actions.get(s["stage"]) == RUN})
+
+    def done(self, stage: str, seconds: float) -> None:
+        if self.planned.get(stage):
+            self.passes += self.planned.pop(stage)
+            self.seconds += seconds
+
+    def describe(self) -> str:
+        left = sum(self.planned.values())
+        if not self.passes or not left:
+            return ""
+        return f", ETA ~{_clock(left * self.seconds / self.passes)} at this run's {self.passes / self.seconds:,.0f} " \
+            "LLM record passes/s"
+
+
 def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
@@ -111,11 +143,13 @@ def run(cfg: MigrateJobConfig, output: str, log=print, executor: Executor | None
     ledger = Ledger(output, cfg.storage, log)
     last_read = {name: i for i, stage in enumerate(stages) for name in stage.inputs}
     outputs, actions, found, ids, n = {}, {stages[0].name: RUN}, {}, {}, len(stages)
+    eta = None
     for i, stage in enumerate(stages):
         action = actions[stage.name]
         if action == STOP:
             continue
-        log(f"stage {i + 1}/{n} {stage.name} (elapsed {_clock(time.perf_counter() - started)})"
+        log(f"stage {i + 1}/{n} {stage.name} (elapsed {_clock(time.perf_counter() - started)}"
+            + (eta.describe() if eta is not None and action == RUN else "") + ")"
             + {REUSE: ": finished earlier with the same settings and inputs, reused from the ledger",
                SKIP: ": skipped (--skip)"}.get(action, ""))
         inputs = [outputs[name] for name in stage.inputs]
@@ -140,6 +174,11 @@ def run(cfg: MigrateJobConfig, output: str, log=print, executor: Executor | None
             ids = identities(stages, to_dict(this.cfg), sources_identity(this.cfg, out), skip)
             decided, found = decide(stages, ids, ledger, only, skip)
             actions.update(decided)
+            eta = StageETA.of(this.cfg, output, out.records, actions)
+            if eta is not None:
+                eta.done(stage.name, time.perf_counter() - t0)  # a source store trained first is LLM work too
+        elif eta is not None:
+            eta.done(stage.name, time.perf_counter() - t0)
         for name in [nm for nm in outputs if last_read.get(nm, n) <= i]:
             del outputs[name]  # no later stage reads it
     ran = [name for name, s in this.stages.items() if s["status"] == "ran"]
