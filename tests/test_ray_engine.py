@@ -92,6 +92,8 @@ def test_one_ray_worker_runs_the_in_process_fit(local_ray, fit_case, tmp_path):
     # the same LLM work counted either way
     assert ray_result.cost.backward_records == local.cost.backward_records
     assert ray_result.cost.forward_records == local.cost.forward_records
+    # the start-up (workers placed, the model loaded in each) apart from the work the worker's clock counted
+    assert 0 < ray_result.cost.startup_s < ray_result.cost.wall_s and local.cost.startup_s == 0
 
 
 @pytest.mark.slow  # 70-85 s: two Train worker groups; the default run keeps one-worker parity and resume

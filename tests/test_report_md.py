@@ -100,10 +100,10 @@ def test_migration_report(tmp_path, task, full):
     assert f"**{report['methods'][best][cols[0]]:.4f}**" in _table_row(md, report_md.method_label(best))
     assert md.count("**") // 2 >= 2  # at least one best per metric column
 
-    assert "| PUMA | 52.2 | 51,282 | 1.03e+12 |" in md
+    assert "| PUMA | 52.2 | 0.0 | 51,282 | 1.03e+12 |" in md
     assert ("Full retraining / PUMA" in md) == full
     if full:
-        assert "| full retraining | 79.1 | 179,964 | 3.63e+12 |" in md
+        assert "| full retraining | 79.1 | 0.0 | 179,964 | 3.63e+12 |" in md
         assert "LLM record passes **3.5x**" in md
     assert "| users | 943 |" in md and "| rows_per_s | 2,300.5 |" in md
     assert "tiny:llama" in md and "tiny:qwen2" in md and "kmeans_variance" in md and "94 of 943" in md

@@ -302,6 +302,7 @@ def train_store_on_ray(store_path: str, model: ModelConfig, fingerprint: str, id
             log("  " + describe_epoch(h, get_task(task).primary))
     # every worker's shards, each user exactly once, then the head and the manifest (last)
     counted = Cost(flops_per_token=saved["cost"]["flops_per_token"])
+    worked = 0.0  # the slowest worker's own clock (epochs + validation): the rest of the wall is the start-up
     world = saved["world_size"]
     # ids only: each worker checked its rows before writing, the checksums are checked by every later reader, and
     # the driver never streams the store's prompts (a 10M-user store of a 1B model is ~80 GB)
@@ -314,6 +315,7 @@ def train_store_on_ray(store_path: str, model: ModelConfig, fingerprint: str, id
             writer.add_shard(entry, ids)
             written.append(ids.astype(str))
         c = Cost(**record["cost"])
+        worked = max(worked, c.wall_s)
         for key in ("forward_records", "backward_records", "tokens_forward", "tokens_backward"):
             setattr(counted, key, getattr(counted, key) + getattr(c, key))
     written = np.sort(np.concatenate(written)) if written else np.array([], dtype=str)  # no duplicate: add_shard
@@ -327,7 +329,7 @@ def train_store_on_ray(store_path: str, model: ModelConfig, fingerprint: str, id
     writer.write_head(head.state_dict(), head_config(task, head))
     manifest = writer.close()
     fs.rm(join(root, RECORDS_DIR), recursive=True)
-    counted.wall_s = wall
+    counted.wall_s, counted.startup_s = wall, max(0.0, wall - worked)
     return {"history": state.history, "best_epoch": state.best_epoch, "resumed_from": state.resumed_from,
             "checkpoints": {"folder": join(storage_path, run_name), "resumed_from": state.resumed_from},
             "valid": {get_task(task).primary: state.best}, "cost": counted, "manifest": manifest, "head": head}

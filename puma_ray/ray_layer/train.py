@@ -344,7 +344,9 @@ def make_ray_fit(engine: EngineConfig, model: ModelConfig, storage_path: str, st
         fitted.eval()
         # every worker counted its own shard and evaluated the validation records: the fit's totals are world x
         world, counted = saved["world_size"], Cost(**saved["cost"])
-        cost = Cost(wall_s=wall, forward_records=counted.forward_records * world,
+        # the workers' own clock counts epochs and validation: the rest of the wall is the start-up
+        cost = Cost(wall_s=wall, startup_s=max(0.0, wall - counted.wall_s),
+                    forward_records=counted.forward_records * world,
                     backward_records=counted.backward_records * world,
                     tokens_forward=counted.tokens_forward * world, tokens_backward=counted.tokens_backward * world,
                     flops_per_token=counted.flops_per_token, extra_flops=counted.extra_flops * world)

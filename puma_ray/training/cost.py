@@ -14,6 +14,9 @@ class Cost:
     tokens_backward: int = 0
     flops_per_token: float = 0.0  # 2 x LLM parameters
     extra_flops: float = 0.0  # adapter / head work, small but counted
+    # of wall_s, the part before any work (Ray Train: placing workers, loading the model in each): reported apart,
+    # so that a cost ratio compares work with work (a ~30-85 s start-up on 2 cores dwarfs a small fit)
+    startup_s: float = 0.0
 
     def add_batch(self, batch, tokens: int, backward: bool) -> None:
         self.forward_records += len(batch)
@@ -35,10 +38,11 @@ class Cost:
         return Cost(self.wall_s + other.wall_s, self.forward_records + other.forward_records,
                     self.backward_records + other.backward_records, self.tokens_forward + other.tokens_forward,
                     self.tokens_backward + other.tokens_backward, max(self.flops_per_token, other.flops_per_token),
-                    self.extra_flops + other.extra_flops)
+                    self.extra_flops + other.extra_flops, self.startup_s + other.startup_s)
 
     def to_dict(self) -> dict:
-        return {"wall_s": round(self.wall_s, 3), "llm_record_passes": self.llm_record_passes,
+        return {"wall_s": round(self.wall_s, 3), "startup_s": round(self.startup_s, 3),
+                "work_s": round(self.wall_s - self.startup_s, 3), "llm_record_passes": self.llm_record_passes,
                 "forward_records": self.forward_records, "backward_records": self.backward_records,
                 "flops": float(self.flops)}
 

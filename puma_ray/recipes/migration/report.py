@@ -55,18 +55,20 @@ def migration_report(cfg: MigrateJobConfig, *, task, sources, target, budget, us
     }
     if "full_retrain" in costs:
         report["cost_ratio_full_retrain_over_puma"] = {
-            k: costs["full_retrain"][k] / costs["puma"][k] for k in ("wall_s", "llm_record_passes", "flops")
-            if costs["puma"][k]}
+            k: costs["full_retrain"][k] / costs["puma"][k] for k in ("wall_s", "work_s", "llm_record_passes", "flops")
+            if costs["puma"].get(k) and k in costs["full_retrain"]}
     return report
 
 
 def format_report(report: dict) -> str:
     keys = get_task(report["task"]).metrics
-    lines = [f"{'method':<14}" + "".join(f"{k:>9}" for k in keys) + f"{'wall_s':>10}{'LLM passes':>12}{'FLOPs':>11}"]
+    lines = [f"{'method':<14}" + "".join(f"{k:>9}" for k in keys)
+             + f"{'wall_s':>10}{'start-up':>10}{'LLM passes':>12}{'FLOPs':>11}"]
     for name, m in report["methods"].items():
         c = report["cost"].get(name, {})
         lines.append(f"{name:<14}" + "".join(f"{m.get(k, float('nan')):>9.4f}" for k in keys)
-                     + f"{c.get('wall_s', 0):>10.1f}{c.get('llm_record_passes', 0):>12,}{c.get('flops', 0):>11.2e}")
+                     + f"{c.get('wall_s', 0):>10.1f}{c.get('startup_s', 0):>10.1f}{c.get('llm_record_passes', 0):>12,}"
+                     f"{c.get('flops', 0):>11.2e}")
     for name, m in report.get("reference", {}).items():  # no LLM, fitted on the train split: nothing to pay
         lines.append(f"{name + ' *':<14}" + "".join(f"{m.get(k, float('nan')):>9.4f}" for k in keys))
     if report.get("reference"):
