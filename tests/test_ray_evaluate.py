@@ -53,9 +53,12 @@ def test_ray_evaluation_equals_in_process(local_ray, trained, split="test"):
     from puma_ray.recipes.train_prompts import item_texts
     ds, model, path = trained
     want = _in_process(ds, model, path, split)
+    lines = []
     got = evaluate_store_on_ray(path, model, ds.split(split), item_texts(ds), ds.task, actors=2, cpus_per_actor=0.5,
-                                blocks_per_actor=3, batch_size=16)
+                                blocks_per_actor=3, batch_size=16, log=lines.append)
     assert got["records"] == want["records"] == len(ds.split(split))
+    # progress as the blocks arrive; the last line has every block and record
+    assert lines and f"6 of 6 blocks, {len(ds.split(split)):,} records" in lines[-1], lines
     for metric in want:
         assert got[metric] == pytest.approx(want[metric], abs=1e-6), (metric, got, want)
 

@@ -26,6 +26,7 @@ from puma_ray.fs import StorageOptions, pyarrow_filesystem
 from puma_ray.metrics import merge_partial_metrics, partial_metrics
 
 from .compat import actor_pool, actor_retries, read_parquet_columns, user_error
+from .progress import BlockProgress
 
 COLUMNS = ["user_id", "item_id", "label", "history"]
 
@@ -193,19 +194,24 @@ def evaluate_on_ray(source: PromptSource, model: ModelConfig, records: pd.DataFr
                     item_texts: dict[str, str], task: str, *, template: TemplateConfig | None = None,
                     actors: int = 2, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
                     threads_per_actor: int = 1, batch_size: int = 256, blocks_per_actor: int = 4,
-                    storage: StorageOptions | None = None) -> dict:
-    """task_metrics of `source`'s prompts on `records` (one split) through `model`, computed by `actors` actors."""
+                    storage: StorageOptions | None = None, log=None) -> dict:
+    """task_metrics of `source`'s prompts on `records` (one split) through `model`, computed by `actors` actors;
+    `log`: a progress line (blocks, records, records/s) at most every 15 s."""
     ds = records_dataset(records, storage)
     # every record of a user in one block: per-user AUC needs them together
-    ds = ds.repartition(max(1, actors * blocks_per_actor), keys=["user_id"])
+    blocks = max(1, actors * blocks_per_actor)
+    ds = ds.repartition(blocks, keys=["user_id"])
     parts = ds.map_batches(
         Evaluator, batch_size=None, batch_format="pandas",
         fn_constructor_kwargs={"source": source, "model": model, "template": template, "item_texts": item_texts,
                                "task": task, "batch_size": batch_size, "threads": threads_per_actor,
                                "gpu": gpus_per_actor > 0, "storage": storage},
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None, **actor_pool(actors), **actor_retries())
+    progress, decoded = BlockProgress(f"evaluation of {source.path}", blocks, log), []
     try:
-        decoded = [json.loads(row["part"]) for row in parts.iter_rows()]
+        for row in parts.iter_rows():
+            decoded.append(json.loads(row["part"]))
+            progress.add(decoded[-1].get("records", 0))
     except Exception as e:  # a bad store or record in an actor: the one line the in-process path gives
         cause = user_error(e, PumaError)
         if cause is not None:

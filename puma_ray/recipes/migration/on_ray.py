@@ -119,7 +119,7 @@ class OnRay(Executor):
             lineage={"kind": "trained", "data": records.path, "trainer": "puma_ray.ray_layer.prompt_train"},
             provenance=provenance(to_dict(cfg)), log=lambda m: run.log("  " + m))
         test = evaluate_on_ray(PromptSource("store", path), model, RecordFiles((records.path,), "test"), texts, task,
-                               template=template, **self._evaluation(cfg))
+                               template=template, log=run.log, **self._evaluation(cfg))
         metric = get_task(task).primary
         run.log(f"  {name} store: test {metric} {test[metric]:.4f}")
         return {"methods": {"store": test}, "cost": {"train_prompts": out["cost"].to_dict()},
@@ -178,7 +178,7 @@ class OnRay(Executor):
 
     def _on_actors(self, run: Run, sources: Sources, prompts: PromptSource, model: ModelConfig) -> dict:
         return evaluate_on_ray(prompts, model, RecordFiles((sources.records.path,), "test"), sources.texts,
-                               sources.task, template=sources.template, **self._evaluation(run.cfg))
+                               sources.task, template=sources.template, log=run.log, **self._evaluation(run.cfg))
 
     def evaluate_fitted(self, run: Run, sources: Sources, fits: Fits, fitted: Fitted) -> dict:
         paths = tuple(s.path for s in sources.stores)
