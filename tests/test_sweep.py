@@ -92,9 +92,12 @@ def test_report_stands_beside_the_reference_rows():
                                                   "bias": {"rmse": 1.00, "beaten": False}}
     line = reference_summary(report)
     assert "global mean 1.2300, per-user mean 1.1700, user + item bias 1.0000" in line
-    assert line.endswith("the recommended trial (1.0500) beats the per-user mean")
+    assert line.endswith("the recommended trial (1.0500) beats the per-user mean; it does not beat the user + item "
+                         "bias (1.0000)")
     worse = build_report([_t(1.18, 100)], 0.02, reference=reference)
     assert "does NOT beat the per-user mean (1.1700)" in reference_summary(worse)
+    best = build_report([_t(0.99, 100)], 0.02, reference=reference)
+    assert reference_summary(best).endswith("beats the per-user mean; it beats the user + item bias")
     header = recommended_header(worse, "r.yaml").splitlines()
     assert len(header) == 3 and header[2].startswith("# reference rows") and "does NOT beat" in header[2]
     auc = build_report([_t(0.70, 100, "auc")], 0.02, reference={"user_mean": {"auc": 0.65, "uauc": 0.5}})
@@ -311,6 +314,7 @@ def _check_report(out: Path, n_trials: int, tolerance: float, dataset=None) -> d
     assert vs["user_mean"]["beaten"] == (report["recommended"]["quality"] < report["reference"]["user_mean"]["rmse"])
     md = (out / "report.md").read_text()
     assert "user + item bias (no LLM)" in md and "the per-user mean" in md
+    assert f"| recommended trial | {report['recommended']['valid_metrics']['rmse']:.4f}" in md.replace("**", "")
     assert "per-user mean" in (out / "recommended.yaml").read_text().splitlines()[2]
 
     # the front, recomputed by hand: exactly the undominated trials

@@ -268,7 +268,8 @@ def versus_reference(quality: float, metric: str, reference: dict) -> dict:
 
 def reference_summary(report: dict) -> str:
     """One line: the reference rows on the validation records the trials are scored on, and whether the
-    recommended trial beats the per-user mean (the weakest system that personalizes at all). Empty without them."""
+    recommended trial beats the per-user mean (the weakest system that personalizes at all) and the user + item
+    bias (the strongest). Empty without them."""
     vs = report.get("recommended_vs_reference")
     if not vs:
         return ""
@@ -279,6 +280,9 @@ def reference_summary(report: dict) -> str:
         q, um = report["recommended"]["quality"], vs["user_mean"][metric]
         line += (f"; the recommended trial ({q:.4f}) beats the per-user mean" if vs["user_mean"]["beaten"]
                  else f"; the recommended trial ({q:.4f}) does NOT beat the per-user mean ({um:.4f})")
+    if "bias" in vs:  # the strongest reference: an LLM system that personalizes well beats it too
+        line += ("; it beats the user + item bias" if vs["bias"]["beaten"]
+                 else f"; it does not beat the user + item bias ({vs['bias'][metric]:.4f})")
     return line
 
 
