@@ -28,7 +28,9 @@ from puma_ray.recipes.sweep import (
     dominates,
     pareto_front,
     recommend,
+    recommended_header,
     recommended_migrate_config,
+    reference_summary,
     within_tolerance,
 )
 
@@ -79,6 +81,29 @@ def test_ctr_maximises_auc():
     assert report["maximize"] is True and report["metric"] == "auc"
     assert report["recommended"] is trials[1] and report["best_index"] == 3
     assert [t["quality"] for t in report["pareto"]] == [0.70, 0.79, 0.80, 0.81]
+
+
+def test_report_stands_beside_the_reference_rows():
+    reference = {"global_mean": {"rmse": 1.23, "mae": 1.0, "records": 9}, "user_mean": {"rmse": 1.17, "records": 9},
+                 "bias": {"rmse": 1.00, "records": 9}}
+    report = build_report([_t(1.05, 100), _t(1.04, 300)], 0.02, reference=reference)
+    assert report["recommended_vs_reference"] == {"global_mean": {"rmse": 1.23, "beaten": True},
+                                                  "user_mean": {"rmse": 1.17, "beaten": True},
+                                                  "bias": {"rmse": 1.00, "beaten": False}}
+    line = reference_summary(report)
+    assert "global mean 1.2300, per-user mean 1.1700, user + item bias 1.0000" in line
+    assert line.endswith("the recommended trial (1.0500) beats the per-user mean; it does not beat the user + item "
+                         "bias (1.0000)")
+    worse = build_report([_t(1.18, 100)], 0.02, reference=reference)
+    assert "does NOT beat the per-user mean (1.1700)" in reference_summary(worse)
+    best = build_report([_t(0.99, 100)], 0.02, reference=reference)
+    assert reference_summary(best).endswith("beats the per-user mean; it beats the user + item bias")
+    header = recommended_header(worse, "r.yaml").splitlines()
+    assert len(header) == 3 and header[2].startswith("# reference rows") and "does NOT beat" in header[2]
+    auc = build_report([_t(0.70, 100, "auc")], 0.02, reference={"user_mean": {"auc": 0.65, "uauc": 0.5}})
+    assert auc["recommended_vs_reference"] == {"user_mean": {"auc": 0.65, "beaten": True}}  # higher is better
+    assert "recommended_vs_reference" not in build_report([_t(1.0, 1)], 0.02) and not reference_summary(
+        build_report([_t(1.0, 1)], 0.02))
 
 
 def test_report_drops_failed_trials_and_keeps_the_contract():
@@ -266,7 +291,7 @@ def _write_config(path: Path, toy_paths: dict, engine: dict, search: dict) -> Pa
     return path
 
 
-def _check_report(out: Path, n_trials: int, tolerance: float) -> dict:
+def _check_report(out: Path, n_trials: int, tolerance: float, dataset=None) -> dict:
     report = json.loads((out / "report.json").read_text())
     trials = report["trials"]
     assert len(trials) == n_trials and not report["failed"]
@@ -278,7 +303,19 @@ def _check_report(out: Path, n_trials: int, tolerance: float) -> dict:
     # the reference rows (no LLM) on the same validation records the trials are scored on, in both reports
     assert set(report["reference"]) == {"global_mean", "user_mean", "bias"}
     assert all(m["records"] == report["data"]["records"]["valid"] for m in report["reference"].values())
-    assert "user + item bias (no LLM)" in (out / "report.md").read_text()
+    if dataset is not None:  # exactly the predictors fitted on the train split, scored on the valid split
+        from puma_ray.training.reference import reference_metrics
+        expected = reference_metrics("rating", dataset.split("train"), dataset.split("valid"))
+        assert report["reference"].keys() == expected.keys()
+        for name, m in expected.items():
+            assert report["reference"][name] == pytest.approx(m, rel=1e-9), name
+    vs = report["recommended_vs_reference"]
+    assert {n: v["rmse"] for n, v in vs.items()} == {n: m["rmse"] for n, m in report["reference"].items()}
+    assert vs["user_mean"]["beaten"] == (report["recommended"]["quality"] < report["reference"]["user_mean"]["rmse"])
+    md = (out / "report.md").read_text()
+    assert "user + item bias (no LLM)" in md and "the per-user mean" in md
+    assert f"| recommended trial | {report['recommended']['valid_metrics']['rmse']:.4f}" in md.replace("**", "")
+    assert "per-user mean" in (out / "recommended.yaml").read_text().splitlines()[2]
 
     # the front, recomputed by hand: exactly the undominated trials
     def dominated(t):
@@ -316,7 +353,7 @@ def _run_recommended(out: Path, tmp_path: Path, report: dict) -> dict:
     return mig
 
 
-def test_grid_sweep_end_to_end(local_ray, sweep_job, toy_paths, tmp_path):
+def test_grid_sweep_end_to_end(local_ray, sweep_job, toy_paths, toy_dataset, tmp_path, capsys):
     """4 trials (2 strategies x 2 budgets), fits in the trial processes, 2 at a time on 2 CPUs."""
     config = _write_config(tmp_path / "sweep.yaml", toy_paths, {"kind": "local"},
                            {"kind": "grid", "strategies": ["kmeans_variance", "random"], "ks": [4], "budgets": [8, 16],
@@ -325,7 +362,9 @@ def test_grid_sweep_end_to_end(local_ray, sweep_job, toy_paths, tmp_path):
     start = time.perf_counter()
     assert sweep_job.main(["--config", str(config), "--output", str(out)]) == 0
     wall = time.perf_counter() - start
-    report = _check_report(out, 4, 0.02)
+    console = capsys.readouterr().out
+    report = _check_report(out, 4, 0.02, toy_dataset)
+    assert reference_summary(report) in console.splitlines()  # the console stands beside the reference rows too
     assert report["concurrent_trials"] == 2 and report["trial_resources"] == {"cpu": 1.0}
     settings = {(t["config"]["strategy"], t["config"]["budget"]) for t in report["trials"]}
     assert settings == {("kmeans_variance", 8), ("kmeans_variance", 16), ("random", 8), ("random", 16)}

@@ -251,10 +251,46 @@ def recommend(trials: list[dict], tolerance: float, up: bool = False) -> int:
     return min(ok, key=lambda i: (_cost(trials[i]), _loss(trials[i], up), i))
 
 
+# the reference rows (training/reference.py), in the order and words the sweep prints them
+REFERENCE_NAMES = {"global_mean": "global mean", "user_mean": "per-user mean", "bias": "user + item bias"}
+
+
+def versus_reference(quality: float, metric: str, reference: dict) -> dict:
+    """Each reference row's value of the trials' metric, and whether `quality` is strictly better than it."""
+    up = maximize(metric)
+    out = {}
+    for name, m in reference.items():
+        if metric in m:
+            value = float(m[metric])
+            out[name] = {metric: value, "beaten": bool(quality > value if up else quality < value)}
+    return out
+
+
+def reference_summary(report: dict) -> str:
+    """One line: the reference rows on the validation records the trials are scored on, and whether the
+    recommended trial beats the per-user mean (the weakest system that personalizes at all) and the user + item
+    bias (the strongest). Empty without them."""
+    vs = report.get("recommended_vs_reference")
+    if not vs:
+        return ""
+    metric = report["metric"]
+    rows = ", ".join(f"{REFERENCE_NAMES.get(n, n)} {v[metric]:.4f}" for n, v in vs.items())
+    line = f"reference rows (no LLM, fitted on the train split) on the same validation records: {rows}"
+    if "user_mean" in vs:
+        q, um = report["recommended"]["quality"], vs["user_mean"][metric]
+        line += (f"; the recommended trial ({q:.4f}) beats the per-user mean" if vs["user_mean"]["beaten"]
+                 else f"; the recommended trial ({q:.4f}) does NOT beat the per-user mean ({um:.4f})")
+    if "bias" in vs:  # the strongest reference: an LLM system that personalizes well beats it too
+        line += ("; it beats the user + item bias" if vs["bias"]["beaten"]
+                 else f"; it does not beat the user + item bias ({vs['bias'][metric]:.4f})")
+    return line
+
+
 def build_report(trials: list[dict], tolerance: float, failed: list[dict] | None = None, **extra) -> dict:
     """report.json of a sweep: every finished trial; "pareto" (trial dicts, cheapest first) and "pareto_indices";
     "recommended" (a trial dict) and its index; "best" the best-quality trial's index. Trials whose quality is not
-    a finite number count as failed."""
+    a finite number count as failed. With `reference=` (the LLM-free rows on the trials' validation records),
+    "recommended_vs_reference": each row's value and whether the recommended trial beats it."""
     failed = list(failed or [])
     done = []
     for t in trials:
@@ -270,9 +306,12 @@ def build_report(trials: list[dict], tolerance: float, failed: list[dict] | None
     front = pareto_front(done, up)
     rec = recommend(done, tolerance, up)
     best = min(range(len(done)), key=lambda i: (_loss(done[i], up), _cost(done[i]), i))
-    return {"metric": metric, "maximize": up, "cost_key": COST_KEY, "tolerance": tolerance, "trials": done,
-            "pareto": [done[i] for i in front], "pareto_indices": front, "recommended": done[rec],
-            "recommended_index": rec, "best_index": best, "failed": failed, **extra}
+    report = {"metric": metric, "maximize": up, "cost_key": COST_KEY, "tolerance": tolerance, "trials": done,
+              "pareto": [done[i] for i in front], "pareto_indices": front, "recommended": done[rec],
+              "recommended_index": rec, "best_index": best, "failed": failed, **extra}
+    if extra.get("reference"):
+        report["recommended_vs_reference"] = versus_reference(done[rec]["quality"], metric, extra["reference"])
+    return report
 
 
 # ---------------------------------------------------------------------------------------------- the result
@@ -298,7 +337,8 @@ def recommended_header(report: dict, path: str) -> str:
             f"# Recommended by a sweep: strategy {c['strategy']}, K={c['k']}, budget {c['budget']}, lr {c['lr']}: "
             f"validation {report['metric']} {rec['quality']:.4f} at {int(_cost(rec)):,} LLM record passes "
             "(the cheapest "
-            f"of {len(report['trials'])} trials within {report['tolerance']:.1%} of the best).\n")
+            f"of {len(report['trials'])} trials within {report['tolerance']:.1%} of the best).\n"
+            + (f"# {reference_summary(report)}.\n" if report.get("recommended_vs_reference") else ""))
 
 
 def write_outputs(report: dict, migrate: dict, output: str, storage=None, log=print) -> dict:

@@ -423,8 +423,15 @@ def sweep_markdown(report: dict, writer: ReportWriter | None = None) -> str:
                      f"{metric_name(metric)} {fmt(rec.get('quality'))} at {fmt(int(_trial_cost(rec)))} LLM record "
                      "passes.")
     if report.get("reference"):
-        parts += ["## Reference rows (no LLM, fitted on the train split, the same validation records)",
-                  metrics_table({}, "ctr" if metric in ("auc", "uauc") else "rating", report["reference"])]
+        # the recommended trial as the first row: the best of each column in bold, over it and the references
+        recommended = {"recommended trial": rec["valid_metrics"]} if rec and rec.get("valid_metrics") else {}
+        parts += ["## Beside the reference rows (no LLM, fitted on the train split, the same validation records)",
+                  metrics_table(recommended, "ctr" if metric in ("auc", "uauc") else "rating", report["reference"])]
+        user_mean = (report.get("recommended_vs_reference") or {}).get("user_mean")
+        if rec and user_mean:
+            parts.append(f"The recommended trial ({metric_name(metric)} {fmt(rec.get('quality'))}) "
+                         + ("beats" if user_mean["beaten"] else "does **not** beat")
+                         + f" the per-user mean ({fmt(user_mean[metric])}) on these records.")
     parts += ["## Trials (best first)", md_table(
         ["rank", "strategy", "K", "budget", "lr", f"valid {metric_name(metric)}", "LLM record passes", "wall (s)", ""],
         rows)]
