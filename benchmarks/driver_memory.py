@@ -213,6 +213,8 @@ def main() -> int:
                     help="lean: the driver holds per-user rows only; full: it reads every record and prompt")
     ap.add_argument("--actors", type=int, default=2, help="evaluation / shard-pass actors (lean)")
     ap.add_argument("--timeout-min", type=float, default=40.0, help="kill a migrate run after this long")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="prepare data, store and config, then print `jobs/migrate.py --plan` instead of running")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -229,6 +231,12 @@ def main() -> int:
               f"d={d}: {time.perf_counter() - t:.0f}s to prepare", flush=True)
         config = os.path.join(folder, "migrate.yaml")
         write_config(config, data["paths"], store, args)
+        if args.plan_only:  # what the run would spend, beside the measured figures of an earlier run
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "jobs/migrate.py", "--config", config, "--output",
+                            os.path.join(folder, "run"), "--plan"], check=True)
+            print(f"[{users} users] plan in {time.perf_counter() - t:.0f}s", flush=True)
+            continue
         log_path = os.path.join(folder, "migrate.log")
         res = run_migrate(config, os.path.join(folder, "run"), log_path, args.timeout_min * 60)
         with open(os.path.join(folder, "rss.csv"), "w") as f:  # the whole RSS timeline, for a closer look

@@ -159,6 +159,8 @@ def plan_migration(cfg: MigrateJobConfig, output: str, log=print, measure_rate: 
         if facts is not None and facts.folder and facts.params:
             stage["flops"] = float(stage["llm_record_passes"] * facts.tokens_per_record * 2 * facts.params)
         rate = (source if facts is source else target).records_per_s
+        if cfg.engine.driver == "lean" and stage["stage"] in ("selection_statistics", "evaluation", "gate"):
+            rate *= cfg.engine.actors  # the Ray executor's passes over every user run on its actor pool
         if rate:
             stage["wall_s"] = stage["llm_record_passes"] / rate + RAY_TRAIN_START_S * stage["fits"]
         del stage["fits"]
