@@ -110,13 +110,14 @@ def test_single_source_gate(run_a, toy_dataset):
 
 
 def test_the_adapter_validation_picks_converts_everyone(run_a):
-    """ship: validation (default): the fitted adapter with the best validation RMSE (PUMA or the linear map)
-    converted everyone; the report names it, its validation figures and its artifact."""
+    """ship: validation (default): the fitted adapter with the best RMSE on every user's validation records (PUMA
+    or the linear map) converted everyone; the report names it, its figures, the fits' own and its artifact."""
     report, out = run_a
     choice = report["adapter_choice"]
     assert set(choice["validation"]) == {"puma", "linear"} and choice["rule"] == "validation"
     assert choice["shipped"] == min(choice["validation"], key=choice["validation"].get)
-    for name, value in choice["validation"].items():
+    assert choice["records"] == report["data"]["records"]["valid"]  # every user's, not the fit's validation users'
+    for name, value in choice["fit_validation"].items():
         assert value == pytest.approx(min(h["valid_rmse"] for h in report["fits"][name]["history"]))
     expected = f"{out}/adapter" if choice["shipped"] == "puma" else f"{out}/baselines/linear-adapter"
     assert report["adapter"] == choice["adapter"] == expected

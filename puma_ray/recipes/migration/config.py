@@ -72,8 +72,8 @@ class MigrateJobConfig:
     template: TemplateConfig | None = None  # None: the first source store's template
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    # which fitted adapter converts everyone: "validation" (the best of PUMA and the linear map on the validation
-    # users' records: never ships worse than the simplest map by what it may look at) or "puma" (the paper's)
+    # which fitted adapter converts everyone: "validation" (the best of PUMA and the linear map on every user's
+    # validation records: never ships worse than the simplest map by what it may look at) or "puma" (the paper's)
     ship: Literal["validation", "puma"] = "validation"
     fit: FitConfig = field(default_factory=FitConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)

@@ -93,8 +93,8 @@ class Executor(ABC):
     def fit_data(self, run: Run, sources: Sources, selection: Selection) -> FitData: ...
 
     @abstractmethod
-    def evaluate_fitted(self, run: Run, sources: Sources, fits: Fits, fitted: Fitted) -> dict:
-        """Test metrics of a fitted method over every user, through the target."""
+    def evaluate_fitted(self, run: Run, sources: Sources, fits: Fits, fitted: Fitted, split: str = "test") -> dict:
+        """Metrics of a fitted method over every user's records of `split`, through the target."""
 
     @abstractmethod
     def evaluate_source(self, run: Run, sources: Sources, i: int) -> dict:

@@ -117,14 +117,14 @@ class InProcess(Executor):
         return FitData(users[selection.fit_idx], [p[selection.fit_idx] for p in sources.prompts.prompts], train,
                        valid)
 
-    def _test(self, sources: Sources) -> RecordSet:
-        return RecordSet.from_frame(sources.records.split("test"), sources.users)
+    def _test(self, sources: Sources, split: str = "test") -> RecordSet:
+        return RecordSet.from_frame(sources.records.split(split), sources.users)
 
-    def evaluate_fitted(self, run: Run, sources: Sources, fits: Fits, fitted: Fitted) -> dict:
+    def evaluate_fitted(self, run: Run, sources: Sources, fits: Fits, fitted: Fitted, split: str = "test") -> dict:
         result = fitted.result
         prompts = mapped_prompts(result.mapping, fitted.prompts or sources.prompts.prompts)
-        return evaluate(fits.plm, result.head, sources.task, prompts, self._test(sources), run.cfg.fit.eval_batch_size,
-                        Cost(flops_per_token=result.cost.flops_per_token))
+        return evaluate(fits.plm, result.head, sources.task, prompts, self._test(sources, split),
+                        run.cfg.fit.eval_batch_size, Cost(flops_per_token=result.cost.flops_per_token))
 
     def evaluate_source(self, run: Run, sources: Sources, i: int) -> dict:
         head = load_head(*(sources.head if i == 0 else sources.stores[i].read_head()))

@@ -176,13 +176,14 @@ class OnRay(Executor):
         valid = records[(records["split"] == "valid") & records["user_id"].isin(users[selection.valid_idx])]
         return FitData(fit_users, [ix.rows(fit_users) for ix in sources.prompts], train, valid)
 
-    def _on_actors(self, run: Run, sources: Sources, prompts: PromptSource, model: ModelConfig) -> dict:
-        return evaluate_on_ray(prompts, model, RecordFiles((sources.records.path,), "test"), sources.texts,
+    def _on_actors(self, run: Run, sources: Sources, prompts: PromptSource, model: ModelConfig,
+                   split: str = "test") -> dict:
+        return evaluate_on_ray(prompts, model, RecordFiles((sources.records.path,), split), sources.texts,
                                sources.task, template=sources.template, log=run.log, **self._evaluation(run.cfg))
 
-    def evaluate_fitted(self, run: Run, sources: Sources, fits: Fits, fitted: Fitted) -> dict:
+    def evaluate_fitted(self, run: Run, sources: Sources, fits: Fits, fitted: Fitted, split: str = "test") -> dict:
         paths = tuple(s.path for s in sources.stores)
-        return self._on_actors(run, sources, PromptSource("adapter", fitted.adapter, paths), run.cfg.target)
+        return self._on_actors(run, sources, PromptSource("adapter", fitted.adapter, paths), run.cfg.target, split)
 
     def evaluate_source(self, run: Run, sources: Sources, i: int) -> dict:
         return self._on_actors(run, sources, PromptSource("store", sources.stores[i].path), run.cfg.sources[i].model)
