@@ -164,9 +164,9 @@ def test_every_report_carries_its_format(tmp_path):
     """report.json (and benchmark.json) of each job: "format" puma_ray.report/<job>/1, first."""
     from puma_ray.artifacts.formats import REPORT_FORMATS
     from puma_ray.recipes.runs import write_report
-    for job in ("train_prompts", "migrate", "sweep", "benchmark"):
+    for job in ("train_prompts", "migrate", "sweep", "benchmark", "repair"):
         report = {"methods": {}}
         write_report(str(tmp_path / job / "report.json"), job, report)
         written = json.loads((tmp_path / job / "report.json").read_text())
         assert next(iter(written)) == "format" and written["format"] == f"puma_ray.report/{job}/1" == report["format"]
-    assert set(REPORT_FORMATS) == {"train_prompts", "migrate", "sweep", "benchmark"}
+    assert set(REPORT_FORMATS) == {"train_prompts", "migrate", "sweep", "benchmark", "repair"}
