@@ -288,6 +288,8 @@ def _kill_first_pid(pid_dir: Path, killed: dict, stop: threading.Event) -> None:
         time.sleep(0.05)
 
 
+# the killed driver's resume and the lost node stay in the default run
+@pytest.mark.slow
 def test_killed_actor_is_retried_by_ray(case, tmp_path, local_ray, monkeypatch):
     """One pool actor SIGKILLed mid-run: Ray restarts it and retries its unit; the user sees a complete store."""
     import ray

@@ -109,6 +109,8 @@ def test_two_workers_zero2_match_one_worker(local_ray, fit_case, tmp_path):
     assert one.cost.backward_records == two.cost.backward_records == 3 * len(fit_case["train"])
 
 
+# Ray Train resume after a killed worker: Eq. 1's (test_ray_prompt_training) stays in the default run
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(local_ray, fit_case, tmp_path):
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()

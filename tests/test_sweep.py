@@ -378,6 +378,8 @@ def test_grid_sweep_end_to_end(local_ray, sweep_job, toy_paths, toy_dataset, tmp
     print(f"sweep wall {wall:.1f}s")
 
 
+# the grid sweep end to end stays in the default run
+@pytest.mark.slow
 def test_optuna_sweep(local_ray, sweep_job, toy_paths, tmp_path):
     """Multi-objective Optuna through Tune: 3 sampled trials, lr drawn log-uniformly within the listed range."""
     config = _write_config(tmp_path / "sweep.yaml", toy_paths, {"kind": "local"},
