@@ -100,6 +100,7 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     assert everyone["selection"]["users_selected"] == 40 and everyone["provenance"]["config"]["fit"]["seed"] == 1
     assert ta["methods"]["puma_budget"] == t2["methods"]["puma"], "the budget row must be Table 2's own runs"
     assert ta["methods"]["full_retrain"]["rmse"] == pytest.approx(t2["methods"]["full_retrain"]["rmse"])
+    assert ta["cost"]["puma"]["llm_record_passes"] > t2["cost"]["puma"]["llm_record_passes"]
 
     rows = {r["label"]: r for r in result["table4"]}
     # the variance-quintile spectrum, recomputed from the source store: the very sets the runs fitted on
@@ -137,6 +138,7 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     assert " ± " in md and "user + item bias (no LLM)" in md and "llama/shared" in md
     assert "PUMA vs linear map: RMSE gap" in md and "### The shipped adapter" in md and "init corr." in md
     assert "## Table 2 in the paper's protocol" in md and "PUMA fitted on every user" in md and "| Q1 |" in md
+    assert "full retraining / PUMA = " in md
     assert check_links(md, lambda n: (out / n).read_bytes()) == {
         "table2.png", "figure3.png", "figure4.png", "figure5.png", "figure6.png"}
     assert (out / "runs" / "main-llama-to-qwen2" / "report.md").is_file()

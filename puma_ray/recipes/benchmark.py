@@ -387,7 +387,8 @@ class Benchmark:
         return {"run": first["benchmark_run"], "users": users, "budget_users": resolve_budget(sel.budget, users),
                 "validation_users": first["selection"]["validation_users"], "methods": mean, "spread": spread,
                 "n": n, "seeds": list(per_seed), "per_seed": per_seed, "shipped": shipped,
-                "reference": first.get("reference", {}), "cost": first["cost"]}
+                "reference": first.get("reference", {}), "cost": first["cost"],
+                "cost_full_retrain": self.store(c.target)["cost"]}
 
     def table4(self) -> list[dict]:
         c, ex, budget = self.cfg, self.cfg.experiments, self.base.selection.budget

@@ -121,6 +121,17 @@ def spectrum_markdown(rows: list[dict]) -> str:
                         "same set as run"], body))
 
 
+def _all_users_cost(t: dict) -> str:
+    """One line: what fitting on every user cost (first seed's run) against full retraining."""
+    puma, full = t.get("cost", {}).get("puma", {}), t.get("cost_full_retrain") or {}
+    if not puma.get("llm_record_passes") or not full.get("llm_record_passes"):
+        return ""
+    ratio = full["llm_record_passes"] / puma["llm_record_passes"]
+    return (f"Cost (first seed): PUMA on every user {fmt(puma['llm_record_passes'])} LLM record passes (its fit "
+            f"and validation passes), full retraining {fmt(full['llm_record_passes'])}: full retraining / PUMA = "
+            f"**{ratio:.2f}x** (below 1: fitting the adapter on everyone costs more than retraining every prompt).")
+
+
 def spread_notes(table: dict, metric: str, pairs: list[tuple[str, str]]) -> str:
     """Says plainly which of `pairs` of rows differ by less than their spread (the larger of the two sds)."""
     notes = []
@@ -174,7 +185,8 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
                   f"({t['budget_users']} users, Table 2's runs).",
                   seeded_metrics_table(t, task),
                   spread_notes(t, get_task(task).primary, [("puma_all_users", "full_retrain"),
-                                                           ("puma_all_users", "puma_budget")])]
+                                                           ("puma_all_users", "puma_budget")]),
+                  _all_users_cost(t)]
     if "table4" in result:
         parts += ["## Table 4: selection strategies at one budget", table4_markdown(result["table4"], task), ref_line,
                   spectrum_markdown(result["table4"])]
