@@ -38,7 +38,7 @@ def tiny_config(paths: dict) -> dict:
                         "random_budgets": [4, 8], "cross_family": ["llama", "qwen2"],
                         "chain": ["llama", "qwen2", "gemma3"],
                         "aggregation": {"sources": ["llama", "gemma3"], "target": "qwen2"},
-                        "seeds": [0, 1], "shared_prompt": True},
+                        "seeds": [0, 1], "shared_prompt": True, "table2_all_users": True},
     }
 
 
@@ -66,7 +66,7 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     result = json.loads((out / "benchmark.json").read_text())
     assert {"table2", "table4", "figure3", "figure4", "figure5", "figure6", "machine", "command"} <= set(result)
     t2 = result["table2"]
-    assert set(t2["methods"]) == {"puma", "linear", "random_init", "source", "full_retrain"}
+    assert set(t2["methods"]) == {"puma", "linear", "random_init", "source", "full_retrain", "shipped"}
     assert all(math.isfinite(m["rmse"]) for m in t2["methods"].values())
     assert t2["cost_ratio_full_retrain_over_puma"]["llm_record_passes"] > 0
     # two seeds (selection + fit): mean ± sd per method; full retraining and the source do not depend on them
@@ -83,7 +83,30 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     # full retraining on the target = the target family's store (same training): the same test RMSE
     assert t2["methods"]["full_retrain"]["rmse"] == pytest.approx(result["stores"]["qwen2"]["methods"]["rmse"])
 
+    # the shipped adapter per seed: chosen on validation among PUMA and the linear map, its test row beside them
+    for seed, row in t2["shipped"].items():
+        assert row["adapter"] in {"puma", "linear"} and set(row["validation"]) == {"puma", "linear"}
+        assert t2["per_seed"][seed]["shipped"] == t2["per_seed"][seed][row["adapter"]]
+        best = min(row["validation"], key=row["validation"].get)
+        assert row["adapter"] == best
+    assert t2["n"]["shipped"] == 2
+
+    # Table 2 in the paper's protocol: every user fitted on, every user's valid records for early stopping
+    ta = result["table2_all_users"]
+    assert set(ta["methods"]) == {"puma_all_users", "source", "puma_budget", "full_retrain"}
+    assert ta["users"] == 40 and ta["validation_users"] == 40 and ta["budget_users"] == 8
+    assert ta["n"]["puma_all_users"] == 2
+    everyone = json.loads((out / "runs" / "all-users-llama-to-qwen2-s1" / "report.json").read_text())
+    assert everyone["selection"]["users_selected"] == 40 and everyone["provenance"]["config"]["fit"]["seed"] == 1
+    assert ta["methods"]["puma_budget"] == t2["methods"]["puma"], "the budget row must be Table 2's own runs"
+    assert ta["methods"]["full_retrain"]["rmse"] == pytest.approx(t2["methods"]["full_retrain"]["rmse"])
+    assert ta["cost"]["puma"]["llm_record_passes"] > t2["cost"]["puma"]["llm_record_passes"]
+
     rows = {r["label"]: r for r in result["table4"]}
+    # the variance-quintile spectrum, recomputed from the source store: the very sets the runs fitted on
+    for label in ("Random", "K-Means + Variance Stratification (PUMA)", "Random (2x budget)"):
+        assert rows[label]["matches_run"] == [True, True], label
+        assert all(sum(c) == rows[label]["users"] for c in rows[label]["quintiles"])
     puma_row = rows["K-Means + Variance Stratification (PUMA)"]
     assert puma_row["metrics"] == t2["methods"]["puma"], "Table 4's PUMA row must be Table 2's run"
     assert rows["Random (2x budget)"]["users"] == 16 and rows["Random"]["users"] == 8
@@ -113,7 +136,9 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     for title in ("Table 2", "Table 3", "Table 4", "Figure 3", "Figure 4", "Figure 5", "Figure 6"):
         assert f"## {title}" in md
     assert " ± " in md and "user + item bias (no LLM)" in md and "llama/shared" in md
-    assert "PUMA vs linear map: RMSE gap" in md
+    assert "PUMA vs linear map: RMSE gap" in md and "### The shipped adapter" in md and "init corr." in md
+    assert "## Table 2 in the paper's protocol" in md and "PUMA fitted on every user" in md and "| Q1 |" in md
+    assert "full retraining / PUMA = " in md
     assert check_links(md, lambda n: (out / n).read_bytes()) == {
         "table2.png", "figure3.png", "figure4.png", "figure5.png", "figure6.png"}
     assert (out / "runs" / "main-llama-to-qwen2" / "report.md").is_file()
@@ -125,6 +150,10 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     log = capsys.readouterr().out
     assert "[run " not in log and "[store " not in log
     assert {p.name: p.stat().st_mtime for p in (out / "runs").glob("*/report.json")} == runs_before
+
+    # a store trained with other Eq. 1 settings is never reused as if it were this config's
+    assert job.main(["--config", str(config_file), "--output", str(out), "prepare.init_scale=0.1"]) != 0
+    assert "init_scale" in capsys.readouterr().err
 
 
 def test_benchmark_config_errors(toy_dataset, tmp_path):

@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from puma_ray.artifacts.formats import sha256_hex
 from puma_ray.artifacts.store import MANIFEST, PromptStore
 from puma_ray.config import ConfigError, ModelConfig, PromptTrainConfig, from_dict, to_dict
 from puma_ray.data import load_dataset
@@ -35,7 +36,7 @@ from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, train_store
 from puma_ray.reports.markdown import (
     write_migration_report,
 )
-from puma_ray.selection.strategies import STRATEGIES
+from puma_ray.selection.strategies import NEEDS, STRATEGIES, quantile_bins, resolve_budget, select
 from puma_ray.tasks import get_task
 from puma_ray.training.reference import reference_metrics
 
@@ -56,6 +57,11 @@ PUMA_ONLY = {"source": True, "random_init": False, "linear": False, "full_retrai
 class ExperimentsConfig:
     """Which experiments run; a null/empty entry skips that experiment."""
     main: bool = True  # Table 2 + 3: source → target with every baseline and full retraining
+    # Table 2 in the paper's protocol: its caption says PUMA "was trained using data from the entire user
+    # population", so the adapter is fitted on every user (once per seed, PUMA and the source only), beside full
+    # retraining and the budget run. No user is left to hold out: early stopping reads every user's valid records
+    # (choose_valid's rule when the budget takes everyone; disjoint from the train and test records)
+    table2_all_users: bool = False
     strategies: list[str] | str | None = "all"  # Table 4: these strategies ("all": every registered one) at one budget
     random_multiple: float | None = 3.0  # Table 4's extra row: random selection at this multiple of the budget
     random_budgets: list[int | float] | None = None  # Figure 3: random selection at these budgets (counts or fractions)
@@ -133,6 +139,25 @@ def over_seeds(runs: list[dict]) -> tuple[dict, dict, int]:
     return mean, sd, len(runs)
 
 
+def _rows_over_seeds(per_seed: dict) -> tuple[dict, dict, dict]:
+    """Each method's (mean, sd, n) over the seeds' runs that have it."""
+    names = list(dict.fromkeys(name for methods in per_seed.values() for name in methods))
+    mean, spread, n = {}, {}, {}
+    for name in names:
+        mean[name], spread[name], n[name] = over_seeds([m[name] for m in per_seed.values() if name in m])
+    return mean, spread, n
+
+
+def shipped_row(report: dict) -> dict:
+    """What one migration shipped (`ship` chooses by the validation users' records; test never enters) with its
+    validation scores and every candidate's test figure, for the table beside Table 2."""
+    choice = report.get("adapter_choice") or {"shipped": "puma", "rule": "puma", "validation": {}}
+    metric = report["primary_metric"]
+    return {"adapter": choice["shipped"], "rule": choice.get("rule"), "metric": metric,
+            "validation": choice.get("validation", {}),
+            "test": {n: report["methods"][n][metric] for n in choice.get("validation", {}) if n in report["methods"]}}
+
+
 def _seed_tag(seed: int | None, base: MigrateJobConfig) -> str:
     return "" if seed is None or seed == base.selection.seed else f"-s{seed}"
 
@@ -173,6 +198,7 @@ class Benchmark:
         self.runs: dict[str, dict] = {}  # run name → report
         self.keys: dict[str, str] = {}  # a run's config (as JSON) → its name: identical runs happen once
         self._dataset = None
+        self._inputs = None  # the source store's selection features (spectrum), read once
 
     # ---- family stores ----------------------------------------------------------------------------------------
     def store(self, family: str) -> dict:
@@ -184,7 +210,9 @@ class Benchmark:
         path = join(self.stores_dir, family)
         report_file = join(self.stores_dir, f"{family}.report.json")
         fs, root = filesystem(path, self.base.storage)
-        if not fs.exists(join(root, MANIFEST)):
+        if fs.exists(join(root, MANIFEST)):
+            self._check_prepare(path, family)
+        else:
             self.log(f"[store {family}] training every user's prompt on {self.cfg.families[family].name}")
             job = TrainPromptsJobConfig(model=self.cfg.families[family], data=self.base.data,
                                         template=self.base.template, train=self.cfg.prepare, store=self.base.store,
@@ -196,12 +224,30 @@ class Benchmark:
             with rfs.open(rroot) as f:
                 report = json.load(f)
             entry = {"methods": report["methods"]["store"], "cost": report["cost"]["train_prompts"],
+                     "init_correlation": report.get("training", {}).get("init_correlation"),
+                     "init_scale": self.cfg.prepare.init_scale,
                      "reference": {k: v for k, v in report["methods"].items() if k != "store"}}
         else:  # a store made elsewhere: its manifest still says how it tested
             entry = {"methods": PromptStore.open(path, self.base.storage).manifest.provenance.get("test", {}),
                      "cost": {}}
         self.stores[family] = {"path": path, "model": self.cfg.families[family].name, **entry}
         return self.stores[family]
+
+    def _check_prepare(self, path: str, family: str) -> None:
+        """A store reused from an earlier run must have been trained with this config's `prepare` (Eq. 1's
+        schedule, init scale, seed): the store is both the source system and full retraining, so a changed
+        `prepare` silently reusing the old store would mislabel every row. Stores made elsewhere (no training
+        config in their provenance) are taken as they are."""
+        config = PromptStore.open(path, self.base.storage).manifest.provenance.get("config") or {}
+        trained = config.get("train")
+        if trained is None:
+            return
+        wanted = to_dict(self.cfg.prepare)
+        diff = sorted(k for k in set(wanted) | set(trained) if wanted.get(k) != trained.get(k))
+        if diff:
+            raise ConfigError(f"store {path} ({family}) was trained with other prepare settings ({', '.join(diff)}: "
+                              f"{ {k: trained.get(k) for k in diff} } there, { {k: wanted.get(k) for k in diff} } "
+                              "now); point `stores` at a new folder or remove it")
 
     def shared_store(self, family: str) -> dict:
         """The control of `experiments.shared_prompt`: one prompt for every user on `family`, trained like its store
@@ -286,44 +332,110 @@ class Benchmark:
         only: it does not depend on the selection/fit seed)."""
         c = self.cfg
         self.store(c.target)  # trained first so the Figure 4/5 references never retrain it inside a run
-        sel = self.base.selection
-        per_seed, first = {}, None
-        for i, seed in enumerate(c.experiments.seeds):
-            baselines = {"source": True, "random_init": True, "linear": True, "full_retrain": i == 0}
-            sections = _seed_sections(seed, self.base, {"strategy": sel.strategy, "budget": sel.budget})
-            report = self.migrate(f"main-{c.source}-to-{c.target}{_seed_tag(seed, self.base)}",
-                                  [(self.store(c.source)["path"], c.source)], c.target, baselines=baselines,
-                                  **sections)
-            # Table 4 / Figures 3-6 ask for PUMA at the base budget without the other baselines: the same PUMA fit
-            # (it runs first, from the same seeds), so they read it from the main run instead of fitting it again
-            alias = self.cfg.migrate_config("alias", [(self.store(c.source)["path"], c.source)], c.target,
-                                            baselines=PUMA_ONLY, **sections)
-            self.keys[_key(alias)] = report["benchmark_run"]
-            per_seed[seed] = report["methods"]
+        per_seed, shipped, first = {}, {}, None
+        for seed in c.experiments.seeds:
+            report = self.main_run(seed)
+            per_seed[seed], shipped[seed] = dict(report["methods"]), shipped_row(report)
+            if shipped[seed]["adapter"] in report["methods"]:  # the shipped adapter's own test row, per seed
+                per_seed[seed]["shipped"] = report["methods"][shipped[seed]["adapter"]]
             first = first or report
-        names = list(first["methods"])
-        mean, spread, n = {}, {}, {}
-        for name in names:
-            mean[name], spread[name], n[name] = over_seeds([m[name] for m in per_seed.values() if name in m])
+        mean, spread, n = _rows_over_seeds(per_seed)
         return {"run": first["benchmark_run"], "task": first["task"], "methods": mean, "spread": spread, "n": n,
-                "seeds": list(per_seed), "per_seed": per_seed, "reference": first.get("reference", {}),
-                "cost": first["cost"],
+                "seeds": list(per_seed), "per_seed": per_seed, "shipped": shipped,
+                "reference": first.get("reference", {}), "cost": first["cost"],
                 "cost_ratio_full_retrain_over_puma": first.get("cost_ratio_full_retrain_over_puma"),
                 "selection": first["selection"]}
+
+    def main_run(self, seed: int) -> dict:
+        """Table 2's migration at one seed, with every baseline (full retraining with the first seed only: it does
+        not depend on the selection/fit seed); memoised like every run."""
+        c, sel = self.cfg, self.base.selection
+        first = seed == c.experiments.seeds[0]
+        baselines = {"source": True, "random_init": True, "linear": True, "full_retrain": first}
+        sections = _seed_sections(seed, self.base, {"strategy": sel.strategy, "budget": sel.budget})
+        report = self.migrate(f"main-{c.source}-to-{c.target}{_seed_tag(seed, self.base)}",
+                              [(self.store(c.source)["path"], c.source)], c.target, baselines=baselines, **sections)
+        # Table 4 / Figures 3-6 ask for PUMA at the base budget without the other baselines: the same PUMA fit
+        # (it runs first, from the same seeds), so they read it from the main run instead of fitting it again
+        alias = self.cfg.migrate_config("alias", [(self.store(c.source)["path"], c.source)], c.target,
+                                        baselines=PUMA_ONLY, **sections)
+        self.keys[_key(alias)] = report["benchmark_run"]
+        return report
+
+    def table2_all_users(self) -> dict:
+        """Table 2 in the paper's protocol: PUMA fitted on every user (budget = all users; selection is moot, so
+        "random"), once per seed, beside full retraining (the target's store) and the budget run's PUMA (Table 2's
+        own runs, same seeds). Early stopping reads every user's valid records: no user is left to hold out."""
+        c, sel = self.cfg, self.base.selection
+        users = len(self.dataset().users)
+        per_seed, shipped, first = {}, {}, None
+        for seed in c.experiments.seeds:
+            sections = _seed_sections(seed, self.base, {"strategy": "random", "budget": users})
+            report = self.migrate(f"all-users-{c.source}-to-{c.target}{_seed_tag(seed, self.base)}",
+                                  [(self.store(c.source)["path"], c.source)], c.target, baselines=PUMA_ONLY,
+                                  **sections)
+            methods = report["methods"]
+            per_seed[seed] = {"puma_all_users": methods["puma"], **{k: v for k, v in methods.items() if k != "puma"}}
+            shipped[seed] = shipped_row(report)
+            first = first or report
+        mean, spread, n = _rows_over_seeds(per_seed)
+        # the budget row: Table 2's own runs (read from disk when another process of this benchmark ran them)
+        budget = [self.main_run(seed)["methods"]["puma"] for seed in c.experiments.seeds]
+        mean["puma_budget"], sd_budget, n["puma_budget"] = over_seeds(budget)
+        spread["puma_budget"] = sd_budget
+        mean["full_retrain"], spread["full_retrain"], n["full_retrain"] = self.store(c.target)["methods"], {}, 1
+        return {"run": first["benchmark_run"], "users": users, "budget_users": resolve_budget(sel.budget, users),
+                "validation_users": first["selection"]["validation_users"], "methods": mean, "spread": spread,
+                "n": n, "seeds": list(per_seed), "per_seed": per_seed, "shipped": shipped,
+                "reference": first.get("reference", {}), "cost": first["cost"],
+                "cost_full_retrain": self.store(c.target)["cost"]}
 
     def table4(self) -> list[dict]:
         c, ex, budget = self.cfg, self.cfg.experiments, self.base.selection.budget
         names = list(STRATEGIES) if ex.strategies == "all" else ex.strategies
 
         def row(label: str, strategy: str, b: float) -> dict:
-            return self._row(label, strategy, b, [self.puma(c.source, c.target, strategy, b, seed=seed)
-                                                  for seed in ex.seeds])
+            reports = [self.puma(c.source, c.target, strategy, b, seed=seed) for seed in ex.seeds]
+            return {**self._row(label, strategy, b, reports), **self.spectrum(strategy, b, ex.seeds, reports)}
 
         rows = [row(STRATEGY_LABELS.get(s, s), s, budget) for s in names]
         if ex.random_multiple:
             big = _budget_times(budget, ex.random_multiple)
             rows.insert(0, row(f"Random ({ex.random_multiple:g}x budget)", "random", big))
         return rows
+
+    def spectrum(self, strategy: str, budget: float, seeds: list[int], reports: list[dict]) -> dict:
+        """The chosen users per quintile of training-label variance (quintile 1: the lowest), per seed, and the
+        variance spread (sd) of the chosen users: does a selection span the whole spectrum, as the paper says its
+        rule does? Recomputed here from the source store exactly as the migration selects, for the strategies that
+        read only the prompts and the variance (the others need LLM passes); `matches_run` says each seed's
+        recomputed set hashes to the set its run fitted on (the run reports only the hash)."""
+        if not set(NEEDS[strategy]) <= {"variance"}:
+            return {}
+        inputs = self._selection_inputs()
+        quintile = quantile_bins(inputs.variance, 5)
+        n = len(inputs)
+        counts, spread, matches = [], [], []
+        for seed, report in zip(seeds, reports):
+            chosen = select(strategy, inputs, resolve_budget(budget, n), self.base.selection.k, seed)
+            counts.append(np.bincount(quintile[chosen], minlength=5).tolist())
+            spread.append(float(np.std(inputs.variance[chosen])))
+            digest = sha256_hex("\n".join(map(str, inputs.user_ids[chosen])).encode())
+            matches.append(digest == report["selection"].get("selected_sha256"))
+        return {"quintiles": counts, "variance_sd": spread, "matches_run": matches,
+                "variance_sd_all_users": float(np.std(inputs.variance))}
+
+    def _selection_inputs(self):
+        """The source store's per-user selection features (prompts + label variance), as the migration computes
+        them (user_statistics), once."""
+        if self._inputs is None:
+            from puma_ray.conversion.run import join_sources
+            from puma_ray.recipes.migration.in_process import user_statistics
+            store = PromptStore.open(self.store(self.cfg.source)["path"], self.base.storage)
+            joined = join_sources([store], self.base.sources_missing_policy, self.base.convert.max_prompt_scale)
+            self._inputs, _ = user_statistics(self.base.selection, ("variance",), joined, self.dataset(), None, None,
+                                              self.dataset().task)
+        return self._inputs
 
     @staticmethod
     def _row(label: str, strategy: str, budget: float, reports: list[dict]) -> dict:
@@ -406,7 +518,8 @@ class Benchmark:
             for family in (self.cfg.source, self.cfg.target):
                 self.store(family)
                 self.shared_store(family)
-        plan = [("table2", ex.main, self.table2), ("table4", ex.strategies, self.table4),
+        plan = [("table2", ex.main, self.table2), ("table2_all_users", ex.table2_all_users, self.table2_all_users),
+                ("table4", ex.strategies, self.table4),
                 ("figure3", ex.random_budgets, self.figure3), ("figure4", ex.cross_family, self.figure4),
                 ("figure5", ex.chain, self.figure5), ("figure6", ex.aggregation, self.figure6)]
         for key, wanted, fn in plan:

@@ -78,6 +78,60 @@ def seeded_metrics_table(table: dict, task: str) -> str:
     return md_table(["method", *[metric_name(c) for c in cols], "seeds"], rows)
 
 
+def shipped_markdown(table: dict, task: str) -> str:
+    """Per seed: which adapter `ship` chose on the validation users' records, the candidates' validation and test
+    figures, and a verdict line: the shipped adapter's mean test figure against the linear map's."""
+    shipped = table.get("shipped") or {}
+    if not shipped:
+        return ""
+    metric = get_task(task).primary
+    names = list(dict.fromkeys(n for row in shipped.values() for n in row["validation"]))
+    body = [[seed, method_label(row["adapter"]), *[row["validation"].get(n) for n in names],
+             *[row["test"].get(n) for n in names], row["test"].get(row["adapter"])] for seed, row in shipped.items()]
+    lines = [md_table(["seed", "shipped", *[f"valid {metric_name(metric)} {method_label(n)}" for n in names],
+                       *[f"test {metric_name(metric)} {method_label(n)}" for n in names],
+                       f"test {metric_name(metric)} shipped"], body)]
+    tests = {n: [row["test"][n] for row in shipped.values() if n in row["test"]] for n in names}
+    got = [row["test"][row["adapter"]] for row in shipped.values() if row["adapter"] in row["test"]]
+    if got and tests.get("linear"):
+        lower = metric in ("rmse", "mae")
+        a, b = sum(got) / len(got), sum(tests["linear"]) / len(tests["linear"])
+        ok = a <= b if lower else a >= b
+        lines.append(f"Mean test {metric_name(metric)}: shipped {a:.4f}, linear map {b:.4f}: the shipped adapter is "
+                     + ("**no worse than the linear map**" if ok else "**worse than the linear map**") + ".")
+    return "\n\n".join(lines)
+
+
+def spectrum_markdown(rows: list[dict]) -> str:
+    """Table 4's strategies by the variance quintiles of the users they chose (mean over seeds)."""
+    rows = [r for r in rows if r.get("quintiles")]
+    if not rows:
+        return ""
+    body = []
+    for r in rows:
+        q = [sum(c[i] for c in r["quintiles"]) / len(r["quintiles"]) for i in range(5)]
+        body.append([r["label"], r["users"], *[f"{v:.1f}" for v in q], f"{q[0] + q[4]:.1f}",
+                     sum(r["variance_sd"]) / len(r["variance_sd"]),
+                     f"{sum(r['matches_run'])}/{len(r['matches_run'])}"])
+    all_sd = rows[0]["variance_sd_all_users"]
+    return ("Users chosen per quintile of training-label variance (Q1 lowest; mean over the seeds), the chosen "
+            f"users' variance sd (all users: {all_sd:.3f}); recomputed from the source store as each run selects, "
+            "\"same set as run\" = seeds whose recomputed set hashes to the run's own.\n\n"
+            + md_table(["strategy", "users", "Q1", "Q2", "Q3", "Q4", "Q5", "Q1 + Q5", "variance sd",
+                        "same set as run"], body))
+
+
+def _all_users_cost(t: dict) -> str:
+    """One line: what fitting on every user cost (first seed's run) against full retraining."""
+    puma, full = t.get("cost", {}).get("puma", {}), t.get("cost_full_retrain") or {}
+    if not puma.get("llm_record_passes") or not full.get("llm_record_passes"):
+        return ""
+    ratio = full["llm_record_passes"] / puma["llm_record_passes"]
+    return (f"Cost (first seed): PUMA on every user {fmt(puma['llm_record_passes'])} LLM record passes (its fit "
+            f"and validation passes), full retraining {fmt(full['llm_record_passes'])}: full retraining / PUMA = "
+            f"**{ratio:.2f}x** (below 1: fitting the adapter on everyone costs more than retraining every prompt).")
+
+
 def spread_notes(table: dict, metric: str, pairs: list[tuple[str, str]]) -> str:
     """Says plainly which of `pairs` of rows differ by less than their spread (the larger of the two sds)."""
     notes = []
@@ -118,9 +172,24 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
                   if "spread" in t else "",
                   figure("table2.png", plot_metric_bars(t["methods"], get_task(task).metrics, "Table 2: test metrics"),
                          "Table 2 as bars"),
+                  "### The shipped adapter (`ship`: chosen on the validation users' records, never test)"
+                  if t.get("shipped") else "", shipped_markdown(t, task),
                   "## Table 3: cost", cost_table(t["cost"], t.get("cost_ratio_full_retrain_over_puma"))]
+    if "table2_all_users" in result:
+        t = result["table2_all_users"]
+        parts += ["## Table 2 in the paper's protocol: PUMA fitted on every user",
+                  f"The paper's Table 2 caption: PUMA \"was trained using data from the entire user population in "
+                  f"this experiment\". Here the adapter is fitted on all {t['users']} users (seeds {t['seeds']}); "
+                  "with no user left to hold out, early stopping reads every user's validation records (disjoint "
+                  "from their train and test records). Beside it: full retraining (n = 1) and PUMA at the budget "
+                  f"({t['budget_users']} users, Table 2's runs).",
+                  seeded_metrics_table(t, task),
+                  spread_notes(t, get_task(task).primary, [("puma_all_users", "full_retrain"),
+                                                           ("puma_all_users", "puma_budget")]),
+                  _all_users_cost(t)]
     if "table4" in result:
-        parts += ["## Table 4: selection strategies at one budget", table4_markdown(result["table4"], task), ref_line]
+        parts += ["## Table 4: selection strategies at one budget", table4_markdown(result["table4"], task), ref_line,
+                  spectrum_markdown(result["table4"])]
     if "figure3" in result:
         f = result["figure3"]
         refs = {"retrained on the target": f["retrained"], f"PUMA at {f['puma']['users']} users": f["puma"]["value"]}
@@ -165,15 +234,19 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
     if result.get("stores"):
         cols = get_task(task).metrics
         rows = [[f, os.path.basename(s["model"].rstrip("/")), *[s["methods"].get(c) for c in cols],
+                 s.get("init_scale", "–"), s.get("init_correlation", "–"),
                  fmt(float(s["cost"].get("wall_s", float("nan"))), 1), s["cost"].get("llm_record_passes")]
                 for f, s in result["stores"].items()]
         refs = next((s.get("reference") for s in result["stores"].values() if s.get("reference")), {})
-        rows += [[REFERENCE_LABELS.get(n, n), "no LLM", *[m.get(c) for c in cols], "–", "–"] for n, m in refs.items()]
+        rows += [[REFERENCE_LABELS.get(n, n), "no LLM", *[m.get(c) for c in cols], "–", "–", "–", "–"]
+                 for n, m in refs.items()]
         parts += ["## Family stores (each family's prompts trained from scratch by Eq. 1)",
                   "`<family>/shared` rows: one prompt for every user, trained the same way (the control: is the "
                   "personalization in the prompts or in the foundation?).",
-                  md_table(["family", "model", *[metric_name(c) for c in cols], "wall (s)", "LLM record passes"],
-                           rows)]
+                  "init corr.: the trained prompts' correlation with their random start (Eq. 1 starts each "
+                  "prompt uniform with RMS init scale x the embedding RMS; near 1: the store is mostly its init).",
+                  md_table(["family", "model", *[metric_name(c) for c in cols], "init scale", "init corr.", "wall (s)",
+                            "LLM record passes"], rows)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

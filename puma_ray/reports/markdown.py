@@ -22,9 +22,13 @@ from puma_ray.reports.gate import gate_markdown, read_gate_table
 from puma_ray.tasks import get_task
 
 # Row order and names of the paper's Table 2 (methods a report may lack are skipped; unknown ones go last)
-METHOD_ORDER = ("puma", "linear", "random_init", "source", "full_retrain", "shared_prompt")
+METHOD_ORDER = ("puma", "puma_all_users", "puma_budget", "linear", "shipped", "random_init", "source", "full_retrain",
+                "shared_prompt")
 METHOD_LABELS = {"puma": "PUMA", "linear": "linear map", "random_init": "random init", "source": "source model",
-                 "full_retrain": "full retraining", "shared_prompt": "one shared prompt (target)"}
+                 "full_retrain": "full retraining", "shared_prompt": "one shared prompt (target)",
+                 # the benchmark's rows: what `ship` chose per seed, and Table 2 in the paper's protocol
+                 "shipped": "shipped adapter (chosen on validation)", "puma_all_users": "PUMA fitted on every user",
+                 "puma_budget": "PUMA at the budget (Table 2's runs)"}
 # The reference rows (puma_ray/training/reference.py): LLM-free predictors on the same records, in every quality table
 REFERENCE_LABELS = {"global_mean": "global mean (no LLM)", "user_mean": "per-user mean (no LLM)",
                     "bias": "user + item bias (no LLM)"}
