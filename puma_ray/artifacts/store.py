@@ -91,7 +91,9 @@ def encode_shard(user_ids, prompts: np.ndarray) -> tuple[memoryview, str]:
 
 
 def encode_head(state_dict: dict[str, torch.Tensor], head_config: dict, model: ModelIdentity) -> bytes:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    # keys in sorted order: the same head gives the same bytes (and checksum) whichever way its dict was built
+    # (a state_dict, or a safetensors file read back, whose order differs)
+    tensors = {k: state_dict[k].detach().cpu().contiguous() for k in sorted(state_dict)}
     return st_save(tensors, metadata={"head_config": json.dumps(head_config), "model": model.fingerprint})
 
 
