@@ -103,7 +103,7 @@ def plan_migration(cfg: MigrateJobConfig, output: str, log=print, measure_rate: 
     mean = per_user.mean()
     exact_users = models and not missing and not (set(NEEDS[sel.strategy]) & {"loss", "ffn"})
     if exact_users:  # the run's own selection (no LLM, no training): exact fit records
-        chosen, valid = _selection(cfg, output, users)
+        chosen, valid = _selection(cfg, output, users, ds)
         fit_train = int(per_user["train"].iloc[chosen].sum())
         fit_valid = int(per_user["valid"].iloc[valid].sum())
     else:
@@ -179,28 +179,24 @@ def _stage(name, reads, writes, users, records, passes, exact, facts, fits=0) ->
             "llm_record_passes": int(passes), "exact": bool(exact), "facts": facts, "fits": fits}
 
 
-def _selection(cfg: MigrateJobConfig, output: str, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen, valid) indices into `users`: the selection the run will make, from the existing source stores."""
+def _selection(cfg: MigrateJobConfig, output: str, users: np.ndarray, ds) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen, valid) indices into `users`: the selection the run will make, from the existing source stores,
+    through the in-process executor's own statistics (in_process.user_statistics) on the records already read."""
     from puma_ray.artifacts.store import PromptStore
     from puma_ray.conversion.run import join_sources
-    from puma_ray.selection.statistics import label_variance
-    from puma_ray.selection.strategies import SelectionInput, select
+    from puma_ray.selection.strategies import select
 
+    from .in_process import user_statistics
     from .stages import choose_valid
     stores = [PromptStore.open(s.store.format(output=output), cfg.storage) for s in cfg.sources]
     joined = join_sources(stores, cfg.sources_missing_policy, cfg.convert.max_prompt_scale)
-    keep = np.isin(joined.users, users)
-    flat = np.concatenate([p.reshape(len(p), -1) for p in joined.prompts], axis=1)[keep]
-    run_users = joined.users[keep]
+    keep = np.isin(joined.users, users)  # the run's users: a prompt in every source and records
+    joined = dataclasses.replace(joined, users=joined.users[keep], prompts=[p[keep] for p in joined.prompts])
     sel = cfg.selection
-    inputs = SelectionInput(run_users, flat, options={k: getattr(sel, k) for k in (
-        "kmeans_sample", "pca_components", "global_bins", "cluster_bins")})
-    if "variance" in NEEDS[sel.strategy]:
-        ds = load_dataset(cfg.data, cfg.storage)
-        inputs.variance = label_variance(ds.split("train"), run_users)
-    chosen = select(sel.strategy, inputs, resolve_budget(sel.budget, len(run_users)), sel.k, sel.seed)
-    valid, _ = choose_valid(sel, len(run_users), chosen)
-    at = pd.Index(users).get_indexer(run_users)
+    inputs, _ = user_statistics(sel, set(NEEDS[sel.strategy]) & {"variance"}, joined, ds, None, None, ds.task)
+    chosen = select(sel.strategy, inputs, resolve_budget(sel.budget, len(joined.users)), sel.k, sel.seed)
+    valid, _ = choose_valid(sel, len(joined.users), chosen)
+    at = pd.Index(users).get_indexer(joined.users)
     return at[chosen], at[valid]
 
 
