@@ -190,6 +190,17 @@ def records_dataset(records: pd.DataFrame | RecordFiles, storage: StorageOptions
     return ray.data.from_pandas(records[[c for c in COLUMNS if c in records.columns]].reset_index(drop=True))
 
 
+def on_user_blocks(records, storage, actor_cls, kwargs: dict, *, actors: int, blocks_per_actor: int,
+                   cpus_per_actor: float, gpus_per_actor: float):
+    """The records as `actors x blocks_per_actor` blocks, every record of a user in one block (per-user sums and
+    AUC need them together), mapped by an actor pool of `actor_cls(**kwargs)`: each pass over every user's
+    records (evaluation, source loss, the gate) runs through here."""
+    ds = records_dataset(records, storage).repartition(max(1, actors * blocks_per_actor), keys=["user_id"])
+    return ds.map_batches(actor_cls, batch_size=None, batch_format="pandas", fn_constructor_kwargs=kwargs,
+                          num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None, **actor_pool(actors),
+                          **actor_retries())
+
+
 def evaluate_on_ray(source: PromptSource, model: ModelConfig, records: pd.DataFrame | RecordFiles,
                     item_texts: dict[str, str], task: str, *, template: TemplateConfig | None = None,
                     actors: int = 2, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
@@ -197,16 +208,13 @@ def evaluate_on_ray(source: PromptSource, model: ModelConfig, records: pd.DataFr
                     storage: StorageOptions | None = None, log=None) -> dict:
     """task_metrics of `source`'s prompts on `records` (one split) through `model`, computed by `actors` actors;
     `log`: a progress line (blocks, records, records/s) at most every 15 s."""
-    ds = records_dataset(records, storage)
-    # every record of a user in one block: per-user AUC needs them together
     blocks = max(1, actors * blocks_per_actor)
-    ds = ds.repartition(blocks, keys=["user_id"])
-    parts = ds.map_batches(
-        Evaluator, batch_size=None, batch_format="pandas",
-        fn_constructor_kwargs={"source": source, "model": model, "template": template, "item_texts": item_texts,
-                               "task": task, "batch_size": batch_size, "threads": threads_per_actor,
-                               "gpu": gpus_per_actor > 0, "storage": storage},
-        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None, **actor_pool(actors), **actor_retries())
+    parts = on_user_blocks(
+        records, storage, Evaluator,
+        {"source": source, "model": model, "template": template, "item_texts": item_texts, "task": task,
+         "batch_size": batch_size, "threads": threads_per_actor, "gpu": gpus_per_actor > 0, "storage": storage},
+        actors=actors, blocks_per_actor=blocks_per_actor, cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor)
     progress, decoded = BlockProgress(f"evaluation of {source.path}", blocks, log), []
     try:
         for row in parts.iter_rows():
@@ -235,14 +243,13 @@ def source_loss_on_ray(store_path: str, model: ModelConfig, records: RecordFiles
                        batch_size: int = 256, blocks_per_actor: int = 4, storage: StorageOptions | None = None):
     """selection.statistics.source_loss on the cluster: (mean loss per user aligned with the sorted `users`, 0
     without records; records and tokens through the model). The driver gets one row per user, batch by batch."""
-    ds = records_dataset(records, storage).repartition(max(1, actors * blocks_per_actor), keys=["user_id"])
-    rows = ds.map_batches(
-        Evaluator, batch_size=None, batch_format="pandas",
-        fn_constructor_kwargs={"source": PromptSource("store", store_path), "model": model, "template": template,
-                               "item_texts": item_texts, "task": task, "batch_size": batch_size,
-                               "threads": threads_per_actor, "gpu": gpus_per_actor > 0, "storage": storage,
-                               "mode": "loss", "loss_records": max_records, "seed": seed},
-        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None, **actor_pool(actors), **actor_retries())
+    rows = on_user_blocks(
+        records, storage, Evaluator,
+        {"source": PromptSource("store", store_path), "model": model, "template": template,
+         "item_texts": item_texts, "task": task, "batch_size": batch_size, "threads": threads_per_actor,
+         "gpu": gpus_per_actor > 0, "storage": storage, "mode": "loss", "loss_records": max_records, "seed": seed},
+        actors=actors, blocks_per_actor=blocks_per_actor, cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor)
     total, count = np.zeros(len(users)), np.zeros(len(users))
     tokens = 0
     for batch in rows.iter_batches(batch_size=65_536, batch_format="numpy"):

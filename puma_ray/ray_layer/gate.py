@@ -18,8 +18,8 @@ from puma_ray.errors import PumaError
 from puma_ray.fs import StorageOptions
 from puma_ray.training.gate import STAT_COLUMNS, user_loss_stats
 
-from .compat import actor_pool, actor_retries, user_error
-from .evaluate import Evaluator, PromptSource, RecordFiles, records_dataset
+from .compat import user_error
+from .evaluate import Evaluator, PromptSource, RecordFiles, on_user_blocks
 
 
 class _GateActor:
@@ -64,13 +64,12 @@ def gate_sums_on_ray(old: tuple[PromptSource, ModelConfig], new: tuple[PromptSou
                      blocks_per_actor: int = 4, storage: StorageOptions | None = None) -> pd.DataFrame:
     """training/gate.user_loss_stats of `old` against `new` over `records` (one split), indexed by user_id:
     what `gate_from_stats` reads, summed over the actors' blocks."""
-    ds = records_dataset(records, storage).repartition(max(1, actors * blocks_per_actor), keys=["user_id"])
-    rows = ds.map_batches(
-        _GateActor, batch_size=None, batch_format="pandas",
-        fn_constructor_kwargs={"old": old, "new": new, "template": template, "item_texts": item_texts,
-                               "task": task, "batch_size": batch_size, "threads": threads_per_actor,
-                               "gpu": gpus_per_actor > 0, "storage": storage},
-        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None, **actor_pool(actors), **actor_retries())
+    rows = on_user_blocks(
+        records, storage, _GateActor,
+        {"old": old, "new": new, "template": template, "item_texts": item_texts, "task": task,
+         "batch_size": batch_size, "threads": threads_per_actor, "gpu": gpus_per_actor > 0, "storage": storage},
+        actors=actors, blocks_per_actor=blocks_per_actor, cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor)
     parts = []
     try:
         for batch in rows.iter_batches(batch_size=65_536, batch_format="pandas"):
