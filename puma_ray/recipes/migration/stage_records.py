@@ -11,6 +11,7 @@ import numpy as np
 
 from puma_ray.artifacts.adapter_io import load_adapter
 from puma_ray.artifacts.formats import ADAPTER_WEIGHTS, STORE_MANIFEST, sha256_hex
+from puma_ray.artifacts.store_index import sorted_positions
 from puma_ray.errors import StoreError
 from puma_ray.fs import filesystem, join
 from puma_ray.models.backbone import load_model
@@ -54,10 +55,9 @@ def _weights_sha(run: Run, path: str) -> str:
 def _users_at(src: Sources, ids, where: str) -> np.ndarray:
     """Indices into the (sorted) joined users of the ids a record lists; a StoreError if one is not there."""
     ids = np.asarray([str(u) for u in ids], dtype=str)
-    idx = np.searchsorted(src.users, ids)
-    found = (idx < len(src.users)) & (src.users[np.minimum(idx, len(src.users) - 1)] == ids)
-    if not found.all():
-        raise StoreError(f"{where}: user {str(ids[~found][0])!r} is not among this run's users")
+    idx = sorted_positions(src.users, ids)
+    if (idx < 0).any():
+        raise StoreError(f"{where}: user {str(ids[idx < 0][0])!r} is not among this run's users")
     return idx
 
 
