@@ -56,7 +56,7 @@ def config_file(toy_dataset, tmp_path_factory):
     return path
 
 
-def test_benchmark_job(job, config_file, tmp_path, capsys):
+def test_benchmark_job(job, config_file, tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench"
     rc = job.main(["--config", str(config_file), "--output", str(out)])
     captured = capsys.readouterr()
@@ -144,9 +144,11 @@ def test_benchmark_job(job, config_file, tmp_path, capsys):
     assert (out / "runs" / "main-llama-to-qwen2" / "report.md").is_file()
     assert not (out / "runs" / "llama-to-qwen2-kmeans_variance-b8").exists()
 
-    # a rerun into the same folder reuses every store and finished run: nothing is trained again
+    # a rerun into the same folder reuses every store and finished run: nothing is trained again, also when the
+    # folder is named relative to the working directory (with a trailing slash) and the thread count differs
     runs_before = {p.name: p.stat().st_mtime for p in (out / "runs").glob("*/report.json")}
-    assert job.main(["--config", str(config_file), "--output", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert job.main(["--config", str(config_file), "--output", "bench/", "migrate.threads=1"]) == 0
     log = capsys.readouterr().out
     assert "[run " not in log and "[store " not in log
     assert {p.name: p.stat().st_mtime for p in (out / "runs").glob("*/report.json")} == runs_before
@@ -169,3 +171,19 @@ def test_benchmark_config_errors(toy_dataset, tmp_path):
     path.write_text(yaml.safe_dump({**base, "migrate": {**base["migrate"], "fit": {"epoch": 1}}}))
     with pytest.raises(ConfigError, match="epoch"):
         load_job_config(BenchmarkJobConfig, str(path))
+
+
+def test_run_key_ignores_execution_and_never_holds_a_secret():
+    """The memo key: threads and storage (endpoint, credentials) do not make another run, the output folder is
+    written as {output}, a report holding the pre-hash JSON key is keyed the same way, and no credential is in it."""
+    from puma_ray.recipes.benchmark import recorded_key, run_key
+    config = {"sources": [{"store": "/runs/b/stores/llama"}], "fit": {"lr": 0.003}, "threads": 1,
+              "storage": {"endpoint_url": "http://127.0.0.1:9", "key": "AKIAEXAMPLE", "secret": "hunter2-secret"}}
+    key = run_key(config, "/runs/b")
+    assert key.startswith("sha256:") and "hunter2" not in key and "AKIA" not in key
+    assert run_key({**config, "threads": None, "storage": {}}, "/runs/b") == key
+    moved = {**config, "sources": [{"store": "/elsewhere/stores/llama"}]}
+    assert run_key(moved, "/elsewhere") == key and run_key(moved, "/runs/b") != key
+    assert run_key({**config, "fit": {"lr": 0.01}}, "/runs/b") != key
+    legacy = {"benchmark_key": json.dumps(config, sort_keys=True)}
+    assert recorded_key(legacy, "/runs/b") == key and recorded_key({"benchmark_key": "{bad"}, "/runs/b") is None

@@ -178,8 +178,33 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
 
 
-def _key(cfg: MigrateJobConfig) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=True, default=str)
+# config fields that change how a run executes, not what it computes: two runs differing only here are the same run
+# (`threads`, the storage endpoint and its credentials: a key must never carry a secret into a report)
+_EXECUTION_ONLY = ("threads", "storage")
+
+
+def run_key(config: dict, output: str) -> str:
+    """A migration's memo key: sha256 of its config (plain form) without the execution-only fields, with the
+    benchmark's own output folder written as `{output}`, so that `--output runs/b` and its absolute path, or another
+    `threads`, reuse the same finished runs."""
+    body = {k: v for k, v in config.items() if k not in _EXECUTION_ONLY}
+    text = json.dumps(body, sort_keys=True, default=str)
+    for prefix in sorted({output.rstrip("/"), os.path.abspath(output)} if "://" not in output else {output.rstrip("/")},
+                         key=len, reverse=True):
+        text = text.replace(json.dumps(prefix)[1:-1] + "/", "{output}/")
+    return "sha256:" + sha256_hex(text.encode())
+
+
+def recorded_key(report: dict, output: str) -> str | None:
+    """The memo key a finished run's report holds; reports written before keys were hashed hold the config's JSON
+    itself, which is keyed the same way here (so those runs are reused, not refitted)."""
+    key = report.get("benchmark_key")
+    if not isinstance(key, str) or key.startswith("sha256:"):
+        return key
+    try:
+        return run_key(json.loads(key), output)
+    except (ValueError, AttributeError):
+        return None
 
 
 def _budget_times(budget: float, factor: float) -> float:
@@ -191,6 +216,7 @@ class Benchmark:
     (None: in this process)."""
 
     def __init__(self, cfg: BenchmarkJobConfig, output: str, log=print, engine: Callable = lambda c, o: None):
+        output = output.rstrip("/") or output  # `runs/b/` and `runs/b` name the same runs and stores
         self.cfg, self.output, self.log, self.engine = cfg, output, log, engine
         self.base = cfg.migrate_config("base", [("base", cfg.source)], cfg.source)
         self.stores_dir = cfg.stores.format(output=output)
@@ -291,7 +317,7 @@ class Benchmark:
         """One migration, memoised by config: in this benchmark, and on disk across reruns of it."""
         self.resolve(target, *(family for _, family in sources))
         cfg = self.cfg.migrate_config(name, sources, target, **sections)
-        key = _key(cfg)
+        key = run_key(to_dict(cfg), self.output)
         if key in self.keys:
             return self.runs[self.keys[key]]
         run_dir = join(self.output, "runs", name)
@@ -313,7 +339,7 @@ class Benchmark:
             return None
         with fs.open(root) as f:
             report = json.load(f)
-        return report if report.get("benchmark_key") == key else None
+        return report if recorded_key(report, self.output) == key else None
 
     def puma(self, source: str, target: str, strategy: str | None = None, budget: float | None = None,
              store: str | None = None, tag: str = "", seed: int | None = None) -> dict:
@@ -359,7 +385,7 @@ class Benchmark:
         # (it runs first, from the same seeds), so they read it from the main run instead of fitting it again
         alias = self.cfg.migrate_config("alias", [(self.store(c.source)["path"], c.source)], c.target,
                                         baselines=PUMA_ONLY, **sections)
-        self.keys[_key(alias)] = report["benchmark_run"]
+        self.keys[run_key(to_dict(alias), self.output)] = report["benchmark_run"]
         return report
 
     def table2_all_users(self) -> dict:
