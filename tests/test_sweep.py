@@ -164,6 +164,10 @@ MIGRATE = {"sources": [{"store": "s"}], "target": {"name": "tiny:qwen2"}}
     ({"tolerance": 1.5}, "search.tolerance"),
     ({"max_concurrent_trials": 0}, "max_concurrent_trials"),
     ({"stratgies": ["random"]}, "unknown key(s) ['stratgies']"),
+    ({"adapters": ["mlp:0"]}, "adapter 'mlp:0'"),
+    ({"adapters": ["linear:8"]}, "adapter 'linear:8'"),
+    ({"adapters": ["transformer"]}, "kind must be"),
+    ({"seeds": [0, 0]}, "search.seeds"),
 ])
 def test_search_config_errors(search, message):
     with pytest.raises(ConfigError) as e:
@@ -354,27 +358,36 @@ def _run_recommended(out: Path, tmp_path: Path, report: dict) -> dict:
 
 
 def test_grid_sweep_end_to_end(local_ray, sweep_job, toy_paths, toy_dataset, tmp_path, capsys):
-    """4 trials (2 strategies x 2 budgets), fits in the trial processes, 2 at a time on 2 CPUs."""
+    """8 trials (2 strategies x 2 budgets x 2 adapters: the MLP at width 16 and the linear map), fits in the trial
+    processes, 2 at a time on 2 CPUs."""
     config = _write_config(tmp_path / "sweep.yaml", toy_paths, {"kind": "local"},
                            {"kind": "grid", "strategies": ["kmeans_variance", "random"], "ks": [4], "budgets": [8, 16],
-                            "lrs": [0.01], "tolerance": 0.02})
+                            "lrs": [0.01], "adapters": ["mlp:16", "linear"], "tolerance": 0.02})
     out = tmp_path / "sweep"
     start = time.perf_counter()
     assert sweep_job.main(["--config", str(config), "--output", str(out)]) == 0
     wall = time.perf_counter() - start
     console = capsys.readouterr().out
-    report = _check_report(out, 4, 0.02, toy_dataset)
+    report = _check_report(out, 8, 0.02, toy_dataset)
     assert reference_summary(report) in console.splitlines()  # the console stands beside the reference rows too
     assert report["concurrent_trials"] == 2 and report["trial_resources"] == {"cpu": 1.0}
-    settings = {(t["config"]["strategy"], t["config"]["budget"]) for t in report["trials"]}
-    assert settings == {("kmeans_variance", 8), ("kmeans_variance", 16), ("random", 8), ("random", 16)}
+    settings = {(t["config"]["strategy"], t["config"]["budget"], t["config"]["adapter"]) for t in report["trials"]}
+    assert settings == {(s, b, a) for s in ("kmeans_variance", "random") for b in (8, 16) for a in ("mlp:16", "linear")}
     by_budget = {}
     for t in report["trials"]:  # cost follows the budget: twice the users, about twice the passes
         by_budget.setdefault(t["config"]["budget"], set()).add(t["users_selected"])
     assert by_budget == {8: {8}, 16: {16}}
+    # the same selection and fit seed: the adapter is the only difference, and it changes the validation figure
+    pair = {t["config"]["adapter"]: t for t in report["trials"] if t["config"]["strategy"] == "random"
+            and t["config"]["budget"] == 8}
+    assert pair["mlp:16"]["train_records"] == pair["linear"]["train_records"]
+    assert pair["mlp:16"]["quality"] != pair["linear"]["quality"]
     md = (out / "report.md").read_text()
-    assert "Pareto" in md and "recommended" in md
-    _run_recommended(out, tmp_path, report)
+    assert "Pareto" in md and "recommended" in md and "| linear |" in md
+    mig = _run_recommended(out, tmp_path, report)
+    rec = yaml.safe_load((out / "recommended.yaml").read_text())
+    assert rec["adapter"]["kind"] == report["recommended"]["config"]["adapter"].split(":")[0]
+    assert mig["provenance"]["config"]["adapter"]["kind"] == rec["adapter"]["kind"]
     print(f"sweep wall {wall:.1f}s")
 
 
@@ -416,3 +429,40 @@ def test_train_in_tune_sweep(local_ray, sweep_job, toy_paths, tmp_path):
         assert t["epochs"] == 1 and t["cost"]["backward_records"] == t["train_records"]
     live = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
     assert not live, live
+
+
+def test_adapter_specs_round_trip():
+    from puma_ray.models.adapter import AdapterConfig, adapter_spec, parse_adapter_spec
+    for spec in ("mlp", "mlp:32", "mlp_skip", "mlp_skip:8", "linear"):
+        assert adapter_spec(AdapterConfig(**parse_adapter_spec(spec))) == spec
+
+
+def test_trial_config_sets_adapter_and_seed():
+    from puma_ray.recipes.sweep import trial_config
+    job = from_dict(SweepJobConfig, {"migrate": MIGRATE}, "cfg").job
+    setting = {"strategy": "random", "k": 3, "budget": 5, "lr": 0.003, "adapter": "mlp_skip:24", "seed": 2}
+    cfg = trial_config(job, setting)
+    assert (cfg.adapter.kind, cfg.adapter.hidden, cfg.adapter.dropout) == ("mlp_skip", 24, job.adapter.dropout)
+    assert cfg.selection.seed == 2 and cfg.fit.seed == 2
+    same = trial_config(job, {**setting, "adapter": None, "seed": None})
+    assert same.adapter == job.adapter and same.selection.seed == job.selection.seed
+    search = {"adapters": ["mlp", "linear"], "seeds": [0, 1, 2]}
+    assert from_dict(SweepJobConfig, {"migrate": MIGRATE, "search": search}, "cfg").search.grid_size() == 6
+
+
+def test_several_seeds_recommend_on_each_settings_mean():
+    """Two adapters over 3 seeds: the front and the pick are over the settings' means (with their spread), not
+    over single draws; one lucky seed of the worse setting does not win."""
+    lucky = [_t(q, 100, adapter="mlp", seed=s) for s, q in enumerate([0.95, 1.10, 1.10])]  # mean 1.05
+    steady = [_t(q, 100, adapter="linear", seed=s) for s, q in enumerate([1.00, 1.01, 1.02])]  # mean 1.01
+    report = build_report(lucky + steady, 0.0)
+    assert len(report["trials"]) == 6 and len(report["settings"]) == 2
+    rec = report["recommended"]
+    assert rec["config"]["adapter"] == "linear" and "seed" not in rec["config"]
+    assert rec["quality"] == pytest.approx(1.01) and rec["quality_sd"] == pytest.approx(0.01)
+    assert rec["seeds"] == [0, 1, 2] and rec["per_seed"] == [1.00, 1.01, 1.02]
+    assert rec["cost"]["llm_record_passes"] == 100
+    assert min(t["quality"] for t in report["trials"]) == 0.95  # the single best draw was the other setting's
+    from puma_ray.reports.markdown import sweep_markdown
+    md = sweep_markdown(report)
+    assert "1.0100 ± 0.0100 (3 seeds)" in md and "6 trials (2 settings)" in md

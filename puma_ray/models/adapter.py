@@ -37,6 +37,22 @@ class AdapterConfig:
             raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
 
 
+def parse_adapter_spec(spec: str) -> dict:
+    """`kind[:hidden]` (a sweep's adapter dimension: "mlp", "mlp:64", "mlp_skip", "linear") → AdapterConfig fields;
+    a bad spec is one ConfigError naming it."""
+    kind, _, hidden = str(spec).partition(":")
+    if kind not in ("mlp", "linear", "mlp_skip"):
+        raise ConfigError(f"adapter {spec!r}: kind must be mlp, mlp_skip or linear (optionally :<hidden width>)")
+    if hidden and (kind == "linear" or not hidden.isdigit() or int(hidden) < 1):
+        raise ConfigError(f"adapter {spec!r}: the hidden width is a positive integer after an mlp kind")
+    return {"kind": kind, "hidden": int(hidden) if hidden else None}
+
+
+def adapter_spec(cfg: AdapterConfig) -> str:
+    """The inverse of parse_adapter_spec (dropout is not part of a spec)."""
+    return cfg.kind if cfg.hidden is None or cfg.kind == "linear" else f"{cfg.kind}:{cfg.hidden}"
+
+
 class MLPBlock(nn.Module):
     def __init__(self, d_in: int, hidden: int, d_out: int, dropout: float, residual: bool):
         super().__init__()

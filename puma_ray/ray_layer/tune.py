@@ -8,14 +8,20 @@ from puma_ray.fs import StorageOptions, pyarrow_filesystem
 
 
 def search_space(search) -> dict:
-    """grid: every combination of the listed values; optuna: categorical strategy / K / budget, lr log-uniform
-    between the smallest and largest listed (a constant when only one is listed)."""
+    """grid: every combination of the listed values; optuna: categorical strategy / K / budget / adapter / seed, lr
+    log-uniform between the smallest and largest listed (a constant when only one is listed). No adapters listed:
+    the constant None (the migrate section's adapter)."""
     if search.kind == "grid":
-        return {"strategy": tune.grid_search(list(search.strategies)), "k": tune.grid_search(list(search.ks)),
-                "budget": tune.grid_search(list(search.budgets)), "lr": tune.grid_search(list(search.lrs))}
+        space = {"strategy": tune.grid_search(list(search.strategies)), "k": tune.grid_search(list(search.ks)),
+                 "budget": tune.grid_search(list(search.budgets)), "lr": tune.grid_search(list(search.lrs)),
+                 "seed": tune.grid_search(list(search.seeds))}
+        space["adapter"] = tune.grid_search(list(search.adapters)) if search.adapters else None
+        return space
     lo, hi = min(search.lrs), max(search.lrs)
     return {"strategy": tune.choice(list(search.strategies)), "k": tune.choice(list(search.ks)),
-            "budget": tune.choice(list(search.budgets)), "lr": tune.loguniform(lo, hi) if lo < hi else lo}
+            "budget": tune.choice(list(search.budgets)), "lr": tune.loguniform(lo, hi) if lo < hi else lo,
+            "seed": tune.choice(list(search.seeds)),
+            "adapter": tune.choice(list(search.adapters)) if search.adapters else None}
 
 
 def search_algorithm(search, objectives: dict[str, str]):

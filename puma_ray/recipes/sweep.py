@@ -13,6 +13,7 @@ Train run) lives in recipes/sweep_on_tune.py.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import numbers
 import os
@@ -26,7 +27,7 @@ from puma_ray.config import ConfigError, TemplateConfig, from_dict
 from puma_ray.data import Dataset
 from puma_ray.errors import SweepError
 from puma_ray.fs import is_remote, write_file
-from puma_ray.models.adapter import PromptAdapter
+from puma_ray.models.adapter import PromptAdapter, adapter_spec, parse_adapter_spec
 from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import load_head
 from puma_ray.models.prompted_lm import PromptedLM
@@ -49,7 +50,9 @@ from puma_ray.training.evaluate import evaluate
 from puma_ray.training.fit import fit_mapping, mapped_prompts
 from puma_ray.training.records import RecordSet
 
-SETTING_KEYS = ("strategy", "k", "budget", "lr")  # what a trial varies; everything else is the migrate section's
+# what a trial varies; everything else is the migrate section's. "seed" (selection + fit) repeats a setting: the
+# recommendation is then made on each setting's mean over its seeds, with their spread beside it
+SETTING_KEYS = ("strategy", "k", "budget", "lr", "adapter", "seed")
 COST_KEY = "llm_record_passes"  # the cost objective
 
 
@@ -64,6 +67,11 @@ class SearchConfig:
     budgets: list[int | float] = field(default_factory=lambda: [0.1])
     # adapter learning rates (fit.lr); optuna: sampled log-uniformly between the smallest and the largest
     lrs: list[float] = field(default_factory=lambda: [0.01])
+    # adapters as `kind[:hidden]`: the paper's MLP ("mlp", width 2 x max(d_s, d_t)), a width ("mlp:32"), the MLP
+    # with a linear path around it ("mlp_skip"), the linear map ("linear"); one: the migrate section's adapter
+    adapters: list[str] | None = None
+    # selection + fit seeds per setting; [0, 1, 2]: each setting three times, recommended on its mean over them
+    seeds: list[int] = field(default_factory=lambda: [0])
     num_samples: int = 1  # grid: repeats of the whole grid; optuna: the number of trials
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs hold (see recipes/sweep_on_tune.py)
     tolerance: float = 0.02  # recommended: the cheapest trial within this relative distance of the best quality
@@ -73,7 +81,7 @@ class SearchConfig:
     storage_path: str | None = None  # Tune's experiment folder; None: <output>/tune
 
     def __post_init__(self):
-        for name in ("strategies", "ks", "budgets", "lrs"):
+        for name in ("strategies", "ks", "budgets", "lrs", "seeds") + (("adapters",) if self.adapters else ()):
             value = getattr(self, name)
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"search.{name} must be a non-empty list, got {value!r}")
@@ -88,6 +96,11 @@ class SearchConfig:
         for lr in self.lrs:
             if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr > 0:
                 raise ConfigError(f"search.lrs: each learning rate must be a number > 0, got {lr!r}")
+        for spec in self.adapters or []:
+            parse_adapter_spec(spec)
+        if any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in self.seeds) \
+                or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"search.seeds: distinct integers >= 0, got {self.seeds!r}")
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ConfigError(f"search.num_samples must be an integer >= 1, got {self.num_samples!r}")
         if self.max_concurrent_trials is not None and (not isinstance(self.max_concurrent_trials, int)
@@ -100,7 +113,8 @@ class SearchConfig:
             raise ConfigError("search.cpus_per_trial and search.driver_cpus must be > 0")
 
     def grid_size(self) -> int:
-        return len(self.strategies) * len(self.ks) * len(self.budgets) * len(self.lrs)
+        return (len(self.strategies) * len(self.ks) * len(self.budgets) * len(self.lrs)
+                * len(self.adapters or [None]) * len(self.seeds))
 
 
 @dataclass
@@ -172,9 +186,15 @@ def check_feasible(search: SearchConfig, ctx: SweepContext) -> None:
 
 # ---------------------------------------------------------------------------------------------- one trial
 def trial_config(cfg: MigrateJobConfig, setting: dict) -> MigrateJobConfig:
-    """The migrate config a trial's setting stands for."""
+    """The migrate config a trial's setting stands for (no "adapter": the migrate section's; no "seed": its own)."""
     sel = replace(cfg.selection, strategy=setting["strategy"], k=int(setting["k"]), budget=setting["budget"])
-    return replace(cfg, selection=sel, fit=replace(cfg.fit, lr=float(setting["lr"])))
+    fit = replace(cfg.fit, lr=float(setting["lr"]))
+    if setting.get("seed") is not None:
+        sel, fit = replace(sel, seed=int(setting["seed"])), replace(fit, seed=int(setting["seed"]))
+    adapter = cfg.adapter
+    if setting.get("adapter") is not None:
+        adapter = replace(adapter, **parse_adapter_spec(setting["adapter"]))
+    return replace(cfg, selection=sel, fit=fit, adapter=adapter)
 
 
 def run_trial(ctx: SweepContext, cfg: MigrateJobConfig, setting: dict, fit_fn=fit_mapping, log=print) -> dict:
@@ -201,7 +221,8 @@ def run_trial(ctx: SweepContext, cfg: MigrateJobConfig, setting: dict, fit_fn=fi
     valid = RecordSet.from_frame(ctx.ds.split("valid"), ctx.users)
     metrics = evaluate(plm, result.head, ctx.task, mapped_prompts(result.mapping, ctx.prompts), valid,
                        cfg.fit.eval_batch_size, eval_cost)
-    return {"config": dict(setting), "quality": float(metrics[ctx.metric]), "metric": ctx.metric,
+    setting = {**setting, "adapter": adapter_spec(cfg.adapter), "seed": cfg.selection.seed}  # what actually ran
+    return {"config": setting, "quality": float(metrics[ctx.metric]), "metric": ctx.metric,
             "cost": cost.to_dict(), "valid_metrics": metrics, "users_selected": int(budget),
             "validation_users": int(len(valid_idx)), "train_records": int(len(train)),
             "best_epoch": result.best_epoch, "epochs": len(result.history), "eval_cost": eval_cost.to_dict()}
@@ -286,6 +307,36 @@ def reference_summary(report: dict) -> str:
     return line
 
 
+def _numeric_mean(dicts: list[dict]) -> dict:
+    keys = [k for k, v in dicts[0].items() if isinstance(v, numbers.Real) and not isinstance(v, bool)]
+    return {k: float(np.mean([d[k] for d in dicts if k in d])) for k in keys}
+
+
+def over_seeds(trials: list[dict]) -> list[dict]:
+    """Settings: the trials grouped by their config without "seed", each with the mean quality, cost and validation
+    metrics over its seeds, the spread (`quality_sd`, sample sd), `seeds` and `per_seed`. Trials that share no
+    setting are returned as they are (one seed each: a setting is its trial)."""
+    groups: dict[str, list[dict]] = {}
+    for i, t in enumerate(trials):
+        # a trial that names no seed (a report from before seeds, a hand-made list) is a setting of its own
+        key = (json.dumps({k: v for k, v in t["config"].items() if k != "seed"}, sort_keys=True, default=str)
+               if "seed" in t["config"] else f"#{i}")
+        groups.setdefault(key, []).append(t)
+    if all(len(g) == 1 for g in groups.values()):
+        return trials
+    settings = []
+    for g in groups.values():
+        q = [t["quality"] for t in g]
+        settings.append({
+            "config": {k: v for k, v in g[0]["config"].items() if k != "seed"}, "metric": g[0]["metric"],
+            "quality": float(np.mean(q)), "quality_sd": float(np.std(q, ddof=1)) if len(q) > 1 else 0.0,
+            "seeds": [t["config"].get("seed") for t in g], "per_seed": q,
+            "cost": _numeric_mean([t["cost"] for t in g]),
+            "valid_metrics": _numeric_mean([t.get("valid_metrics", {}) for t in g]),
+            "users_selected": g[0].get("users_selected")})
+    return settings
+
+
 def build_report(trials: list[dict], tolerance: float, failed: list[dict] | None = None, **extra) -> dict:
     """report.json of a sweep: every finished trial; "pareto" (trial dicts, cheapest first) and "pareto_indices";
     "recommended" (a trial dict) and its index; "best" the best-quality trial's index. Trials whose quality is not
@@ -303,14 +354,16 @@ def build_report(trials: list[dict], tolerance: float, failed: list[dict] | None
                          + "; ".join(f"{f.get('config')}: {f.get('error')}" for f in failed[:3]))
     metric = done[0]["metric"]
     up = maximize(metric)
-    front = pareto_front(done, up)
-    rec = recommend(done, tolerance, up)
-    best = min(range(len(done)), key=lambda i: (_loss(done[i], up), _cost(done[i]), i))
+    # with several seeds a setting is its mean over them: the front and the pick are over settings, not draws
+    settings = over_seeds(done)
+    front = pareto_front(settings, up)
+    rec = recommend(settings, tolerance, up)
+    best = min(range(len(settings)), key=lambda i: (_loss(settings[i], up), _cost(settings[i]), i))
     report = {"metric": metric, "maximize": up, "cost_key": COST_KEY, "tolerance": tolerance, "trials": done,
-              "pareto": [done[i] for i in front], "pareto_indices": front, "recommended": done[rec],
-              "recommended_index": rec, "best_index": best, "failed": failed, **extra}
+              "settings": settings, "pareto": [settings[i] for i in front], "pareto_indices": front,
+              "recommended": settings[rec], "recommended_index": rec, "best_index": best, "failed": failed, **extra}
     if extra.get("reference"):
-        report["recommended_vs_reference"] = versus_reference(done[rec]["quality"], metric, extra["reference"])
+        report["recommended_vs_reference"] = versus_reference(settings[rec]["quality"], metric, extra["reference"])
     return report
 
 
@@ -325,6 +378,8 @@ def recommended_migrate_config(migrate: dict, setting: dict, source_stores: list
     out = copy.deepcopy(migrate)
     out.setdefault("selection", {}).update(strategy=setting["strategy"], k=int(setting["k"]), budget=setting["budget"])
     out.setdefault("fit", {})["lr"] = float(setting["lr"])
+    if setting.get("adapter") is not None:
+        out["adapter"] = {**out.get("adapter", {}), **parse_adapter_spec(setting["adapter"])}
     for src, path in zip(out["sources"], source_stores):
         src["store"] = _absolute(path)
     return out

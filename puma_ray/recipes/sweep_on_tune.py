@@ -79,7 +79,7 @@ def trial(config: dict, ctx, cfg: SweepJobConfig, train_storage: str) -> None:
     from puma_ray.training.fit import fit_mapping
     job = cfg.job
     this_trial = trial_id()
-    setting = {k: config[k] for k in SETTING_KEYS}
+    setting = {k: config.get(k) for k in SETTING_KEYS}
     # the shared arrays arrive read-only from the object store; they are only ever read
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     if job.engine.kind == "local":

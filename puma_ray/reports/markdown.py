@@ -403,29 +403,39 @@ def _same_trial(a: dict, b: dict | None) -> bool:
     return bool(b) and a.get("config") == b.get("config") and a.get("quality") == b.get("quality")
 
 
+def _quality_cell(t: dict) -> str:
+    """A setting's validation figure: its mean ± sd over seeds when it ran on several."""
+    if len(t.get("seeds") or []) > 1:
+        return f"{fmt(t['quality'])} ± {fmt(t['quality_sd'])} ({len(t['seeds'])} seeds)"
+    return fmt(t["quality"])
+
+
 def sweep_markdown(report: dict, writer: ReportWriter | None = None) -> str:
     trials = report["trials"]
+    settings = report.get("settings") or trials  # several seeds: one row per setting, its mean over them
     metric = trials[0]["metric"] if trials else "rmse"
     lower = LOWER_IS_BETTER.get(metric, True)
     front, rec = _pareto_trials(report), report.get("recommended")
-    ranked = sorted(trials, key=lambda t: t["quality"] if lower else -t["quality"])
+    ranked = sorted(settings, key=lambda t: t["quality"] if lower else -t["quality"])
     rows = []
     for rank, t in enumerate(ranked, 1):
         c = t.get("config", {})
         marks = ("Pareto" if any(_same_trial(t, p) for p in front) else "")
         marks += " **recommended**" if _same_trial(t, rec) else ""
-        rows.append([rank, c.get("strategy"), c.get("k"), c.get("budget"), _lr(c.get("lr")), t["quality"],
+        rows.append([rank, c.get("strategy"), c.get("k"), c.get("budget"), _lr(c.get("lr")),
+                     c.get("adapter") or "the config's", _quality_cell(t),
                      int(t.get("cost", {}).get("llm_record_passes", 0)),
                      fmt(float(t.get("cost", {}).get("wall_s", 0.0)), 1), marks.strip()])
     parts = ["# Sweep report",
-             f"{len(trials)} trials; validation {metric_name(metric)} ({'lower' if lower else 'higher'} is better); "
-             f"tolerance {report.get('tolerance')}. Full record: [report.json](report.json)."]
+             f"{len(trials)} trials ({len(settings)} settings); validation {metric_name(metric)} "
+             f"({'lower' if lower else 'higher'} is better); tolerance {report.get('tolerance')}. "
+             "Full record: [report.json](report.json)."]
     if rec:
         rc = rec.get("config", {})
         parts.append(f"**Recommended** (the cheapest setting within tolerance of the best): strategy "
-                     f"`{rc.get('strategy')}`, K={rc.get('k')}, budget {rc.get('budget')}, lr {_lr(rc.get('lr'))}: "
-                     f"{metric_name(metric)} {fmt(rec.get('quality'))} at {fmt(int(_trial_cost(rec)))} LLM record "
-                     "passes.")
+                     f"`{rc.get('strategy')}`, K={rc.get('k')}, budget {rc.get('budget')}, lr {_lr(rc.get('lr'))}, "
+                     f"adapter `{rc.get('adapter') or 'the config'}`: {metric_name(metric)} {_quality_cell(rec)} at "
+                     f"{fmt(int(_trial_cost(rec)))} LLM record passes.")
     if report.get("reference"):
         # the recommended trial as the first row: the best of each column in bold, over it and the references
         recommended = {"recommended trial": rec["valid_metrics"]} if rec and rec.get("valid_metrics") else {}
@@ -437,7 +447,8 @@ def sweep_markdown(report: dict, writer: ReportWriter | None = None) -> str:
                          + ("beats" if user_mean["beaten"] else "does **not** beat")
                          + f" the per-user mean ({fmt(user_mean[metric])}) on these records.")
     parts += ["## Trials (best first)", md_table(
-        ["rank", "strategy", "K", "budget", "lr", f"valid {metric_name(metric)}", "LLM record passes", "wall (s)", ""],
+        ["rank", "strategy", "K", "budget", "lr", "adapter", f"valid {metric_name(metric)}", "LLM record passes",
+         "wall (s)", ""],
         rows)]
     if writer and trials:
         as_point = lambda t: {"cost": _trial_cost(t), "quality": t["quality"]}  # noqa: E731
