@@ -23,8 +23,8 @@ import yaml
 from puma_ray.data import save_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-RECORDED = ["selection_statistics", "selection", "fit", "linear", "random_init", "full_retrain", "evaluation",
-            "conversion", "gate"]
+RECORDED = ["selection_statistics", "selection", "fit", "linear", "random_init", "candidates", "full_retrain",
+            "evaluation", "conversion", "gate"]
 
 
 @pytest.fixture(scope="module")

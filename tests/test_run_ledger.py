@@ -21,8 +21,8 @@ from puma_ray.recipes.migration.runner import run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-RECORDED = ["selection_statistics", "selection", "fit", "linear", "random_init", "full_retrain", "evaluation",
-            "conversion", "gate"]
+RECORDED = ["selection_statistics", "selection", "fit", "linear", "random_init", "candidates", "full_retrain",
+            "evaluation", "conversion", "gate"]
 # loads and assemblers: no record, they always run (the report, too, lists the stages before it)
 ALWAYS = ["sources", "baselines"]
 
@@ -74,16 +74,16 @@ def test_a_rerun_reuses_every_finished_stage(first, toy_paths):
     assert again["gate"] == report["gate"] and again["adapter_choice"] == report["adapter_choice"]
     assert again["fits"] == report["fits"]
     assert os.stat(adapter).st_mtime_ns == mtime  # not fitted, not even rewritten
-    assert any("stage 4/12 fit" in line and "reused from the ledger" in line for line in lines)
+    assert any("stage 4/13 fit" in line and "reused from the ledger" in line for line in lines)
     assert "stages run: sources, baselines, report;" in lines[-1]
 
 
 @pytest.mark.parametrize("change, reruns", [
     ({"gate.alpha": 0.1}, ["gate"]),
     # the adapter's lr: the three fits and everything reading them; the selection and full retraining stay
-    ({"fit.lr": 0.003}, ["fit", "linear", "random_init", "evaluation", "conversion", "gate"]),
-    ({"selection.seed": 3}, ["selection_statistics", "selection", "fit", "linear", "random_init", "evaluation",
-                             "conversion", "gate"]),
+    ({"fit.lr": 0.003}, ["fit", "linear", "random_init", "candidates", "evaluation", "conversion", "gate"]),
+    ({"selection.seed": 3}, ["selection_statistics", "selection", "fit", "linear", "random_init", "candidates",
+                             "evaluation", "conversion", "gate"]),
 ])
 def test_a_changed_setting_reruns_its_stage_and_what_reads_it(first, toy_paths, tmp_path, change, reruns):
     report, out = first
@@ -94,7 +94,7 @@ def test_a_changed_setting_reruns_its_stage_and_what_reads_it(first, toy_paths, 
     changed = run(config(toy_paths, **change), copy, log=lines.append)
     assert sorted(n for n, s in statuses(changed).items() if s == "ran") == sorted(reruns + ALWAYS)
     if "fit" in reruns:  # after the fit, the stages left have an ETA from this run's own rate
-        assert any(line.startswith("stage 5/12 linear") and "ETA ~" in line for line in lines), lines
+        assert any(line.startswith("stage 5/13 linear") and "ETA ~" in line for line in lines), lines
     if "gate.alpha" in change:
         assert changed["methods"] == report["methods"] and changed["gate"]["rule"] != report["gate"]["rule"]
 
@@ -161,3 +161,34 @@ def test_the_plan_counts_what_the_run_spent(first, toy_paths, capsys):
     assert sorted(str(p) for p in __import__("pathlib").Path(out).rglob("*")) == before
     print(format_plan(plan))
     assert "LLM record passes" in capsys.readouterr().out
+
+
+def test_candidate_adapters_are_fitted_tested_and_weighed_for_shipping(first, toy_paths, tmp_path):
+    """baselines.candidates on a finished run: only the candidates' stage and what reads it run; each candidate is
+    an adapter artifact with a test row; `ship: validation` picks the best of all adapters on every user's
+    validation records; a rerun reuses the candidates; the plan counts their fits and the shipping passes."""
+    import shutil
+
+    from puma_ray.recipes.migration.plan import plan_migration
+    report, out = first
+    copy = str(tmp_path / "run")
+    shutil.copytree(out, copy)
+    cfg = config(toy_paths, **{"baselines.candidates": ["mlp_skip", "mlp:8"]})
+    more = run(cfg, copy, log=_quiet)
+    assert sorted(n for n, s in statuses(more).items() if s == "ran") == sorted(
+        ["candidates", "evaluation", "conversion", "gate"] + ALWAYS)
+    names = ["adapter_mlp_skip", "adapter_mlp_8"]
+    for name in names:
+        assert os.path.isfile(os.path.join(copy, "baselines", f"{name}-adapter", "adapter.safetensors"))
+        assert more["methods"][name]["rmse"] > 0 and more["cost"][name]["llm_record_passes"] > 0
+    assert more["methods"]["puma"] == report["methods"]["puma"]  # PUMA itself was not refitted
+    choice = more["adapter_choice"]
+    assert set(choice["validation"]) == {"puma", "linear", *names}
+    assert choice["shipped"] == min(choice["validation"], key=choice["validation"].get)
+    assert run(cfg, copy, log=_quiet)["stages"]["candidates"]["status"] == "reused"
+    plan = {s["stage"]: s for s in plan_migration(cfg, copy, log=_quiet, measure_rate=False)["stages"]}
+    assert plan["candidates"]["llm_record_passes"] == sum(more["cost"][n]["llm_record_passes"] for n in names)
+    valid = more["data"]["records"]["valid"]
+    assert plan["conversion"]["llm_record_passes"] == 4 * valid == 4 * choice["records"]
+    with pytest.raises(ConfigError, match="adapter 'rnn'"):
+        config(toy_paths, **{"baselines.candidates": ["rnn"]}).baselines.__post_init__()

@@ -43,6 +43,9 @@ METRIC_NAMES = {"rmse": "RMSE", "mae": "MAE", "auc": "AUC", "uauc": "uAUC"}
 def method_label(name: str) -> str:
     if name.startswith("source_"):  # further sources of an aggregated migration: source_1, source_2, ...
         return f"source model {int(name.split('_')[1]) + 1}"
+    if name.startswith("adapter_"):  # baselines.candidates: adapter_mlp_32 is the spec "mlp:32"
+        kind, _, hidden = name[len("adapter_"):].rpartition("_") if name[-1].isdigit() else (name[8:], "", "")
+        return f"adapter {kind}" + (f" (hidden {hidden})" if hidden else "")
     return METHOD_LABELS.get(name, name)
 
 

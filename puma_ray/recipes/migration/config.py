@@ -18,7 +18,7 @@ from puma_ray.config import (
 from puma_ray.conversion.run import ConvertConfig
 from puma_ray.data import Dataset, load_dataset
 from puma_ray.fs import StorageOptions
-from puma_ray.models.adapter import AdapterConfig
+from puma_ray.models.adapter import AdapterConfig, parse_adapter_spec
 from puma_ray.selection.strategies import STRATEGIES
 from puma_ray.training.fit import FitConfig
 from puma_ray.training.gate import GateConfig
@@ -57,11 +57,25 @@ class BaselinesConfig:
     source: bool = True  # the source store on the source model: what users have today
     random_init: bool = True  # random target prompts, head trained on the same users: the floor
     linear: bool = True  # one linear map d_s → d_t: what the non-linear adapter buys
+    # more adapters fitted like the linear map, as `kind[:hidden]` ("mlp_skip", "mlp:32"): each is tested, and
+    # `ship: validation` weighs it beside PUMA and the linear map; none by default (each costs one more fit)
+    candidates: list[str] = field(default_factory=list)
     full_retrain: bool = False  # every prompt retrained on the target: the (expensive) upper bound
     full_retrain_train: PromptTrainConfig = field(default_factory=PromptTrainConfig)
     # "engine": baseline fits run where PUMA's does; "local": in the driver process (a small demo skips three
     # Ray Train start-ups; on a GPU cluster keep "engine", the driver has no GPU)
     fits_on: Literal["engine", "local"] = "engine"
+
+    def __post_init__(self):
+        if not isinstance(self.candidates, list) or len(set(map(str, self.candidates))) != len(self.candidates):
+            raise ConfigError(f"baselines.candidates: a list of distinct adapter specs, got {self.candidates!r}")
+        for spec in self.candidates:
+            parse_adapter_spec(spec)
+
+
+def candidate_name(spec: str) -> str:
+    """A candidate adapter's method name in reports and the ledger: `adapter_mlp_32` for "mlp:32"."""
+    return "adapter_" + str(spec).replace(":", "_")
 
 
 @dataclass
@@ -72,8 +86,9 @@ class MigrateJobConfig:
     template: TemplateConfig | None = None  # None: the first source store's template
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    # which fitted adapter converts everyone: "validation" (the best of PUMA and the linear map on every user's
-    # validation records: never ships worse than the simplest map by what it may look at) or "puma" (the paper's)
+    # which fitted adapter converts everyone: "validation" (the best of PUMA, the linear map and baselines.candidates
+    # on every user's validation records: never ships worse than the simplest map by what it may look at) or "puma"
+    # (the paper's)
     ship: Literal["validation", "puma"] = "validation"
     fit: FitConfig = field(default_factory=FitConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)

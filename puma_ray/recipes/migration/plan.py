@@ -117,6 +117,7 @@ def plan_migration(cfg: MigrateJobConfig, output: str, log=print, measure_rate: 
         stats += n_users
     base = cfg.baselines
     methods = ["puma"] + [m for m, on in (("linear", base.linear), ("random_init", base.random_init)) if on]
+    methods += [f"candidate {spec}" for spec in base.candidates]
     sources_evaluated = len(cfg.sources) if base.source else 0
     stages = [
         _stage("sources", f"data ({n_users:,} users), {len(stores)} source store(s)",
@@ -133,6 +134,11 @@ def plan_migration(cfg: MigrateJobConfig, output: str, log=print, measure_rate: 
         on = getattr(base, name)
         stages.append(_stage(name, "as the fit", "baselines/" if on else "-", budget if on else 0,
                              fit_train if on else 0, fit_passes if on else 0, exact_users, target, fits=int(on)))
+    n_more = len(base.candidates)
+    n_adapters = 1 + int(base.linear) + n_more if cfg.ship == "validation" else 1
+    stages.append(_stage("candidates", ", ".join(base.candidates) or "none", "baselines/" if n_more else "-",
+                         budget if n_more else 0, fit_train * n_more, fit_passes * n_more, exact_users, target,
+                         fits=n_more))
     full = eq1_passes(base.full_retrain_train, totals["train"], totals["valid"])
     # a store trained here is evaluated on the test records too (source stores first, then full retraining)
     eq1_stores = len(missing) + int(base.full_retrain)
@@ -143,15 +149,18 @@ def plan_migration(cfg: MigrateJobConfig, output: str, log=print, measure_rate: 
         _stage("evaluation", f"test records x {len(methods)} method(s) on the target + {sources_evaluated} source(s)"
                f" + {eq1_stores} store(s) trained here", "ledger", n_users, totals["test"],
                totals["test"] * (len(methods) + sources_evaluated + eq1_stores), True, target),
-        _stage("conversion", "every prompt through the shipped adapter (no LLM)", cfg.target_store, n_users,
-               0, 0, True, None),
+        # `ship: validation` first scores each adapter (PUMA, linear, candidates) on every user's valid records
+        _stage("conversion", f"valid records x {n_adapters} adapter(s) to choose, then every prompt through the "
+               "shipped adapter (no LLM)" if n_adapters > 1 else "every prompt through the shipped adapter (no LLM)",
+               cfg.target_store, n_users, totals["valid"] if n_adapters > 1 else 0,
+               totals["valid"] * n_adapters if n_adapters > 1 else 0, True, target if n_adapters > 1 else None),
         _stage("gate", "valid records, old system + new", "gate/users.parquet" if cfg.gate.enabled else "-",
                n_users if cfg.gate.enabled else 0, totals["valid"], 2 * totals["valid"] if cfg.gate.enabled else 0,
                True, target),
     ]
     ray = cfg.engine.kind == "ray"
     for stage in stages:  # a Ray Train start-up per fit on the Ray engine (baselines fitted locally pay none)
-        local = stage["stage"] in ("linear", "random_init") and base.fits_on == "local"
+        local = stage["stage"] in ("linear", "random_init", "candidates") and base.fits_on == "local"
         stage["fits"] = stage["fits"] if ray and not local else 0
         stage["writes"] = stage["writes"].format(output=output)
     for stage in stages:

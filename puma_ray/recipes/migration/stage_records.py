@@ -137,6 +137,34 @@ def restore_linear(run: Run, ex: Executor, ledger: Ledger, record: dict, *inputs
     return MUST_RUN if fitted is False else fitted
 
 
+def candidate_path(run: Run, name: str) -> str:
+    return join(run.output, "baselines", f"{name}-adapter")
+
+
+def save_candidates(run: Run, ledger: Ledger, fitted: dict, *inputs) -> dict:
+    return {"candidates": {name: save_adapter_fit(run, f) for name, f in fitted.items()}}
+
+
+def restore_candidates(run: Run, ex: Executor, ledger: Ledger, record: dict, *inputs):
+    """Every candidate the record names, each checked against its weights' checksum (one mismatch: all refit)."""
+    out = {}
+    for name, entry in record["candidates"].items():
+        if not isinstance(name, str) or not name.startswith("adapter_") or "/" in name or ".." in name:
+            raise StoreError(f"ledger candidates: {name!r} is not a candidate adapter's name")
+        fitted = restore_adapter_fit(run, entry, candidate_path(run, name), f"ledger candidates {name}")
+        if not fitted:
+            return MUST_RUN
+        out[name] = fitted
+    return out
+
+
+def shipped_path(run: Run, name: str) -> str:
+    """Where the adapter named `name` (PUMA, the linear map or a candidate) lies in this run."""
+    if name == "puma":
+        return run.cfg.adapter_path.format(output=run.output)
+    return linear_path(run) if name == "linear" else candidate_path(run, name)
+
+
 # ---- random_init: the prompts follow from the seed; the head trained on them is kept beside the record
 def save_random_init(run: Run, ledger: Ledger, fitted: Fitted | None, src: Sources, *inputs) -> dict:
     if fitted is None:
@@ -190,8 +218,10 @@ def restore_conversion(run: Run, ex: Executor, ledger: Ledger, record: dict, *in
     if not store_exists(target, run.cfg.storage):  # the path from the config: a run folder may have moved
         run.log(f"ledger conversion: no complete store at {target}; the conversion runs again")
         return MUST_RUN
-    choice = {**record["choice"], "adapter": run.cfg.adapter_path.format(output=run.output)
-              if record["choice"].get("shipped") == "puma" else linear_path(run)}
+    shipped = record["choice"].get("shipped")
+    if shipped not in ("puma", "linear") and not str(shipped).startswith("adapter_"):
+        raise StoreError(f"ledger conversion: shipped {shipped!r} is not an adapter of this run")
+    choice = {**record["choice"], "adapter": shipped_path(run, shipped)}
     return Conversion(target, dict(record["summary"]), choice)
 
 

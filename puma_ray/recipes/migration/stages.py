@@ -8,8 +8,9 @@ executor's business (executor.py); what the stage computes, with which seeds, an
     fit                   the adapter through the frozen target (Eq. 2), saved as an artifact
     linear                the linear map d_s → d_t fitted the same way (a baseline, and a shipping candidate)
     random_init           random target prompts, the head trained on the same users (the floor)
+    candidates            baselines.candidates: more adapters (widths, the skip path), fitted like the linear map
     full_retrain          every user's prompt retrained on the target (Eq. 1): the expensive upper bound
-    baselines             the three above as one record (nothing runs)
+    baselines             the four above as one record (nothing runs)
     evaluation            every method and the LLM-free reference rows on the test records
     conversion            every user → the target store (manifest last) through the adapter validation ships
     gate                  each user's old system against the new on their validation records (how many got worse)
@@ -33,7 +34,7 @@ import puma_ray.recipes.migration.stage_records as records
 from puma_ray.artifacts.adapter_io import save_adapter
 from puma_ray.artifacts.store import MANIFEST, PromptStore, StoreError
 from puma_ray.config import TemplateConfig, from_dict, task_template, to_dict
-from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters
+from puma_ray.models.adapter import AdapterConfig, PromptAdapter, num_parameters, parse_adapter_spec
 from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import head_config, load_head, make_head
 from puma_ray.models.prompted_lm import PromptedLM
@@ -44,7 +45,7 @@ from puma_ray.tasks import get_task
 from puma_ray.training.fit import FixedPrompts, fit_mapping
 from puma_ray.training.gate import gate_from_stats, gate_summary
 
-from .config import SelectionConfig
+from .config import SelectionConfig, candidate_name
 from .executor import Executor, Run
 from .handles import Baselines, Conversion, Evaluation, Fits, Fitted, Gate, Selection, Sources, Statistics
 from .report import convert_everyone, migration_report
@@ -180,6 +181,19 @@ def linear(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selecti
     return _adapter(run, ex, src, stats, sel, fits, "linear", AdapterConfig(kind="linear"), records.linear_path(run))
 
 
+def candidates(run: Run, ex: Executor, src: Sources, stats: Statistics, sel: Selection,
+               fits: Fits) -> dict[str, Fitted]:
+    """baselines.candidates: more adapters (a width, the skip path) fitted like the linear map, for the report and
+    for `ship: validation` to weigh."""
+    out = {}
+    for spec in run.cfg.baselines.candidates:
+        name = candidate_name(spec)
+        out[name] = _adapter(run, ex, src, stats, sel, fits, name,
+                             dataclasses.replace(run.cfg.adapter, **parse_adapter_spec(spec)),
+                             records.candidate_path(run, name))
+    return out
+
+
 def random_target_prompts(run: Run, src: Sources, fits: Fits) -> np.ndarray:
     """Every user's random target prompt (seeded): an in-memory table by nature, and reproducible from the seed."""
     rng = np.random.default_rng(run.cfg.selection.seed)
@@ -206,8 +220,10 @@ def full_retrain(run: Run, ex: Executor, src: Sources, fits: Fits) -> dict | Non
                             records.full_retrain_path(run), src.records, src.users, src.template)
 
 
-def baselines(run: Run, ex: Executor, lin: Fitted | None, rand: Fitted | None, full: dict | None) -> Baselines:
-    return Baselines({n: f for n, f in (("linear", lin), ("random_init", rand)) if f is not None}, full)
+def baselines(run: Run, ex: Executor, lin: Fitted | None, rand: Fitted | None, more: dict[str, Fitted],
+              full: dict | None) -> Baselines:
+    fitted = {n: f for n, f in (("linear", lin), ("random_init", rand)) if f is not None}
+    return Baselines({**fitted, **more}, full)
 
 
 def evaluation(run: Run, ex: Executor, src: Sources, fits: Fits, base: Baselines) -> Evaluation:
@@ -331,7 +347,10 @@ STAGES: list[Stage] = [
     Stage("full_retrain", full_retrain, ("sources", "fit"),
           ("baselines.full_retrain", "baselines.full_retrain_train", "target", "template", "store", *FIT_ENGINE),
           records.save_full_retrain, records.restore_full_retrain, skipped=lambda run: None, depends=("sources",)),
-    Stage("baselines", baselines, ("linear", "random_init", "full_retrain")),
+    Stage("candidates", candidates, ("sources", "selection_statistics", "selection", "fit"),
+          ("baselines.candidates", "baselines.fits_on", "adapter", "target", "fit", *FIT_ENGINE),
+          records.save_candidates, records.restore_candidates, skipped=lambda run: {}, depends=BEFORE_FIT),
+    Stage("baselines", baselines, ("linear", "random_init", "candidates", "full_retrain")),
     Stage("evaluation", evaluation, ("sources", "fit", "baselines"), ("fit.eval_batch_size", "baselines.source"),
           records.save_evaluation, records.restore_evaluation),
     Stage("conversion", conversion, ("sources", "fit", "baselines", "evaluation"),
