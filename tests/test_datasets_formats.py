@@ -506,3 +506,17 @@ def test_mind_news_without_titles_is_refused(tmp_path):
     news.write_text("".join(f"{n}\tnews\tworld\t\t\t\t[]\t[]\n" for n in NEWS), encoding="utf-8")
     with pytest.raises(DataError, match=r"news\.tsv: 6 of 6 rated items \(100%\) have no title"):
         load_mind(behaviors_tsv(tmp_path), str(news))
+
+
+def test_records_read_in_place_are_named_absolutely(toy_dataset, tmp_path, monkeypatch):
+    """A config's relative data path reaches Ray's workers absolute: a Train worker runs in its own working
+    directory (the 30k synthetic run's source-store training failed on `runs/.../records.parquet`)."""
+    import os
+
+    from puma_ray.config import DataConfig
+    from puma_ray.data import records_in_place, save_dataset
+    monkeypatch.chdir(tmp_path)
+    save_dataset(toy_dataset, "data")
+    cfg = DataConfig(name="parquet", paths={"records": "data/records.parquet", "items": "data/items.parquet"})
+    path = records_in_place(cfg)
+    assert path == str(tmp_path / "data" / "records.parquet") and os.path.isabs(path)

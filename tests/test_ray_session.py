@@ -118,3 +118,21 @@ def test_unreachable_cluster_is_one_line_within_seconds(ray_tmp, how):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(port) in lines[0], err[-3000:]
     assert wall < 30, f"{wall:.1f} s"
+
+
+def test_deepspeed_ops_folder_is_this_environments_own(monkeypatch):
+    """DeepSpeed's JIT op is kept per environment (a shared folder made venvs rebuild it in turn, 40-370 s inside a
+    fit's start-up); a user's own TORCH_EXTENSIONS_DIR wins; importing the Ray layer sets it for Ray's workers."""
+    import sys
+
+    from puma_ray.tools import deepspeed_ops
+    mine = deepspeed_ops.extensions_dir()
+    monkeypatch.setattr(sys, "prefix", "/some/other/venv")
+    assert deepspeed_ops.extensions_dir() != mine and os.path.dirname(deepspeed_ops.extensions_dir()) == \
+        os.path.dirname(mine)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/users/own/choice")
+    deepspeed_ops.use_own_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/users/own/choice"
+    monkeypatch.undo()
+    import puma_ray.ray_layer  # noqa: F401  (set at import, before any Ray process starts)
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == mine

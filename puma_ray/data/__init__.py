@@ -1,6 +1,8 @@
 """Dataset loaders by name; each returns a `records.Dataset` that satisfies the records/items contract."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from puma_ray.config import DataConfig, from_dict
@@ -93,13 +95,13 @@ def records_in_place(cfg: DataConfig, storage: StorageOptions | None = None) -> 
         return None
     from .generic import file_format, has_column
     path = cfg.paths["records"]
+    if not is_remote(path):  # Ray's workers read it from their own working directory: never a relative path
+        path = os.path.abspath(path)
     return path if file_format(path) == "parquet" and has_column(path, "split", storage) else None
 
 
 def save_dataset(ds: Dataset, folder: str, storage: StorageOptions | None = None) -> dict[str, str]:
     """Writes records.parquet + items.parquet under folder (local or s3://); returns data.paths for the config."""
-    import os
-
     from puma_ray.fs import filesystem, join, write_file
     if not is_remote(folder):
         os.makedirs(folder, exist_ok=True)

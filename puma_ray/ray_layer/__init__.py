@@ -12,6 +12,10 @@ import os
 # `interrupted:` line, exit 130, Ray shut down). Crashes still raise Python errors; only the C++ dump goes.
 os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
+from puma_ray.tools.deepspeed_ops import use_own_extensions_dir  # noqa: E402
+
+use_own_extensions_dir()  # inherited by the local Ray's workers: DeepSpeed's CPU op is built once per environment
+
 from .convert import run_on_ray  # noqa: E402
 from .data import make_variance_fn, per_user_label_stats, read_records  # noqa: E402
 from .session import ensure_ray  # noqa: E402

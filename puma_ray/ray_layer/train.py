@@ -32,6 +32,7 @@ from puma_ray.fs import StorageOptions, filesystem, join, pyarrow_filesystem
 from puma_ray.models.backbone import load_backbone
 from puma_ray.models.prompted_lm import PromptedLM
 from puma_ray.tasks import get_task
+from puma_ray.tools.deepspeed_ops import use_own_extensions_dir
 from puma_ray.training.cost import Cost
 from puma_ray.training.evaluate import evaluate
 from puma_ray.training.fit import FitConfig, FitResult, adapter_param_groups, epoch_orders, fit_identity
@@ -183,6 +184,7 @@ def _worker_loop(cfg: dict) -> None:
     with a DeepSpeed engine doing the step, this worker's shard of the records, a checkpoint + report per epoch."""
     import ray.train as rt
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg["use_gpu"] else "cpu")
+    use_own_extensions_dir()  # a worker on another node: its environment's own JIT-op folder (tools/deepspeed_ops.py)
     import deepspeed
 
     torch.set_num_threads(cfg["threads"])
