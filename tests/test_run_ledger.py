@@ -63,6 +63,12 @@ def first(toy_paths, tmp_path_factory):
 def test_a_rerun_reuses_every_finished_stage(first, toy_paths):
     report, out = first
     assert set(statuses(report).values()) == {"ran"}
+    # full retraining's store went through the gate's rule beside the migration's, on the same users
+    full = report["gate"]["full_retrain"]
+    assert full["users"] == report["gate"]["users"] == full["worse"] + full["better"] + full["unchanged"]
+    from puma_ray.reports.gate import gate_markdown
+    assert f"Full retraining on the same rule: {full['worse']} of {full['users']} users worse" in "\n".join(
+        gate_markdown(report["gate"], None))
     assert sorted(os.listdir(os.path.join(out, "ledger"))) == sorted(
         [f"{n}.json" for n in RECORDED] + ["random_init.safetensors"])
     adapter = os.path.join(out, "adapter", "adapter.safetensors")

@@ -65,6 +65,10 @@ def gate_markdown(gate: dict, writer: ReportWriter | None, table: pd.DataFrame |
              md_table(["users", "worse", "better", "unchanged", "share worse", "too few records"],
                       [[gate["users"], gate["worse"], gate["better"], gate["unchanged"],
                         fmt(gate["share_worse"]), gate["too_few_records"]]])]
+    full = gate.get("full_retrain")
+    if full:  # the same rule on full retraining's store: the share of users retraining itself makes worse
+        parts.append(f"Full retraining on the same rule: {full['worse']} of {full['users']} users worse "
+                     f"({fmt(full['share_worse'])}), {full['better']} better.")
     if gate.get("worst_users"):
         parts.append(md_table(["worst users", "records", "old loss", "new loss", "p"],
                               [[f"`{u['user_id']}`", u["records"], fmt(u["old_loss"]), fmt(u["new_loss"]),

@@ -43,7 +43,7 @@ from puma_ray.reports.gate import write_gate_table
 from puma_ray.selection.strategies import check_selection, resolve_budget, select
 from puma_ray.tasks import get_task
 from puma_ray.training.fit import FixedPrompts, fit_mapping
-from puma_ray.training.gate import gate_from_stats, gate_summary
+from puma_ray.training.gate import VERDICTS, gate_from_stats, gate_summary
 
 from .config import SelectionConfig, candidate_name
 from .executor import Executor, Run
@@ -286,9 +286,10 @@ def conversion(run: Run, ex: Executor, src: Sources, fits: Fits, base: Baselines
     return Conversion(target_path, summary, choice)
 
 
-def gate(run: Run, ex: Executor, src: Sources, fits: Fits, conv: Conversion) -> Gate:
+def gate(run: Run, ex: Executor, src: Sources, fits: Fits, conv: Conversion, base: Baselines) -> Gate:
     """Each user's old system against the new on their own validation records (never test): how many users the
-    migration made worse, by the rule of training/gate.py; the table lands in the run folder."""
+    migration made worse, by the rule of training/gate.py; the table lands in the run folder. With full retraining
+    in the run, its store goes through the same rule beside it (what "worse" costs without PUMA)."""
     cfg = run.cfg.gate
     if not cfg.enabled:
         return Gate({"skipped": "gate.enabled is false"})
@@ -303,6 +304,12 @@ def gate(run: Run, ex: Executor, src: Sources, fits: Fits, conv: Conversion) -> 
                "table": write_gate_table(table, run.output, run.cfg.storage)}
     run.log(f"gate: {summary['worse']} of {summary['users']} users worse, {summary['better']} better on their "
             f"validation records (alpha {cfg.alpha}); table {summary['table']}")
+    full_store = records.full_retrain_path(run)
+    if base.full_retrain is not None and store_exists(full_store, run.cfg.storage):
+        full = gate_summary(gate_from_stats(ex.gate_sums(run, src, fits, full_store), cfg), cfg)
+        summary["full_retrain"] = {k: full[k] for k in ("users", *VERDICTS, "share_worse", "too_few_records")}
+        run.log(f"gate, full retraining on the same rule: {full['worse']} of {full['users']} users worse, "
+                f"{full['better']} better")
     return Gate(summary)
 
 
@@ -356,7 +363,7 @@ STAGES: list[Stage] = [
     Stage("conversion", conversion, ("sources", "fit", "baselines", "evaluation"),
           ("ship", "convert", "target_store", "store", "sources_missing_policy"), records.save_conversion,
           records.restore_conversion),
-    Stage("gate", gate, ("sources", "fit", "conversion"), ("gate",), records.save_gate, records.restore_gate,
-          skipped=lambda run: Gate({"skipped": "--skip gate"})),
+    Stage("gate", gate, ("sources", "fit", "conversion", "baselines"), ("gate",), records.save_gate,
+          records.restore_gate, skipped=lambda run: Gate({"skipped": "--skip gate"})),
     Stage("report", report, ("sources", "selection", "fit", "baselines", "evaluation", "conversion", "gate")),
 ]
