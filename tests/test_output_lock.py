@@ -123,3 +123,20 @@ def test_s3_lease_refuses_a_live_holder_and_expires_a_dead_one(s3_server, monkey
     with OutputLock(path, "the next run", storage) as taken:  # expired (0.5 s): taken over
         assert taken.info["token"] != dead.info["token"]
     assert not dead.fs.exists(dead.file)
+
+
+def test_a_migration_into_an_s3_output_being_written_is_refused_first(s3_server):
+    """The migration takes the same lease as conversions: into an S3 output another writer holds, it stops with
+    one line naming the holder before anything is read, trained or written there."""
+    from puma_ray.cli.migrate import migrate
+    from puma_ray.fs import StorageOptions, filesystem
+    storage = {"endpoint_url": s3_server["endpoint_url"], "key": s3_server["key"], "secret": s3_server["secret"]}
+    path = f"s3://{s3_server['bucket']}/lock-test/migration"
+    config = {"sources": [{"store": f"{path}/no-such-store"}], "target": {"name": "tiny:qwen2"},
+              "data": {"name": "parquet", "paths": {"records": f"{path}/no-such-records.parquet"}},
+              "storage": storage}
+    with OutputLock(path, "another migration", StorageOptions(**storage)) as holder:
+        with pytest.raises(StoreError, match=rf"is being written by pid {os.getpid()}"):
+            migrate(config, output=path)
+        fs, root = filesystem(path, StorageOptions(**storage))
+        assert [os.path.basename(p) for p in fs.find(root)] == [os.path.basename(holder.file)]
