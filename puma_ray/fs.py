@@ -188,6 +188,11 @@ def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (a Ray worker or Tune trial runs in a working directory of its own); a URL as is."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
 def location(path: str) -> str:
     """A comparable form of a folder: the real absolute path locally, the URL without its trailing / remotely."""
     if is_remote(path):

@@ -30,7 +30,9 @@ def both_reports(local_ray, lean_data, tmp_path_factory):
     from puma_ray.recipes.migration import run
     from puma_ray.recipes.migration.in_process import InProcess
     folder = tmp_path_factory.mktemp("parity")
-    default = {"selection": {"strategy": "kmeans_variance"}, "fit": {"seed": 0}}
+    # one candidate adapter beside PUMA and the linear map: fitted, tested and weighed for shipping on both
+    default = {"selection": {"strategy": "kmeans_variance"}, "fit": {"seed": 0},
+               "baselines": {"candidates": ["mlp_skip:16"]}}
     on_ray_cfg = lean_config(lean_data, str(folder / "on_ray"), default)
     in_process_cfg = lean_config(lean_data, str(folder / "in_process"), {**default, "engine": {"kind": "local"}})
     in_process = run(in_process_cfg, str(folder / "in_process"), log=lambda m: None, executor=InProcess())
@@ -45,13 +47,16 @@ def test_same_selection_and_conversion(both_reports):
     for key in ("selected_sha256", "users_selected", "users_total", "validation_users"):
         assert on_ray["selection"][key] == in_process["selection"][key], key
     assert on_ray["conversion"]["users"] == in_process["conversion"]["users"] == 240
-    assert list(on_ray["methods"]) == list(in_process["methods"]) == ["puma", "linear", "source"]
+    assert list(on_ray["methods"]) == list(in_process["methods"]) == ["puma", "linear", "adapter_mlp_skip_16",
+                                                                       "source"]
+    assert on_ray["adapter_choice"]["shipped"] == in_process["adapter_choice"]["shipped"]
 
 
 def test_same_adapters(both_reports):
     from puma_ray.artifacts.adapter_io import load_adapter
     in_process, on_ray, folder = both_reports
-    for name, path in (("puma", "adapter"), ("linear", os.path.join("baselines", "linear-adapter"))):
+    for name, path in (("puma", "adapter"), ("linear", os.path.join("baselines", "linear-adapter")),
+                       ("candidate", os.path.join("baselines", "adapter_mlp_skip_16-adapter"))):
         want, want_head, _ = load_adapter(str(folder / "in_process" / path))
         got, got_head, _ = load_adapter(str(folder / "on_ray" / path))
         assert got.source_scales.tolist() == pytest.approx(want.source_scales.tolist(), rel=1e-6)

@@ -447,7 +447,7 @@ def test_trial_config_sets_adapter_and_seed():
     same = trial_config(job, {**setting, "adapter": None, "seed": None})
     assert same.adapter == job.adapter and same.selection.seed == job.selection.seed
     search = {"adapters": ["mlp", "linear"], "seeds": [0, 1, 2]}
-    assert from_dict(SweepJobConfig, {"migrate": MIGRATE, "search": search}, "cfg").search.grid_size() == 6
+    assert from_dict(SweepJobConfig, {"migrate": MIGRATE, "search": search}, "cfg").search.grid_size() == 2 * 2 * 3
 
 
 def test_several_seeds_recommend_on_each_settings_mean():

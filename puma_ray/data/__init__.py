@@ -7,7 +7,7 @@ import numpy as np
 
 from puma_ray.config import DataConfig, from_dict
 from puma_ray.errors import ConfigError
-from puma_ray.fs import StorageOptions, is_remote
+from puma_ray.fs import StorageOptions, absolute, is_remote
 
 from .records import DataError, Dataset
 
@@ -94,9 +94,7 @@ def records_in_place(cfg: DataConfig, storage: StorageOptions | None = None) -> 
     if cfg.name != "parquet" or "records" not in cfg.paths:
         return None
     from .generic import file_format, has_column
-    path = cfg.paths["records"]
-    if not is_remote(path):  # Ray's workers read it from their own working directory: never a relative path
-        path = os.path.abspath(path)
+    path = absolute(cfg.paths["records"])  # Ray's workers read it from a working directory of their own
     return path if file_format(path) == "parquet" and has_column(path, "split", storage) else None
 
 

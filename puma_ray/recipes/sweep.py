@@ -16,7 +16,6 @@ import copy
 import json
 import math
 import numbers
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -26,7 +25,7 @@ import numpy as np
 from puma_ray.config import ConfigError, TemplateConfig, from_dict
 from puma_ray.data import Dataset
 from puma_ray.errors import SweepError
-from puma_ray.fs import is_remote, write_file
+from puma_ray.fs import absolute, write_file
 from puma_ray.models.adapter import PromptAdapter, adapter_spec, parse_adapter_spec
 from puma_ray.models.backbone import load_model
 from puma_ray.models.heads import load_head
@@ -368,10 +367,6 @@ def build_report(trials: list[dict], tolerance: float, failed: list[dict] | None
 
 
 # ---------------------------------------------------------------------------------------------- the result
-def _absolute(path: str) -> str:
-    return path if is_remote(path) else os.path.abspath(path)
-
-
 def recommended_migrate_config(migrate: dict, setting: dict, source_stores: list[str]) -> dict:
     """The sweep's migrate section with the recommended setting in place, and the source store paths pinned to
     the stores the sweep used (trained once: a migrate run elsewhere reuses them instead of training again)."""
@@ -381,7 +376,7 @@ def recommended_migrate_config(migrate: dict, setting: dict, source_stores: list
     if setting.get("adapter") is not None:
         out["adapter"] = {**out.get("adapter", {}), **parse_adapter_spec(setting["adapter"])}
     for src, path in zip(out["sources"], source_stores):
-        src["store"] = _absolute(path)
+        src["store"] = absolute(path)
     return out
 
 

@@ -23,7 +23,7 @@ import time
 
 from puma_ray.config import to_dict
 from puma_ray.data import records_in_place
-from puma_ray.fs import is_remote, join
+from puma_ray.fs import absolute, join
 from puma_ray.ray_layer import ensure_ray, make_ray_fit, make_variance_fn
 from puma_ray.ray_layer.tune import (
     cluster_resources,
@@ -99,7 +99,7 @@ def run_sweep(cfg: SweepJobConfig, output: str, log=print) -> dict:
     start = time.perf_counter()
     cfg.job = resolve_foundations(cfg.job, log)  # pretrained once here; every trial loads the same folders
     job, search = cfg.job, cfg.search
-    output = output if is_remote(output) else os.path.abspath(output)  # trial processes run elsewhere
+    output = absolute(output)  # trial processes run elsewhere
     # trials keep the driver's working directory (relative model folders, data paths), not Tune's trial folder
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     ensure_ray(job.engine.address, job.engine.local_cpus)
@@ -113,9 +113,7 @@ def run_sweep(cfg: SweepJobConfig, output: str, log=print) -> dict:
     trials_planned = search.grid_size() * search.num_samples if search.kind == "grid" else search.num_samples
     log(f"sweep ({search.kind}): {trials_planned} trials, {concurrent} at a time, each {resources} "
         f"+ engine {job.engine.kind}")
-    train_storage = job.engine.storage_path or join(output, "train")
-    if not is_remote(train_storage):
-        train_storage = os.path.abspath(train_storage)
+    train_storage = absolute(job.engine.storage_path or join(output, "train"))
     results = run_tuner(trial, resources, search_space(search), num_samples=search.num_samples,
                         max_concurrent=concurrent,
                         search_alg=search_algorithm(search, {"quality": "max" if up else "min", COST_KEY: "min"}),

@@ -26,7 +26,7 @@ import pandas as pd
 from puma_ray.artifacts.store import PromptStore, StoreError
 from puma_ray.artifacts.store_index import StoreIndex, sorted_member
 from puma_ray.config import ConfigError, ModelConfig, PromptTrainConfig, TemplateConfig, task_template, to_dict
-from puma_ray.fs import is_remote, join
+from puma_ray.fs import absolute, is_remote, join
 from puma_ray.models.backbone import Backbone
 from puma_ray.ray_layer.evaluate import PromptSource, RecordFiles, evaluate_on_ray, source_loss_on_ray
 from puma_ray.ray_layer.gate import gate_sums_on_ray
@@ -94,12 +94,13 @@ class OnRay(Executor):
 
     def read_data(self, run: Run) -> DataRead:
         cfg = run.cfg
-        rows = per_user_rows(cfg.data.paths["records"], cfg.storage)
+        records_path = absolute(cfg.data.paths["records"])  # Train workers and actors read it from their own cwd
+        rows = per_user_rows(records_path, cfg.storage)
         items_path = cfg.data.paths["items"]
         items = pd.read_parquet(items_path, columns=["item_id", "text"], storage_options=(
             cfg.storage.fsspec_kwargs() or None) if is_remote(items_path) else None)
         texts = dict(zip(items["item_id"].astype(str), items["text"]))
-        return DataRead(RecordRows(cfg.data.paths["records"], rows, texts), cfg.data.options.get("task", "rating"),
+        return DataRead(RecordRows(records_path, rows, texts), cfg.data.options.get("task", "rating"),
                         texts, len(rows.users))
 
     def train_prompts(self, run: Run, name: str, model: ModelConfig, backbone: Backbone, train: PromptTrainConfig,
