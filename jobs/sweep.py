@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         rec = report["recommended"]
         print(f"{len(report['trials'])} trials ({len(report['failed'])} failed), {len(report['pareto'])} on the "
               f"Pareto front; recommended {rec['config']}: validation {report['metric']} {rec['quality']:.4f}, "
-              f"{rec['cost']['llm_record_passes']:,} LLM record passes")
+              f"{rec['cost']['llm_record_passes']:,.0f} LLM record passes")
         if reference_summary(report):
             print(reference_summary(report))
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))

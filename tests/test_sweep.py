@@ -466,3 +466,5 @@ def test_several_seeds_recommend_on_each_settings_mean():
     from puma_ray.reports.markdown import sweep_markdown
     md = sweep_markdown(report)
     assert "1.0100 ± 0.0100 (3 seeds)" in md and "6 trials (2 settings)" in md
+    header = recommended_header(report, "r.yaml").splitlines()[1]
+    assert "adapter linear: validation rmse 1.0100 ± 0.0100 over seeds [0, 1, 2] at 100 LLM record passes" in header

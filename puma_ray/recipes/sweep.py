@@ -384,10 +384,12 @@ def recommended_header(report: dict, path: str) -> str:
     rec = report["recommended"]
     c = rec["config"]
     return (f"# python jobs/migrate.py --config {path}\n"
-            f"# Recommended by a sweep: strategy {c['strategy']}, K={c['k']}, budget {c['budget']}, lr {c['lr']}: "
-            f"validation {report['metric']} {rec['quality']:.4f} at {int(_cost(rec)):,} LLM record passes "
-            "(the cheapest "
-            f"of {len(report['trials'])} trials within {report['tolerance']:.1%} of the best).\n"
+            f"# Recommended by a sweep: strategy {c['strategy']}, K={c['k']}, budget {c['budget']}, lr {c['lr']}"
+            + (f", adapter {c['adapter']}" if c.get("adapter") else "")
+            + f": validation {report['metric']} {rec['quality']:.4f}"
+            + (f" ± {rec['quality_sd']:.4f} over seeds {rec['seeds']}" if len(rec.get("seeds") or []) > 1 else "")
+            + f" at {int(_cost(rec)):,} LLM record passes (the cheapest of {len(report['trials'])} trials within "
+            f"{report['tolerance']:.1%} of the best).\n"
             + (f"# {reference_summary(report)}.\n" if report.get("recommended_vs_reference") else ""))
 
 
