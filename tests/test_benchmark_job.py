@@ -118,6 +118,11 @@ def test_benchmark_job(job, config_file, tmp_path, capsys, monkeypatch):
     assert set(cells) == {("llama", "qwen2"), ("qwen2", "llama")}
     c = cells[("qwen2", "llama")]
     assert c["gain"] == pytest.approx(c["retrained"] / c["migrated"])
+    # every figure over the config's two seeds: the mean of two real runs, their spread beside it
+    assert result["figure4"]["seeds"] == [0, 1] and len(c["per_seed"]) == 2
+    assert c["migrated"] == pytest.approx(sum(c["per_seed"]) / 2) and c["migrated_sd"] > 0
+    seed1 = json.loads((out / "runs" / "qwen2-to-llama-kmeans_variance-b8-s1" / "report.json").read_text())
+    assert seed1["methods"]["puma"]["rmse"] == c["per_seed"][1] and seed1["provenance"]["config"]["fit"]["seed"] == 1
 
     steps = result["figure5"]["steps"]
     assert [s["model"] for s in steps] == ["llama", "qwen2", "gemma3"]
@@ -127,8 +132,15 @@ def test_benchmark_job(job, config_file, tmp_path, capsys, monkeypatch):
         "a chain step must start from the previous step's migrated store"
     assert step2["source"]["family"] == "qwen2" and step2["target"]["family"].startswith("gemma3")
 
+    assert len(steps[2]["per_seed"]) == 2 and steps[2]["migrated"] == pytest.approx(sum(steps[2]["per_seed"]) / 2)
+    chain_s1 = json.loads((out / "runs" / (steps[2]["run"] + "-s1") / "report.json").read_text())
+    assert chain_s1["provenance"]["config"]["sources"][0]["store"].endswith("-s1/target-store"), \
+        "seed 1's chain must start from seed 1's previous step"
+
     bars = result["figure6"]["bars"]
     assert list(bars) == ["llama alone", "gemma3 alone", "llama + gemma3"]
+    assert all(len(v) == 2 for v in result["figure6"]["per_seed"].values())
+    assert set(result["figure6"]["bars_sd"]) == set(bars)
     agg = json.loads((out / "runs" / "llama+gemma3-to-qwen2-kmeans_variance-b8" / "report.json").read_text())
     assert [s["name"] for s in agg["sources"]] == ["tiny:llama", "tiny:gemma3"]
 

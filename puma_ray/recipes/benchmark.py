@@ -158,6 +158,11 @@ def shipped_row(report: dict) -> dict:
             "test": {n: report["methods"][n][metric] for n in choice.get("validation", {}) if n in report["methods"]}}
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample sd of one figure's per-seed values (sd 0.0 for a single seed)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _seed_tag(seed: int | None, base: MigrateJobConfig) -> str:
     return "" if seed is None or seed == base.selection.seed else f"-s{seed}"
 
@@ -490,42 +495,67 @@ class Benchmark:
 
     def figure4(self) -> dict:
         """gain = retrained / migrated for lower-is-better metrics (migrated / retrained otherwise): > 1 means the
-        migrated prompts beat retraining every prompt on the target, as the paper's Figure 4."""
-        metric, fams = self.metric(), self.cfg.experiments.cross_family
+        migrated prompts beat retraining every prompt on the target, as the paper's Figure 4. Each cell is the mean
+        over the config's seeds (selection + fit); the gain's sd is over the per-seed gains."""
+        metric, fams, seeds = self.metric(), self.cfg.experiments.cross_family, self.cfg.experiments.seeds
+        lower = metric in ("rmse", "mae")
         cells = []
         for s in fams:
             for t in fams:
                 if s == t:
                     continue
-                migrated = self.puma(s, t)["methods"]["puma"][metric]
+                per_seed = [self.puma(s, t, seed=seed)["methods"]["puma"][metric] for seed in seeds]
                 retrained = self.store(t)["methods"][metric]
-                gain = retrained / migrated if metric in ("rmse", "mae") else migrated / retrained
-                cells.append({"source": s, "target": t, "migrated": migrated, "retrained": retrained,
-                              "source_on_source": self.store(s)["methods"][metric], "gain": gain})
-        return {"metric": metric, "families": fams, "cells": cells}
+                migrated, sd = _mean_sd(per_seed)
+                gain = retrained / migrated if lower else migrated / retrained
+                _, gain_sd = _mean_sd([retrained / m if lower else m / retrained for m in per_seed])
+                cells.append({"source": s, "target": t, "migrated": migrated, "migrated_sd": sd,
+                              "per_seed": per_seed, "retrained": retrained,
+                              "source_on_source": self.store(s)["methods"][metric], "gain": gain, "gain_sd": gain_sd})
+        return {"metric": metric, "families": fams, "cells": cells, "seeds": seeds}
 
     def figure5(self) -> dict:
+        """The chain once per seed (each seed's step i starts from that seed's step i-1 store); each step's
+        figure is the mean over the seeds, its store and run those of the first seed."""
+        metric, chain, seeds = self.metric(), self.cfg.experiments.chain, self.cfg.experiments.seeds
+        chains = [self._chain(seed) for seed in seeds]
+        steps = []
+        for i, first in enumerate(chains[0]):
+            per_seed = [c[i]["migrated"] for c in chains]
+            migrated, sd = _mean_sd(per_seed)
+            steps.append({**first, "migrated": migrated, "migrated_sd": sd, "per_seed": per_seed})
+        return {"metric": metric, "steps": steps, "seeds": seeds, "chain": chain}
+
+    def _chain(self, seed: int) -> list[dict]:
         metric, chain = self.metric(), self.cfg.experiments.chain
         first = self.store(chain[0])
         steps = [{"model": chain[0], "migrated": first["methods"][metric], "retrained": first["methods"][metric],
                   "store": first["path"], "run": None}]
         for i, (s, t) in enumerate(zip(chain, chain[1:])):
             store = None if i == 0 else steps[-1]["store"]  # step 1 starts from the trained store
-            r = self.puma(s, t, store=store, tag="" if i == 0 else f"chain{i + 1}-")
+            r = self.puma(s, t, store=store, tag="" if i == 0 else f"chain{i + 1}-", seed=seed)
             steps.append({"model": t, "migrated": r["methods"]["puma"][metric],
                           "retrained": self.store(t)["methods"][metric], "store": r["store"],
                           "run": r["benchmark_run"]})
-        return {"metric": metric, "steps": steps}
+        return steps
 
     def figure6(self) -> dict:
-        metric, agg = self.metric(), self.cfg.experiments.aggregation
+        """Each source alone and all aggregated into one adapter, per seed; bars are the means over the seeds."""
+        metric, agg, seeds = self.metric(), self.cfg.experiments.aggregation, self.cfg.experiments.seeds
         srcs, tgt = agg["sources"], agg["target"]
-        bars = {f"{s} alone": self.puma(s, tgt)["methods"]["puma"][metric] for s in srcs}
         sel = self.base.selection
-        both = self.migrate(f"{'+'.join(srcs)}-to-{tgt}-{sel.strategy}-b{sel.budget:g}",
-                            [(self.store(s)["path"], s) for s in srcs], tgt, baselines=PUMA_ONLY)
-        bars[" + ".join(srcs)] = both["methods"]["puma"][metric]
-        return {"metric": metric, "target": tgt, "bars": bars, "retrained": self.store(tgt)["methods"][metric]}
+        per_seed: dict[str, list[float]] = {}
+        for seed in seeds:
+            for s in srcs:
+                per_seed.setdefault(f"{s} alone", []).append(self.puma(s, tgt, seed=seed)["methods"]["puma"][metric])
+            both = self.migrate(f"{'+'.join(srcs)}-to-{tgt}-{sel.strategy}-b{sel.budget:g}{_seed_tag(seed, self.base)}",
+                                [(self.store(s)["path"], s) for s in srcs], tgt, baselines=PUMA_ONLY,
+                                **_seed_sections(seed, self.base, {}))
+            per_seed.setdefault(" + ".join(srcs), []).append(both["methods"]["puma"][metric])
+        stats = {name: _mean_sd(values) for name, values in per_seed.items()}
+        return {"metric": metric, "target": tgt, "bars": {k: m for k, (m, _) in stats.items()},
+                "bars_sd": {k: sd for k, (_, sd) in stats.items()}, "per_seed": per_seed, "seeds": seeds,
+                "retrained": self.store(tgt)["methods"][metric]}
 
     def metric(self) -> str:
         return get_task(self.dataset().task).primary

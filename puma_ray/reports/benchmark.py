@@ -45,6 +45,12 @@ def _pm(text: str, sd: float | None, n: int | None) -> str:
     return f"{text} ± {sd:.4f}" if n and n > 1 and sd is not None else text
 
 
+def _seeds_line(figure: dict) -> str:
+    seeds = figure.get("seeds", [0])
+    return (f"Seeds (selection + adapter fit): {seeds}; migrated figures are the mean ± sample sd over them, the "
+            "retrained stores are one training each." if len(seeds) > 1 else f"One seed ({seeds[0]}).")
+
+
 def table4_markdown(rows: list[dict], task: str) -> str:
     cols = get_task(task).metrics
     ranked = [r for r in rows if not r["label"].startswith("Random (")]  # baselines are not ranked (the paper's rule)
@@ -202,34 +208,42 @@ def benchmark_markdown(result: dict, writer: ReportWriter | None, command: str |
                          "Figure 3: test metric of random selection at each budget"), ref_line]
     if "figure4" in result:
         f = result["figure4"]
+        n = len(f.get("seeds", [0]))
         gains: dict = {}
         for c in f["cells"]:
             gains.setdefault(c["source"], {})[c["target"]] = c["gain"]
-        parts += ["## Figure 4: migrations across model families",
+        parts += ["## Figure 4: migrations across model families", _seeds_line(f),
                   md_table(["source → target", f"migrated {metric_name(f['metric'])}", "retrained on target",
                             "source on its own model", "gain"],
-                           [[f"{c['source']} → {c['target']}", c["migrated"], c["retrained"], c["source_on_source"],
-                             c["gain"]] for c in f["cells"]]),
+                           [[f"{c['source']} → {c['target']}", _pm(fmt(c["migrated"]), c.get("migrated_sd"), n),
+                             c["retrained"], c["source_on_source"], _pm(fmt(c["gain"]), c.get("gain_sd"), n)]
+                            for c in f["cells"]]),
                   figure("figure4.png", plot_gain_heatmap(f["families"], gains),
                          "Figure 4: gain = retrained / migrated (> 1: migration beats retraining)"), ref_line]
     if "figure5" in result:
         f = result["figure5"]
-        parts += ["## Figure 5: chain migration",
+        n = len(f.get("seeds", [0]))
+        parts += ["## Figure 5: chain migration", _seeds_line(f),
                   md_table(["step", "model", f"{metric_name(f['metric'])} (migrated along the chain)",
                             "retrained on it"],
-                           [[i, s["model"], s["migrated"], s["retrained"]] for i, s in enumerate(f["steps"])]),
+                           [[i, s["model"], _pm(fmt(s["migrated"]), s.get("migrated_sd"), n), s["retrained"]]
+                            for i, s in enumerate(f["steps"])]),
                   figure("figure5.png", plot_chain([{"model": s["model"], "migrated": s["migrated"],
-                                                     "retrained": s["retrained"]} for s in f["steps"]], f["metric"],
+                                                     "sd": s.get("migrated_sd"), "retrained": s["retrained"]}
+                                                    for s in f["steps"]], f["metric"],
                                                    "Figure 5: chain migration (step 0: the trained source)"),
                          "Figure 5: each step's prompts come from the previous step's migrated store"), ref_line]
     if "figure6" in result:
         f = result["figure6"]
-        parts += [f"## Figure 6: aggregated migration to {f['target']}",
-                  md_table(["source prompts", metric_name(f["metric"])], [[k, v] for k, v in f["bars"].items()]),
+        n, sds = len(f.get("seeds", [0])), f.get("bars_sd", {})
+        parts += [f"## Figure 6: aggregated migration to {f['target']}", _seeds_line(f),
+                  md_table(["source prompts", metric_name(f["metric"])],
+                           [[k, _pm(fmt(v), sds.get(k), n)] for k, v in f["bars"].items()]),
                   figure("figure6.png", plot_bars(f["bars"], f["metric"],
                                                   f"Figure 6: aggregated migration to {f['target']}",
                                                   "source prompts fed to the adapter",
-                                                  {f"retrained on {f['target']}": f["retrained"]}),
+                                                  {f"retrained on {f['target']}": f["retrained"]},
+                                                  errors=sds if n > 1 else None),
                          "Figure 6: one source alone vs two sources aggregated"), ref_line]
     if result.get("stores"):
         cols = get_task(task).metrics

@@ -276,14 +276,17 @@ def plot_gain_heatmap(families: list[str], gains: dict[str, dict[str, float]],
 
 
 def plot_chain(steps: list[dict], metric: str, title: str = "Chain migration") -> bytes:
-    """Figure 5: steps = [{"model": name, "migrated": value, "retrained": value or None}] in chain order; bars
-    for the migrated prompts on each model, a line for retraining that model from scratch."""
+    """Figure 5: steps = [{"model": name, "migrated": value, "sd": spread over seeds or None, "retrained": value
+    or None}] in chain order; bars for the migrated prompts on each model (error bars: the sd), a line for
+    retraining that model from scratch."""
     fig, ax = new_figure()
     x = np.arange(len(steps))
     migrated = [s["migrated"] for s in steps]
-    _label_bars(ax, ax.bar(x, migrated, 0.55, color="tab:blue", label="prompts migrated along the chain"))
+    sd = [s.get("sd") or 0.0 for s in steps]
+    _label_bars(ax, ax.bar(x, migrated, 0.55, color="tab:blue", label="prompts migrated along the chain",
+                           yerr=sd if any(sd) else None, capsize=4))
     retrained = [s.get("retrained") for s in steps]
-    values = list(migrated)
+    values = [*migrated, *(m + e for m, e in zip(migrated, sd)), *(m - e for m, e in zip(migrated, sd))]
     if any(r is not None for r in retrained):
         r = [np.nan if v is None else v for v in retrained]
         ax.plot(x, r, "D--", color="tab:orange", label="retrained from scratch on that model")
@@ -298,16 +301,20 @@ def plot_chain(steps: list[dict], metric: str, title: str = "Chain migration") -
 
 
 def plot_bars(values: dict[str, float], metric: str, title: str, xlabel: str,
-              references: dict[str, float] | None = None) -> bytes:
-    """Figure 6 (aggregation: source A alone, B alone, A+B) and any labelled bars with reference lines."""
+              references: dict[str, float] | None = None, errors: dict[str, float] | None = None) -> bytes:
+    """Figure 6 (aggregation: source A alone, B alone, A+B) and any labelled bars with reference lines; errors:
+    each bar's spread over seeds (drawn as error bars)."""
     fig, ax = new_figure()
     names = list(values)
+    yerr = [(errors or {}).get(n, 0.0) for n in names] if errors else None
     _label_bars(ax, ax.bar(range(len(names)), [values[n] for n in names], 0.55,
-                           color=[f"C{i}" for i in range(len(names))]))
+                           color=[f"C{i}" for i in range(len(names))], yerr=yerr, capsize=4))
     for j, (name, value) in enumerate((references or {}).items()):
         ax.axhline(value, linestyle="--", color="0.3" if j == 0 else f"C{len(names) + j}",
                    label=f"{name} ({value:.4f})")
-    _zoom_bars(ax, [*values.values(), *(references or {}).values()], metric)
+    tops = [values[n] + e for n, e in zip(names, yerr)] if yerr else []
+    bottoms = [values[n] - e for n, e in zip(names, yerr)] if yerr else []
+    _zoom_bars(ax, [*values.values(), *tops, *bottoms, *(references or {}).values()], metric)
     ax.set_xticks(range(len(names)), names)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
