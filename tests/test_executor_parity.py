@@ -60,8 +60,9 @@ def test_same_adapters(both_reports):
         want, want_head, _ = load_adapter(str(folder / "in_process" / path))
         got, got_head, _ = load_adapter(str(folder / "on_ray" / path))
         assert got.source_scales.tolist() == pytest.approx(want.source_scales.tolist(), rel=1e-6)
-        # linear: fitted in the driver by both (fits_on local), on inputs read two ways: measured 6e-7
-        tolerance = ADAPTER_REL if name == "puma" else 1e-5
+        # linear: fitted in the driver by both (fits_on local), on inputs read two ways: measured 6e-7; the
+        # candidate is an MLP under Adam like PUMA's, so the same last-bits noise grows the same way (measured 3.6e-5)
+        tolerance = 1e-5 if name == "linear" else ADAPTER_REL
         for ours, theirs in ((got, want), (got_head, want_head)):
             for key, value in theirs.state_dict().items():
                 print(f"measured {name} {key}: relative norm difference {_relative(ours.state_dict()[key], value):.2e}")

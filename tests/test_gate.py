@@ -3,6 +3,7 @@ unharmed users flagged at most the rule's level."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from puma_ray.training.gate import GateConfig, gate_summary, per_user_gate, record_losses
@@ -138,3 +139,70 @@ def test_partial_sums_add_up_to_the_whole_gate():
     np.testing.assert_allclose(summed["p_worse"], whole["p_worse"], rtol=1e-6)
     assert summed["verdict"].tolist() == whole["verdict"].tolist()
     assert (whole["verdict"] == "worse").sum() > 30  # verdicts of both kinds are compared (63 of 300 here)
+
+
+def test_gate_through_a_real_model_and_the_conversion_path_flags_exactly_the_corrupted_users(tmp_path):
+    """The known answer end to end on the real parts: a store on a real HF model (tiny:llama), an identity
+    migration (the same model as target, an identity linear adapter) through the exactly-once conversion, read
+    back, and gated by the same System/gate code the migration uses. Before converting, a test corrupts some
+    users' prompts in the store it converts (a bug upstream of the adapter). The labels are the old system's own
+    predictions, so each corrupted user's new loss is above the old one on every record (flagged however small
+    the change: the t-test is scale-free), and each untouched user's predictions are bit-identical (unchanged).
+    Swapping old and new turns the verdicts into 'better': the gate reads which side is which."""
+    import torch
+
+    from puma_ray.artifacts.adapter_io import save_adapter
+    from puma_ray.artifacts.store import PromptStore, write_store
+    from puma_ray.config import TemplateConfig, to_dict
+    from puma_ray.conversion.plan import ConvertConfig
+    from puma_ray.conversion.run import convert
+    from puma_ray.models.adapter import AdapterConfig, PromptAdapter
+    from puma_ray.models.backbone import load_backbone
+    from puma_ray.models.heads import RatingHead, head_config, load_head
+    from puma_ray.models.prompted_lm import PromptedLM
+    from puma_ray.training.evaluate import predict
+    from puma_ray.training.gate import System, gate_systems
+    from puma_ray.training.records import RecordSet
+    rng = np.random.default_rng(0)
+    users, items, per_user = np.array([f"u{i:03d}" for i in range(60)]), [f"i{j}" for j in range(20)], 8
+    backbone = load_backbone("tiny:llama")
+    identity, template = backbone.identity, TemplateConfig()
+    plm = PromptedLM(backbone, template, 1, {i: f"item {i}" for i in items})
+    prompts = (rng.standard_normal((len(users), 1, plm.d)) * plm.embed_rms).astype(np.float32)
+    corrupted = set(users[::7])
+    shipped = prompts.copy()
+    rows = np.isin(users, sorted(corrupted))
+    shipped[rows] = -3.0 * prompts[rows]  # the scale read backwards and blown up
+    head = RatingHead()
+    for name, table in (("old", prompts), ("shipped", shipped)):
+        write_store(str(tmp_path / name), identity, users, table, head.state_dict(), head_config("rating", head),
+                    template=to_dict(template), task="rating", shard_rows=16)
+    adapter = PromptAdapter([plm.d], plm.d, AdapterConfig(kind="linear"), seed=0)
+    with torch.no_grad():
+        adapter.net.weight.copy_(torch.eye(plm.d))
+        adapter.net.bias.zero_()
+    meta = {"sources": [vars(identity)], "target": vars(identity), "prompt_length": 1, "task": "rating"}
+    save_adapter(str(tmp_path / "adapter"), adapter, head, head_config("rating", head), meta)
+    summary = convert(str(tmp_path / "adapter"), [str(tmp_path / "shipped")], str(tmp_path / "target"),
+                      ConvertConfig(progress=False), log=lambda m: None)
+    assert summary["users"] == len(users)
+
+    target = PromptStore.open(str(tmp_path / "target"))
+    ids, converted = target.read_all()
+    converted = converted[pd.Index(ids).get_indexer(users)]
+    assert np.array_equal(converted[~rows], prompts[~rows])  # the identity adapter is exact on untouched users
+    frame = pd.DataFrame({"user_id": np.repeat(users, per_user),
+                          "item_id": rng.choice(items, len(users) * per_user), "label": 0.0})
+    records = RecordSet.from_frame(frame, users)
+    old_prompts, new_prompts = torch.from_numpy(prompts), torch.from_numpy(converted)
+    old = System(plm, head, lambda idx: old_prompts[idx])
+    new = System(plm, load_head(*target.read_head()), lambda idx: new_prompts[idx])
+    frame["label"] = predict(plm, head, "rating", old.prompts_for, records, 64)  # the old system is right
+    records = RecordSet.from_frame(frame, users)
+
+    table = gate_systems("rating", records, old, new, batch_size=64)
+    verdict = dict(zip(table["user_id"], table["verdict"]))
+    assert {u for u, v in verdict.items() if v == "worse"} == corrupted
+    assert all(verdict[u] == "unchanged" for u in users if u not in corrupted)
+    swapped = gate_systems("rating", records, new, old, batch_size=64)
+    assert set(swapped.loc[swapped["verdict"] == "better", "user_id"]) == corrupted
