@@ -537,7 +537,8 @@ class Benchmark:
         for i, first in enumerate(chains[0]):
             per_seed = [c[i]["migrated"] for c in chains]
             migrated, sd = _mean_sd(per_seed)
-            steps.append({**first, "migrated": migrated, "migrated_sd": sd, "per_seed": per_seed})
+            # step 0 is the trained source store itself: the same for every seed, no spread to show
+            steps.append({**first, "migrated": migrated, "migrated_sd": sd if i else None, "per_seed": per_seed})
         return {"metric": metric, "steps": steps, "seeds": seeds, "chain": chain}
 
     def _chain(self, seed: int) -> list[dict]:
