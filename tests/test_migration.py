@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,13 @@ def test_single_source_report(run_a, toy_dataset):
     assert all(m["records"] == n_test for m in report["reference"].values())
     printed = migration.format_report(report)
     assert "bias *" in printed and f"{report['reference']['bias']['rmse']:.4f}" in printed
+    # a candidate's longer name keeps every figure in its column: the RMSE column ends at one place in every row
+    long = {**report, "methods": {**report["methods"], "adapter_mlp_skip_128": report["methods"]["puma"]}}
+    lines = migration.format_report(long).splitlines()
+    ends = {line.index("rmse") + 4 for line in lines[:1]}
+    ends |= {re.search(r"\d\.\d{4}", line).end() for line in lines[1:] if line.split()[0] in
+             ("puma", "adapter_mlp_skip_128", "bias", "global_mean")}
+    assert len(ends) == 1, "\n".join(lines)
     assert {"puma", "random_init", "linear"} <= set(report["cost"])
     for name, c in report["cost"].items():
         assert c["wall_s"] >= 0 and c["llm_record_passes"] > 0 and c["flops"] > 0, name

@@ -62,15 +62,17 @@ def migration_report(cfg: MigrateJobConfig, *, task, sources, target, budget, us
 
 def format_report(report: dict) -> str:
     keys = get_task(report["task"]).metrics
-    lines = [f"{'method':<14}" + "".join(f"{k:>9}" for k in keys)
+    # the name column fits the longest name (a candidate is `adapter_mlp_skip_32`), so the figures stay aligned
+    w = max([14, *(len(n) + 1 for n in report["methods"]), *(len(n) + 3 for n in report.get("reference", {}))])
+    lines = [f"{'method':<{w}}" + "".join(f"{k:>9}" for k in keys)
              + f"{'wall_s':>10}{'start-up':>10}{'LLM passes':>12}{'FLOPs':>11}"]
     for name, m in report["methods"].items():
         c = report["cost"].get(name, {})
-        lines.append(f"{name:<14}" + "".join(f"{m.get(k, float('nan')):>9.4f}" for k in keys)
+        lines.append(f"{name:<{w}}" + "".join(f"{m.get(k, float('nan')):>9.4f}" for k in keys)
                      + f"{c.get('wall_s', 0):>10.1f}{c.get('startup_s', 0):>10.1f}{c.get('llm_record_passes', 0):>12,}"
                      f"{c.get('flops', 0):>11.2e}")
     for name, m in report.get("reference", {}).items():  # no LLM, fitted on the train split: nothing to pay
-        lines.append(f"{name + ' *':<14}" + "".join(f"{m.get(k, float('nan')):>9.4f}" for k in keys))
+        lines.append(f"{name + ' *':<{w}}" + "".join(f"{m.get(k, float('nan')):>9.4f}" for k in keys))
     if report.get("reference"):
         lines.append("* reference rows: no LLM, fitted on the train split, same test records")
     ratio = report.get("cost_ratio_full_retrain_over_puma")
