@@ -212,10 +212,14 @@ def library_logs_to_file(run_dir: str, job: str) -> str:
     logging.captureWarnings(True)
     warnings.simplefilter("default")  # every warning once per place, into the file (not the console)
     _import_deepspeed_logger()
+    # a process running several jobs (tests, a sweep's trials) closes the previous run's file once, not never
+    previous = {h for name in LIBRARY_LOGGERS for h in logging.getLogger(name).handlers if h is not handler}
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [handler]
         logger.propagate = False
+    for old in previous:
+        old.close()
     os.environ.setdefault("PUMA_RAY_LOG_TO_DRIVER", "0")
     _native_stderr_to(path)
     return path
