@@ -68,8 +68,8 @@ class ExperimentsConfig:
     cross_family: list[str] | None = None  # Figure 4: every ordered pair of these families (>= 3 in the paper's spirit)
     chain: list[str] | None = None  # Figure 5: families in chain order; each step's source = the previous target store
     aggregation: dict | None = None  # Figure 6: {"sources": [a, b], "target": c}
-    # Tables 2 and 4 once per seed (selection + adapter fit); rows report mean ± sd. The stores (source system, full
-    # retraining) are trained once: their seed is prepare.seed, and their rows say n = 1
+    # Tables 2 and 4 and Figures 4-6 once per seed (selection + adapter fit); rows and cells report mean ± sd. The
+    # stores (source system, full retraining) are trained once: their seed is prepare.seed, their rows say n = 1
     seeds: list[int] = field(default_factory=lambda: [0])
     shared_prompt: bool = False  # per family, one prompt for all users trained like the store: is it the prompts?
 
