@@ -15,7 +15,8 @@ from test_report_md import check_links
 
 from puma_ray.config import ConfigError, from_dict
 from puma_ray.data import save_dataset
-from puma_ray.recipes.benchmark import BenchmarkJobConfig, run_key
+from puma_ray.recipes.benchmark import BenchmarkJobConfig
+from puma_ray.recipes.run_memo import run_key
 from puma_ray.recipes.runs import load_job_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +196,7 @@ def test_benchmark_config_errors(toy_dataset, tmp_path):
 def test_run_key_ignores_execution_and_never_holds_a_secret():
     """The memo key: threads and storage (endpoint, credentials) do not make another run, the output folder is
     written as {output}, a report holding the pre-hash JSON key is keyed the same way, and no credential is in it."""
-    from puma_ray.recipes.benchmark import recorded_key, run_key
+    from puma_ray.recipes.run_memo import recorded_key, run_key
     config = {"sources": [{"store": "/runs/b/stores/llama"}], "fit": {"lr": 0.003}, "threads": 1,
               "storage": {"endpoint_url": "http://127.0.0.1:9", "key": "AKIAEXAMPLE", "secret": "hunter2-secret"}}
     key = run_key(config, "/runs/b")

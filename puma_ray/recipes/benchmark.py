@@ -6,7 +6,8 @@ Every experiment is a set of migrations (`migration.run`) that share what they c
   data, the same schedule as full retraining);
 - migrations are memoised by their full config: Table 4's PUMA row is Table 2's PUMA run, Figure 4's llama → qwen2
   cell is that run again, and so on; each lies under `<output>/runs/<name>/` with its report.json and report.md,
-  and a rerun of the benchmark reuses every finished run whose config is unchanged (resume after a crash).
+  and a rerun of the benchmark reuses every finished run whose config is unchanged (resume after a crash; the
+  keys and which finished run answers to one: `recipes/run_memo.py`).
 
 Writes `benchmark.json` (every table and figure's numbers, the machine, the wall time) and `benchmark.md` (the tables
 and the PNGs) into the output folder. Core module: no Ray import; the job passes the Ray fit in when the config's
@@ -31,6 +32,7 @@ from puma_ray.data import load_dataset
 from puma_ray.fs import filesystem, join
 from puma_ray.recipes.migration import MigrateJobConfig
 from puma_ray.recipes.migration import run as run_migration
+from puma_ray.recipes.run_memo import read_finished, run_key
 from puma_ray.recipes.runs import provenance, write_report
 from puma_ray.recipes.train_prompts import TrainPromptsJobConfig, train_store
 from puma_ray.reports.markdown import (
@@ -129,11 +131,16 @@ class BenchmarkJobConfig:
         return from_dict(MigrateJobConfig, body, f"benchmark run {name}")
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample sd of one figure's or metric's per-seed values (sd 0.0 for a single seed)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def over_seeds(runs: list[dict]) -> tuple[dict, dict, int]:
     """(mean, sample sd, n) of each metric over one row's runs; sd is 0.0 for a single run (said by n = 1)."""
     keys = [k for k, v in runs[0].items() if isinstance(v, float)]
-    mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
-    sd = {k: float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in keys}
+    stats = {k: _mean_sd([r[k] for r in runs]) for k in keys}
+    mean, sd = {k: m for k, (m, _) in stats.items()}, {k: s for k, (_, s) in stats.items()}
     if "records" in runs[0]:
         mean["records"] = runs[0]["records"]
     return mean, sd, len(runs)
@@ -158,9 +165,9 @@ def shipped_row(report: dict) -> dict:
             "test": {n: report["methods"][n][metric] for n in choice.get("validation", {}) if n in report["methods"]}}
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample sd of one figure's per-seed values (sd 0.0 for a single seed)."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def _gain(migrated: float, retrained: float, lower_is_better: bool) -> float:
+    """Figure 4's gain: > 1 when the migrated prompts beat retraining on the target."""
+    return retrained / migrated if lower_is_better else migrated / retrained
 
 
 def _seed_tag(seed: int | None, base: MigrateJobConfig) -> str:
@@ -181,35 +188,6 @@ def machine() -> dict:
     return {"cpus": len(os.sched_getaffinity(0)), "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
-
-
-# config fields that change how a run executes, not what it computes: two runs differing only here are the same run
-# (`threads`, the storage endpoint and its credentials: a key must never carry a secret into a report)
-_EXECUTION_ONLY = ("threads", "storage")
-
-
-def run_key(config: dict, output: str) -> str:
-    """A migration's memo key: sha256 of its config (plain form) without the execution-only fields, with the
-    benchmark's own output folder written as `{output}`, so that `--output runs/b` and its absolute path, or another
-    `threads`, reuse the same finished runs."""
-    body = {k: v for k, v in config.items() if k not in _EXECUTION_ONLY}
-    text = json.dumps(body, sort_keys=True, default=str)
-    for prefix in sorted({output.rstrip("/"), os.path.abspath(output)} if "://" not in output else {output.rstrip("/")},
-                         key=len, reverse=True):
-        text = text.replace(json.dumps(prefix)[1:-1] + "/", "{output}/")
-    return "sha256:" + sha256_hex(text.encode())
-
-
-def recorded_key(report: dict, output: str) -> str | None:
-    """The memo key a finished run's report holds; reports written before keys were hashed hold the config's JSON
-    itself, which is keyed the same way here (so those runs are reused, not refitted)."""
-    key = report.get("benchmark_key")
-    if not isinstance(key, str) or key.startswith("sha256:"):
-        return key
-    try:
-        return run_key(json.loads(key), output)
-    except (ValueError, AttributeError):
-        return None
 
 
 def _budget_times(budget: float, factor: float) -> float:
@@ -326,7 +304,7 @@ class Benchmark:
         if key in self.keys:
             return self.runs[self.keys[key]]
         run_dir = join(self.output, "runs", name)
-        report = self._finished(run_dir, key)
+        report = read_finished(run_dir, key, self.output, self.base.storage)
         if report is None:
             self.log(f"[run {name}] {' + '.join(f for _, f in sources)} → {target}")
             report = run_migration(cfg, run_dir, log=lambda m: self.log("  " + m), executor=self.engine(cfg, run_dir))
@@ -337,28 +315,6 @@ class Benchmark:
             self.log(f"[run {name}] PUMA {metric} {report['methods']['puma'][metric]:.4f} in {report['wall_s']:.0f}s")
         self.runs[name], self.keys[key] = report, name
         return report
-
-    def _finished(self, run_dir: str, key: str) -> dict | None:
-        fs, root = filesystem(join(run_dir, "report.json"), self.base.storage)
-        if not fs.exists(root):
-            return None
-        with fs.open(root) as f:
-            report = json.load(f)
-        if recorded_key(report, self.output) == key or self._rekeyed(report) == key:
-            return report
-        return None
-
-    def _rekeyed(self, report: dict) -> str | None:
-        """The key of a finished run's own config read through today's schema: a field added since it ran takes
-        its default (defaults keep earlier behaviour), so a run made before, say, `baselines.candidates` existed is
-        the run this config asks for, not a reason to refit it. A config the schema refuses is no match."""
-        config = (report.get("provenance") or {}).get("config")
-        if not isinstance(config, dict):
-            return None
-        try:
-            return run_key(to_dict(from_dict(MigrateJobConfig, config, "a finished run's config")), self.output)
-        except (ConfigError, TypeError, ValueError):
-            return None
 
     def puma(self, source: str, target: str, strategy: str | None = None, budget: float | None = None,
              store: str | None = None, tag: str = "", seed: int | None = None) -> dict:
@@ -521,8 +477,8 @@ class Benchmark:
                 per_seed = [self.puma(s, t, seed=seed)["methods"]["puma"][metric] for seed in seeds]
                 retrained = self.store(t)["methods"][metric]
                 migrated, sd = _mean_sd(per_seed)
-                gain = retrained / migrated if lower else migrated / retrained
-                _, gain_sd = _mean_sd([retrained / m if lower else m / retrained for m in per_seed])
+                gain, (_, gain_sd) = _gain(migrated, retrained, lower), _mean_sd(
+                    [_gain(m, retrained, lower) for m in per_seed])
                 cells.append({"source": s, "target": t, "migrated": migrated, "migrated_sd": sd,
                               "per_seed": per_seed, "retrained": retrained,
                               "source_on_source": self.store(s)["methods"][metric], "gain": gain, "gain_sd": gain_sd})
